@@ -1,0 +1,190 @@
+"""Running a child process: own session, streamed output, timeouts, no orphans.
+
+Pure process handling; nothing here touches the database. services.py
+connects it to runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import selectors
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+# Variables the child inherits from the server's environment; everything
+# else it gets comes from the job's definition and the JOBSITE_* variables,
+# so a run behaves the same whoever started it.
+PASSED_THROUGH = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "USER", "LOGNAME", "TMPDIR")
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_PR_SET_PDEATHSIG = 1
+
+
+class UnresolvedReference(ValueError):
+    """A ${NAME} in a job's environment names nothing in the server's environment."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    returncode: int | None
+    timed_out: bool = False
+    cancelled: bool = False
+
+    @property
+    def signal_name(self) -> str:
+        if self.returncode is not None and self.returncode < 0:
+            try:
+                return signal.Signals(-self.returncode).name
+            except ValueError:
+                return f"signal {-self.returncode}"
+        return ""
+
+
+def resolve_references(values: Mapping[str, str], server_env: Mapping[str, str]) -> dict[str, str]:
+    """Replace ${NAME} with the server's value; raise when NAME is not set."""
+    resolved: dict[str, str] = {}
+    for key, value in values.items():
+
+        def lookup(match: re.Match[str], key: str = key) -> str:
+            name = match.group(1)
+            if name not in server_env:
+                raise UnresolvedReference(
+                    f"{key} refers to ${{{name}}}, which is not set in the server's environment."
+                )
+            return server_env[name]
+
+        resolved[key] = _REFERENCE.sub(lookup, str(value))
+    return resolved
+
+
+def build_environment(
+    *,
+    job_environment: Mapping[str, str],
+    jobsite_variables: Mapping[str, str],
+    server_env: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The child's whole environment. The one function every trigger uses."""
+    server_env = os.environ if server_env is None else server_env
+    env = {name: server_env[name] for name in PASSED_THROUGH if name in server_env}
+    env.setdefault("PATH", DEFAULT_PATH)
+    env.update(resolve_references(job_environment, server_env))
+    env.update(jobsite_variables)
+    return env
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGKILL if the worker that started us dies."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def kill_group(pgid: int, sig: int) -> bool:
+    """Signal a whole process group; False when nothing is left in it."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    return True
+
+
+def run_process(
+    argv: list[str],
+    *,
+    env: Mapping[str, str],
+    timeout: float,
+    kill_grace: float,
+    on_start: Callable[[int], None],
+    on_output: Callable[[bytes], None],
+    on_tick: Callable[[], bool],
+    tick_seconds: float = 0.2,
+) -> Outcome:
+    """Run argv in a new session and stream its output until it and its group are gone.
+
+    1. The child starts in its own session (process group = its pid) and gets
+       SIGKILL if this process dies.
+    2. Output (stdout and stderr merged) goes to `on_output` as it arrives.
+    3. `on_tick` is called about every `tick_seconds`; returning True cancels.
+    4. At the deadline or on cancel: SIGTERM to the group, SIGKILL to it after
+       `kill_grace` seconds.
+    5. When the child exits, whatever it left in its group is killed too:
+       nothing a job spawns outlives its run.
+    """
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=dict(env),
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
+    pgid = proc.pid
+    on_start(pgid)
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    selector = selectors.DefaultSelector()
+    selector.register(fd, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    stop_reason = ""  # "timeout" or "cancel"
+    terminated_at: float | None = None
+    drain_until: float | None = None
+    eof = False
+    try:
+        while not eof:
+            for _key, _events in selector.select(tick_seconds):
+                eof = _read_available(fd, on_output)
+            now = time.monotonic()
+            if not stop_reason:
+                if on_tick():
+                    stop_reason = "cancel"
+                elif now >= deadline:
+                    stop_reason = "timeout"
+            if stop_reason and terminated_at is None:
+                kill_group(pgid, signal.SIGTERM)
+                terminated_at = now
+            if terminated_at is not None and now - terminated_at >= kill_grace:
+                kill_group(pgid, signal.SIGKILL)
+            if proc.poll() is not None and drain_until is None:
+                # The child is gone; its leftovers (a backgrounded grandchild
+                # holding our pipe) would keep it open forever.
+                kill_group(pgid, signal.SIGKILL)
+                drain_until = now + 2.0
+            if drain_until is not None and now >= drain_until:
+                break
+    finally:
+        selector.close()
+        proc.stdout.close()
+        if proc.poll() is None:
+            kill_group(pgid, signal.SIGKILL)
+        proc.wait()
+        kill_group(pgid, signal.SIGKILL)
+    return Outcome(
+        returncode=proc.returncode,
+        timed_out=stop_reason == "timeout",
+        cancelled=stop_reason == "cancel",
+    )
+
+
+def _read_available(fd: int, on_output: Callable[[bytes], None]) -> bool:
+    """Read what the pipe holds now (bounded, so a flood cannot starve the
+    deadline checks); True at end of file."""
+    for _ in range(16):
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return False
+        if not data:
+            return True
+        on_output(data)
+    return False

@@ -1,0 +1,282 @@
+"""Jobs and runs.
+
+Status maths lives here as pure methods (no I/O, `now` passed in); writes and
+side effects live in services.py.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.db.models import Q
+from django.urls import reverse
+
+from jobs import scheduling
+
+SECRET_MASK = "••••••"
+
+
+class Job(models.Model):
+    class Kind(models.TextChoices):
+        SHELL = "shell", "Shell command"
+
+    class Overlap(models.TextChoices):
+        SKIP = "skip", "Skip the new run while one is running"
+
+    name = models.CharField(max_length=200, unique=True)
+    slug = models.SlugField(max_length=200, unique=True)
+    description = models.TextField(blank=True)
+    owner = models.CharField(max_length=200, blank=True, help_text="Person or team.")
+    tags = models.CharField(max_length=500, blank=True, help_text="Comma-separated.")
+
+    kind = models.CharField(max_length=20, choices=Kind.choices, default=Kind.SHELL)
+    command = models.TextField(help_text="Run by /bin/sh -c in its own process group.")
+    environment = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text='Extra environment, e.g. {"TARGET": "reports", "TOKEN": "${API_TOKEN}"}. '
+        "${NAME} is taken from the server's environment when the run starts.",
+    )
+    secret_keys = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='Environment keys whose values are masked and redacted from logs, e.g. ["TOKEN"].',
+    )
+
+    schedule = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text='Cron expression ("15 2 * * *") or alias ("@daily"). Empty: run only by hand.',
+    )
+    timezone = models.CharField(max_length=64, default="UTC", help_text="IANA time zone.")
+    enabled = models.BooleanField(default=True, help_text="Paused jobs do not fire.")
+    timeout = models.PositiveIntegerField(default=3600, help_text="Seconds; SIGTERM, then SIGKILL.")
+    overlap = models.CharField(max_length=10, choices=Overlap.choices, default=Overlap.SKIP)
+    queue = models.CharField(
+        max_length=100, blank=True, help_text="django-q2 cluster name; empty = the default one."
+    )
+    source = models.CharField(
+        max_length=500, blank=True, editable=False, help_text="Job file this job was loaded from."
+    )
+
+    # The scheduler's state. `fire_basis` is the "schedule|timezone" that
+    # next_fire_at was computed from: when it differs from the current
+    # definition the scheduler recomputes next_fire_at, so an edit made by
+    # any path (admin, loadjobs, shell) takes effect at the next tick.
+    next_fire_at = models.DateTimeField(null=True, blank=True, editable=False)
+    fire_basis = models.CharField(max_length=300, blank=True, editable=False)
+    # The overlap slot: the run that currently holds this job. Claimed and
+    # released with conditional UPDATEs (services.run_claim / run_finish).
+    active_run = models.ForeignKey(
+        "Run", null=True, blank=True, editable=False, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        permissions = [("run_job", "Can run jobs and rerun their runs")]
+        indexes = [
+            # Scheduler: "enabled jobs whose next fire is due" every tick.
+            models.Index(
+                fields=["next_fire_at"],
+                condition=Q(enabled=True),
+                name="job_due_idx",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_absolute_url(self) -> str:
+        return reverse("jobs-job-detail", args=[self.slug])
+
+    def clean(self) -> None:
+        """Field checks with messages a user can act on (admin and loadjobs)."""
+        errors: dict[str, str] = {}
+        if self.schedule:
+            try:
+                scheduling.expand(self.schedule)
+            except scheduling.ScheduleError as exc:
+                errors["schedule"] = str(exc)
+        try:
+            scheduling.zone(self.timezone)
+        except scheduling.ScheduleError as exc:
+            errors["timezone"] = str(exc)
+        if not self.timeout or self.timeout <= 0:
+            errors["timeout"] = "The timeout must be more than 0 seconds."
+        elif self.timeout > settings.JOBSITE_MAX_TIMEOUT:
+            errors["timeout"] = (
+                f"The timeout may be at most {settings.JOBSITE_MAX_TIMEOUT} seconds "
+                "(JOBSITE_MAX_TIMEOUT)."
+            )
+        if not isinstance(self.environment, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.environment.items()
+        ):
+            errors["environment"] = 'Use a JSON object of strings, e.g. {"TARGET": "reports"}.'
+        if not isinstance(self.secret_keys, list) or not all(
+            isinstance(k, str) for k in self.secret_keys
+        ):
+            errors["secret_keys"] = 'Use a JSON list of key names, e.g. ["TOKEN"].'
+        if not self.command.strip():
+            errors["command"] = "The command is empty."
+        if errors:
+            raise ValidationError(errors)
+
+    @property
+    def current_fire_basis(self) -> str:
+        return f"{self.schedule}|{self.timezone}" if self.schedule else ""
+
+    @property
+    def tag_list(self) -> list[str]:
+        return [t.strip() for t in self.tags.split(",") if t.strip()]
+
+    def describe_schedule(self) -> str:
+        if not self.schedule:
+            return "Manual only"
+        return scheduling.describe(self.schedule, self.timezone)
+
+    def next_fire_times(self, now: datetime, count: int = 5) -> list[scheduling.Fire]:
+        if not self.schedule:
+            return []
+        return scheduling.next_fires(self.schedule, self.timezone, now, count)
+
+    def masked_environment(self) -> dict[str, str]:
+        secret = set(self.secret_keys)
+        return {k: (SECRET_MASK if k in secret else v) for k, v in self.environment.items()}
+
+
+class Run(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        TIMED_OUT = "timed_out", "Timed out"
+        CANCELLED = "cancelled", "Cancelled"
+        LOST = "lost", "Lost"
+        SKIPPED = "skipped", "Skipped"
+
+    ACTIVE = (Status.QUEUED, Status.RUNNING)
+    FINISHED = (
+        Status.SUCCEEDED,
+        Status.FAILED,
+        Status.TIMED_OUT,
+        Status.CANCELLED,
+        Status.LOST,
+        Status.SKIPPED,
+    )
+    FAILURES = (Status.FAILED, Status.TIMED_OUT, Status.LOST)
+
+    class Trigger(models.TextChoices):
+        SCHEDULE = "schedule", "Schedule"
+        MANUAL = "manual", "Manual"
+        RERUN = "rerun", "Rerun"
+        CLI = "cli", "Command line"
+        RETRY = "retry", "Retry"
+        UPSTREAM = "upstream", "Upstream"
+        BACKFILL = "backfill", "Backfill"
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="runs")
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.QUEUED)
+    trigger = models.CharField(max_length=12, choices=Trigger.choices)
+    triggered_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    rerun_of = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="reruns"
+    )
+    attempt = models.PositiveIntegerField(default=1)
+
+    # The logical time the run belongs to; reruns keep the original's.
+    scheduled_for = models.DateTimeField()
+    queued_at = models.DateTimeField()
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+
+    exit_code = models.IntegerField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True, help_text="host:pid")
+    pid = models.IntegerField(null=True, blank=True, help_text="The child's process group.")
+    error_summary = models.TextField(blank=True)
+    # What the child was given: command and environment (secret values masked).
+    command = models.TextField(blank=True)
+    environment = models.JSONField(default=dict, blank=True)
+
+    log_bytes = models.BigIntegerField(default=0, help_text="Bytes of output produced.")
+    log_dropped_bytes = models.BigIntegerField(default=0, help_text="Bytes dropped by the cap.")
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            # A clock fire produces at most one run per (job, scheduled_for):
+            # two schedulers claiming the same fire cannot both insert.
+            models.UniqueConstraint(
+                fields=["job", "scheduled_for", "attempt"],
+                condition=Q(trigger="schedule"),
+                name="one_run_per_scheduled_fire",
+            ),
+        ]
+        indexes = [
+            # Job page history and "last run" per job: WHERE job_id=? ORDER BY id DESC.
+            models.Index(fields=["job", "-id"], name="run_job_recent_idx"),
+            # Active runs (overview counts, overlap checks): WHERE status IN (queued, running).
+            models.Index(
+                fields=["job", "status"],
+                condition=Q(status__in=["queued", "running"]),
+                name="run_active_idx",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job.name} #{self.pk}"
+
+    def get_absolute_url(self) -> str:
+        return reverse("jobs-run-detail", args=[self.pk])
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+    @property
+    def is_failure(self) -> bool:
+        return self.status in self.FAILURES
+
+    def duration(self, now: datetime | None = None) -> timedelta | None:
+        if not self.started_at:
+            return None
+        end = self.finished_at or now
+        return end - self.started_at if end else None
+
+    @property
+    def lateness(self) -> timedelta | None:
+        if not self.started_at:
+            return None
+        return self.started_at - self.scheduled_for
+
+
+class RunLogChunk(models.Model):
+    """A piece of a run's captured output.
+
+    Head chunks are the first JOBSITE_LOG_HEAD_BYTES of output and are never
+    dropped; later chunks form the tail, from which the oldest are deleted
+    while the tail is over JOBSITE_LOG_TAIL_BYTES (the run counts what was
+    dropped). So the stored log is bounded, and still live while running.
+    """
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="log_chunks")
+    seq = models.PositiveIntegerField()
+    is_head = models.BooleanField(default=False)
+    data = models.TextField()
+    size = models.PositiveIntegerField(help_text="Bytes of output this chunk holds.")
+
+    class Meta:
+        ordering = ["run", "seq"]
+        constraints = [
+            # Reading a log in order, and the live tail's "chunks after seq N".
+            models.UniqueConstraint(fields=["run", "seq"], name="run_log_chunk_seq"),
+        ]

@@ -1,0 +1,184 @@
+"""A run's captured output: written in bounded chunks, read back with a marker."""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+
+from django.conf import settings
+from django.db.models import F
+
+from jobs.models import SECRET_MASK, Run, RunLogChunk
+
+
+def _cut_utf8(data: bytes, limit: int) -> int:
+    """The largest cut <= limit that does not split a UTF-8 character."""
+    cut = min(limit, len(data))
+    while 0 < cut < len(data) and (data[cut] & 0xC0) == 0x80:
+        cut -= 1
+    return cut
+
+
+class RunLogWriter:
+    """Buffers a child's output and stores it as RunLogChunk rows.
+
+    Flushes every JOBSITE_LOG_FLUSH_SECONDS or JOBSITE_LOG_FLUSH_BYTES. The
+    first `head_cap` bytes are kept; after that only the last `tail_cap`
+    bytes are, older tail chunks are deleted and counted as dropped.
+    """
+
+    def __init__(
+        self,
+        run: Run,
+        *,
+        redact: list[str] | None = None,
+        echo: Callable[[str], None] | None = None,
+        head_cap: int | None = None,
+        tail_cap: int | None = None,
+    ) -> None:
+        self.run_id = run.pk
+        self.head_cap = settings.JOBSITE_LOG_HEAD_BYTES if head_cap is None else head_cap
+        self.tail_cap = settings.JOBSITE_LOG_TAIL_BYTES if tail_cap is None else tail_cap
+        self.flush_bytes = settings.JOBSITE_LOG_FLUSH_BYTES
+        self.flush_seconds = settings.JOBSITE_LOG_FLUSH_SECONDS
+        # Longest first, so a secret containing another is masked whole.
+        self.redact = sorted({s for s in (redact or []) if len(s) >= 3}, key=len, reverse=True)
+        self.echo = echo
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending: list[str] = []
+        self.pending_size = 0
+        self.produced = 0
+        self.head_used = 0
+        self.seq = 0
+        self.tail: deque[tuple[int, int]] = deque()  # (seq, size) of stored tail chunks
+        self.tail_size = 0
+        self.last_flush = time.monotonic()
+
+    def feed(self, data: bytes) -> None:
+        self.produced += len(data)
+        text = self.decoder.decode(data)
+        if text:
+            self._add(text)
+        if self.pending_size >= self.flush_bytes or self._flush_due():
+            self.flush()
+
+    def tick(self) -> None:
+        if self.pending and self._flush_due():
+            self.flush()
+
+    def close(self, note: str = "") -> None:
+        text = self.decoder.decode(b"", final=True)
+        if text:
+            self._add(text)
+        if note:
+            self._add(note if note.endswith("\n") else note + "\n")
+        self.flush()
+
+    def _flush_due(self) -> bool:
+        return time.monotonic() - self.last_flush >= self.flush_seconds
+
+    def _add(self, text: str) -> None:
+        for secret in self.redact:
+            text = text.replace(secret, SECRET_MASK)
+        if self.echo:
+            self.echo(text)
+        self.pending.append(text)
+        self.pending_size += len(text)
+
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        if not self.pending:
+            self._save_counts(0)
+            return
+        data = "".join(self.pending).encode()
+        self.pending, self.pending_size = [], 0
+        rows = []
+        if self.head_used < self.head_cap:
+            cut = _cut_utf8(data, self.head_cap - self.head_used)
+            if cut:
+                rows.append(self._chunk(data[:cut], is_head=True))
+                self.head_used += cut
+            data = data[cut:]
+        dropped = 0
+        if data:
+            if len(data) > self.tail_cap:
+                keep_from = len(data) - self.tail_cap
+                while keep_from < len(data) and (data[keep_from] & 0xC0) == 0x80:
+                    keep_from += 1  # do not start inside a UTF-8 character
+                dropped += keep_from
+                data = data[keep_from:]
+            rows.append(self._chunk(data, is_head=False))
+            self.tail.append((self.seq, len(data)))
+            self.tail_size += len(data)
+        RunLogChunk.objects.bulk_create(rows)
+        dropped += self._trim_tail()
+        self._save_counts(dropped)
+
+    def _chunk(self, data: bytes, *, is_head: bool) -> RunLogChunk:
+        self.seq += 1
+        return RunLogChunk(
+            run_id=self.run_id,
+            seq=self.seq,
+            is_head=is_head,
+            data=data.decode(errors="replace"),
+            size=len(data),
+        )
+
+    def _trim_tail(self) -> int:
+        doomed: list[int] = []
+        dropped = 0
+        while self.tail_size > self.tail_cap and len(self.tail) > 1:
+            seq, size = self.tail.popleft()
+            self.tail_size -= size
+            dropped += size
+            doomed.append(seq)
+        if doomed:
+            RunLogChunk.objects.filter(run_id=self.run_id, seq__in=doomed).delete()
+        return dropped
+
+    def _save_counts(self, dropped: int) -> None:
+        Run.objects.filter(pk=self.run_id).update(
+            log_bytes=self.produced, log_dropped_bytes=F("log_dropped_bytes") + dropped
+        )
+
+
+def dropped_marker(dropped: int) -> str:
+    return f"\n[… {dropped:,} bytes of output dropped here (log cap) …]\n"
+
+
+def iter_log(run: Run, after_seq: int = 0) -> Iterator[tuple[int, str]]:
+    """(seq, text) of the stored log in order, with the dropped-bytes marker
+    between head and tail. Reads in batches so a large log never sits in memory."""
+    marker_due = run.log_dropped_bytes > 0 and after_seq == 0
+    last = after_seq
+    while True:
+        batch = list(
+            RunLogChunk.objects.filter(run=run, seq__gt=last)
+            .order_by("seq")
+            .values_list("seq", "is_head", "data")[:64]
+        )
+        if not batch:
+            break
+        for seq, is_head, data in batch:
+            if marker_due and not is_head:
+                marker_due = False
+                yield seq, dropped_marker(run.log_dropped_bytes)
+            yield seq, data
+            last = seq
+    if marker_due and after_seq == 0:
+        yield last, dropped_marker(run.log_dropped_bytes)
+
+
+def read_log(run: Run) -> str:
+    return "".join(text for _seq, text in iter_log(run))
+
+
+def last_lines(run: Run, count: int = 30) -> str:
+    """The last `count` lines of the stored log (for emails and summaries)."""
+    chunks = list(
+        RunLogChunk.objects.filter(run=run).order_by("-seq").values_list("data", flat=True)[:4]
+    )
+    text = "".join(reversed(chunks))
+    return "\n".join(text.rstrip("\n").splitlines()[-count:])

@@ -1,0 +1,183 @@
+"""Cron expressions, time zones and fire times.
+
+Debian cron semantics, via cronsim (healthchecks' evaluator) on local wall
+clock times, with our own mapping of wall clock times to instants:
+
+* day-of-month and day-of-week both restricted: either one matches;
+* a wall clock time that occurs twice (DST fall-back) fires once, at its
+  first occurrence - unless the minute or hour field is a wildcard
+  ("*/15 * * * *", "0 * * * *"), which keeps firing through the repeated hour;
+* a wall clock time that does not exist (spring-forward) fires at the
+  transition instant for fixed-time expressions, and is skipped by
+  wildcard ones (those minutes simply do not happen that day).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+
+from cronsim import CronSim, CronSimError
+
+ALIASES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+
+
+class ScheduleError(ValueError):
+    """A cron expression or time zone a user typed is not valid."""
+
+
+@dataclass(frozen=True)
+class Fire:
+    at: datetime  # aware, in the job's time zone
+    note: str = ""  # e.g. why a DST gap moved it
+
+
+def expand(expr: str) -> str:
+    """Return the 5-field form of `expr` or raise ScheduleError."""
+    text = " ".join(expr.split())
+    if not text:
+        raise ScheduleError("The schedule is empty.")
+    if text.startswith("@"):
+        if text.lower() not in ALIASES:
+            known = ", ".join(ALIASES)
+            raise ScheduleError(f"Unknown alias {text!r}; use one of {known}.")
+        return ALIASES[text.lower()]
+    fields = text.split(" ")
+    if len(fields) != 5:
+        raise ScheduleError(
+            f"A cron expression has 5 fields (minute hour day-of-month month day-of-week); "
+            f"{text!r} has {len(fields)}."
+        )
+    try:
+        CronSim(text, datetime(2000, 1, 1))
+    except CronSimError as exc:
+        raise ScheduleError(f"Bad cron expression {text!r}: {exc}.") from None
+    return text
+
+
+def zone(name: str) -> ZoneInfo:
+    try:
+        if not name or name not in _zone_names():
+            raise ZoneInfoNotFoundError(name)
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ScheduleError(
+            f"Unknown time zone {name!r}; use an IANA name such as 'Europe/Berlin' or 'UTC'."
+        ) from None
+
+
+_ZONES: set[str] = set()
+
+
+def _zone_names() -> set[str]:
+    if not _ZONES:
+        _ZONES.update(available_timezones())
+        _ZONES.add("UTC")
+    return _ZONES
+
+
+def validate(expr: str, tz_name: str) -> None:
+    expand(expr)
+    zone(tz_name)
+
+
+def _fixed_time(cron: str) -> bool:
+    """True when minute and hour are both restricted: Debian cron's DST fixups apply."""
+    minute, hour = cron.split(" ")[:2]
+    return not minute.startswith("*") and not hour.startswith("*")
+
+
+def _exists(moment: datetime, tz: ZoneInfo) -> bool:
+    """False for a wall clock time inside a spring-forward gap."""
+    return moment.astimezone(UTC).astimezone(tz).replace(tzinfo=None) == moment.replace(tzinfo=None)
+
+
+def _instants(naive: datetime, tz: ZoneInfo, fixed: bool) -> list[Fire]:
+    """The instants a local wall clock time `naive` stands for."""
+    first = naive.replace(tzinfo=tz, fold=0)
+    second = naive.replace(tzinfo=tz, fold=1)
+    if not _exists(first, tz):
+        if not fixed:
+            return []
+        # Fire at the transition instant: the first real minute after the gap.
+        moved = first
+        while not _exists(moved, tz):
+            moved = (moved.replace(tzinfo=None) + timedelta(minutes=1)).replace(tzinfo=tz)
+        return [Fire(moved, f"{naive:%H:%M} does not exist that day (DST); fires at {moved:%H:%M}")]
+    if first.utcoffset() == second.utcoffset() or fixed:
+        return [Fire(first)]
+    return [Fire(first), Fire(second, "repeated hour (DST)")]
+
+
+def next_fires(expr: str, tz_name: str, after: datetime, count: int = 1) -> list[Fire]:
+    """The next `count` fires strictly after the instant `after`."""
+    cron = expand(expr)
+    tz = zone(tz_name)
+    fixed = _fixed_time(cron)
+    # Start a little before `after` in wall clock terms: around a fall-back
+    # the wall clock runs backwards, so a later instant can have an earlier
+    # wall clock time.
+    start = after.astimezone(tz).replace(tzinfo=None, microsecond=0) - timedelta(hours=3)
+    fires: list[Fire] = []
+    seen: set[datetime] = set()
+    for naive in CronSim(cron, start):
+        for fire in _instants(naive, tz, fixed):
+            # Compare in UTC: aware datetimes sharing a tzinfo compare by
+            # wall clock and ignore `fold`, which would merge a repeated hour.
+            instant = fire.at.astimezone(UTC)
+            if instant > after and instant not in seen:
+                seen.add(instant)
+                fires.append(fire)
+        if len(fires) >= count + 2:
+            break
+    fires.sort(key=lambda f: f.at.astimezone(UTC))
+    return fires[:count]
+
+
+def next_fire_after(expr: str, tz_name: str, after: datetime) -> datetime | None:
+    fires = next_fires(expr, tz_name, after, 1)
+    return fires[0].at if fires else None
+
+
+def fires_between(
+    expr: str, tz_name: str, start: datetime, end: datetime, limit: int = 1000
+) -> list[datetime]:
+    """Fires in (start, end], oldest first, at most `limit` of the latest ones."""
+    result: list[datetime] = []
+    moment = start
+    while True:
+        nxt = next_fire_after(expr, tz_name, moment)
+        if nxt is None or nxt > end:
+            break
+        result.append(nxt)
+        moment = nxt
+        if len(result) > limit:
+            result.pop(0)
+    return result
+
+
+def describe(expr: str, tz_name: str) -> str:
+    """The schedule in words, e.g. 'At 02:15 (Europe/Berlin)'."""
+    from cron_descriptor import ExpressionDescriptor, Options
+
+    try:
+        cron = expand(expr)
+    except ScheduleError:
+        return f"Invalid schedule {expr!r}"
+    options = Options()
+    options.use_24hour_time_format = True
+    options.verbose = False
+    try:
+        words = ExpressionDescriptor(cron, options).get_description()
+    except Exception:  # cron-descriptor raises many types; words are cosmetic
+        words = cron
+    return words if tz_name == "UTC" else f"{words} ({tz_name})"
