@@ -43,7 +43,8 @@ class Job(models.Model):
     secret_keys = models.JSONField(
         default=list,
         blank=True,
-        help_text='Environment keys whose values are masked and redacted from logs, e.g. ["TOKEN"].',
+        help_text="Environment keys whose values are masked and redacted from logs, "
+        'e.g. ["TOKEN"].',
     )
 
     schedule = models.CharField(
@@ -280,3 +281,6 @@ class RunLogChunk(models.Model):
             # Reading a log in order, and the live tail's "chunks after seq N".
             models.UniqueConstraint(fields=["run", "seq"], name="run_log_chunk_seq"),
         ]
+
+    def __str__(self) -> str:
+        return f"run {self.run_id} chunk {self.seq}"

@@ -30,7 +30,7 @@ class Migration(migrations.Migration):
                 ('schedule', models.CharField(blank=True, help_text='Cron expression ("15 2 * * *") or alias ("@daily"). Empty: run only by hand.', max_length=200)),
                 ('timezone', models.CharField(default='UTC', help_text='IANA time zone.', max_length=64)),
                 ('enabled', models.BooleanField(default=True, help_text='Paused jobs do not fire.')),
-                ('timeout', models.PositiveIntegerField(default=3600, help_text='Seconds.')),
+                ('timeout', models.PositiveIntegerField(default=3600, help_text='Seconds; SIGTERM, then SIGKILL.')),
                 ('overlap', models.CharField(choices=[('skip', 'Skip the new run while one is running')], default='skip', max_length=10)),
                 ('queue', models.CharField(blank=True, help_text='django-q2 cluster name; empty = the default one.', max_length=100)),
                 ('source', models.CharField(blank=True, editable=False, help_text='Job file this job was loaded from.', max_length=500)),
