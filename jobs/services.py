@@ -357,3 +357,25 @@ def scheduler_next_due() -> datetime | None:
     return Job.objects.filter(enabled=True, next_fire_at__isnull=False).aggregate(
         due=Min("next_fire_at")
     )["due"]
+
+
+SCHEDULER_TICK_KEY = "jobsite:scheduler:last-tick"
+
+
+def scheduler_tick(*, now: datetime | None = None) -> list[Run]:
+    """One pass of the clock: pick up edits, fire what is due, say we are alive."""
+    from django.core.cache import cache
+
+    now = now or timezone.now()
+    scheduler_sync(now=now)
+    runs = scheduler_fire_due(now=now)
+    cache.set(SCHEDULER_TICK_KEY, now.isoformat(), timeout=None)
+    return runs
+
+
+def scheduler_sleep_seconds(*, now: datetime, max_sleep: float) -> float:
+    """How long the clock may sleep: until the next due fire, at most max_sleep."""
+    due = scheduler_next_due()
+    if due is None:
+        return max_sleep
+    return max(0.0, min(max_sleep, (due - now).total_seconds()))

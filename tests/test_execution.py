@@ -1,0 +1,138 @@
+"""The child process: real subprocesses, real signals, no database."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from jobs import execution
+
+
+def run(command: str, *, timeout: float = 10, grace: float = 1, cancel_after: float | None = None):
+    output: list[bytes] = []
+    pgids: list[int] = []
+    started = time.monotonic()
+
+    def on_tick() -> bool:
+        return cancel_after is not None and time.monotonic() - started > cancel_after
+
+    outcome = execution.run_process(
+        ["/bin/sh", "-c", command],
+        env={"PATH": os.environ["PATH"], "MARK": "jobsite-test-mark"},
+        timeout=timeout,
+        kill_grace=grace,
+        on_start=pgids.append,
+        on_output=output.append,
+        on_tick=on_tick,
+        tick_seconds=0.05,
+    )
+    return outcome, b"".join(output).decode(), pgids[0], time.monotonic() - started
+
+
+def group_alive(pgid: int, wait: float = 2.0) -> bool:
+    """True while a process of the group is still running (zombies waiting
+    for their new parent to reap them do not count)."""
+    deadline = time.monotonic() + wait
+    while True:
+        alive = [pid for pid in _group_members(pgid) if _state(pid) not in ("Z", "X", "")]
+        if not alive or time.monotonic() > deadline:
+            return bool(alive)
+        time.sleep(0.05)
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) == pgid:
+                    members.append(int(entry))
+            except ProcessLookupError:
+                pass
+    return members
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+def test_stdout_and_stderr_are_captured_in_order_with_exit_code():
+    outcome, out, _pgid, _ = run("echo one; echo two >&2; echo three; exit 7")
+    assert out == "one\ntwo\nthree\n"
+    assert outcome.returncode == 7
+    assert not outcome.timed_out
+
+
+def test_timeout_kills_the_whole_process_group_including_grandchildren():
+    outcome, _out, pgid, elapsed = run("sleep 1000 & sleep 1000; echo never", timeout=1, grace=1)
+    assert outcome.timed_out
+    assert elapsed < 4
+    assert not group_alive(pgid), "a grandchild outlived its run"
+
+
+def test_a_job_ignoring_sigterm_is_killed_after_the_grace_period():
+    outcome, out, pgid, elapsed = run(
+        "trap 'echo got TERM' TERM; (trap '' TERM; sleep 1000) & while true; do sleep 0.1; done",
+        timeout=1,
+        grace=1,
+    )
+    assert outcome.timed_out
+    assert "got TERM" in out
+    assert 2 <= elapsed < 5
+    assert not group_alive(pgid)
+
+
+def test_background_children_left_behind_by_a_finished_job_are_killed():
+    outcome, out, pgid, elapsed = run("sleep 1000 & echo started; exit 0", timeout=30)
+    assert outcome.returncode == 0
+    assert out == "started\n"
+    assert elapsed < 5, "waited for a grandchild holding the pipe"
+    assert not group_alive(pgid)
+
+
+def test_cancel_from_on_tick_stops_the_group():
+    outcome, _out, pgid, elapsed = run("sleep 1000", timeout=30, cancel_after=0.3)
+    assert outcome.cancelled and not outcome.timed_out
+    assert elapsed < 3
+    assert not group_alive(pgid)
+
+
+def test_child_runs_in_its_own_session():
+    _outcome, out, pgid, _ = run("ps -o sid= -p $$")
+    assert int(out.strip()) == pgid != os.getsid(0)
+
+
+def test_killed_by_signal_is_reported_by_name():
+    outcome, _out, _pgid, _ = run("kill -9 $$")
+    assert outcome.returncode == -9
+    assert outcome.signal_name == "SIGKILL"
+
+
+def test_environment_passes_only_the_basics_plus_the_jobs_own_values():
+    env = execution.build_environment(
+        job_environment={"TARGET": "reports", "TOKEN": "${API_TOKEN}", "URL": "ftp://${HOST}/in"},
+        jobsite_variables={"JOBSITE_RUN_ID": "5"},
+        server_env={"PATH": "/bin", "API_TOKEN": "t0k", "HOST": "h", "SECRET_KEY": "django"},
+    )
+    assert env == {
+        "PATH": "/bin",
+        "TARGET": "reports",
+        "TOKEN": "t0k",
+        "URL": "ftp://h/in",
+        "JOBSITE_RUN_ID": "5",
+    }
+
+
+def test_unresolved_reference_is_an_error_naming_key_and_variable():
+    with pytest.raises(execution.UnresolvedReference, match=r"TOKEN refers to \$\{API_TOKEN\}"):
+        execution.build_environment(
+            job_environment={"TOKEN": "${API_TOKEN}"},
+            jobsite_variables={},
+            server_env={"PATH": "/bin"},
+        )

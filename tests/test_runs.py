@@ -1,0 +1,158 @@
+"""The run lifecycle against the real database."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import override_settings
+
+from jobs import runlog, services
+from jobs.models import Job, Run, RunLogChunk
+
+quiet = {"echo": lambda text: None}
+
+
+def test_foreground_run_records_status_exit_code_worker_and_log(make_job):
+    job = make_job(command="echo out; echo err >&2; exit 3")
+    run = services.run_foreground(job=job, **quiet)
+    assert run.status == Run.Status.FAILED
+    assert run.exit_code == 3
+    assert run.error_summary == "Exit code 3"
+    assert run.trigger == Run.Trigger.CLI
+    assert run.worker.endswith(f":{__import__('os').getpid()}")
+    assert run.started_at and run.finished_at and run.finished_at >= run.started_at
+    assert runlog.read_log(run) == "out\nerr\n[jobsite] Exit code 3\n"
+
+
+def test_child_gets_its_run_context_in_the_environment(make_job):
+    job = make_job(
+        name="ctx",
+        command='echo "$JOBSITE_RUN_ID|$JOBSITE_JOB|$JOBSITE_SCHEDULED_FOR|$JOBSITE_ATTEMPT|$TARGET"',
+        environment={"TARGET": "reports"},
+    )
+    run = services.run_foreground(job=job, **quiet)
+    assert runlog.read_log(run) == (f"{run.pk}|ctx|{run.scheduled_for.isoformat()}|1|reports\n")
+    assert run.environment["JOBSITE_RUN_ID"] == str(run.pk)
+    assert run.environment["TARGET"] == "reports"
+
+
+def test_secret_values_are_masked_in_the_stored_environment_and_redacted_from_the_log(
+    make_job, monkeypatch
+):
+    monkeypatch.setenv("API_TOKEN", "tok-9f8e7d6c")
+    job = make_job(
+        command='echo "token is $TOKEN"',
+        environment={"TOKEN": "${API_TOKEN}"},
+        secret_keys=["TOKEN"],
+    )
+    run = services.run_foreground(job=job, **quiet)
+    assert run.status == Run.Status.SUCCEEDED
+    assert run.environment["TOKEN"] == "••••••"
+    assert "tok-9f8e7d6c" not in runlog.read_log(run)
+    assert runlog.read_log(run) == "token is ••••••\n"
+
+
+def test_unresolved_reference_fails_the_run_before_it_starts(make_job):
+    job = make_job(command="echo should-not-run", environment={"PW": "${NOPE_NOT_SET}"})
+    run = services.run_foreground(job=job, **quiet)
+    assert run.status == Run.Status.FAILED
+    assert "PW refers to ${NOPE_NOT_SET}" in run.error_summary
+    assert "should-not-run" not in runlog.read_log(run)
+
+
+def test_timeout_marks_the_run_timed_out(make_job):
+    job = make_job(command="sleep 30", timeout=1)
+    run = services.run_foreground(job=job, **quiet)
+    assert run.status == Run.Status.TIMED_OUT
+    assert "Timed out after 1s" in run.error_summary
+
+
+def test_overlapping_run_is_skipped_with_reason(make_job):
+    job = make_job()
+    first = services.run_create(job=job, trigger=Run.Trigger.MANUAL, enqueue=False)
+    second = services.run_create(job=job, trigger=Run.Trigger.SCHEDULE, enqueue=False)
+    assert second.status == Run.Status.SKIPPED
+    assert second.error_summary == f"run #{first.pk} still queued"
+
+
+def test_claim_under_skip_takes_the_slot_and_a_second_claim_is_skipped(make_job):
+    job = make_job()
+    first = services.run_create(job=job, trigger=Run.Trigger.MANUAL, enqueue=False)
+    assert services.run_claim(run_id=first.pk, worker="w:1") is not None
+    # A run that got past the creation check (e.g. created by a race).
+    sneaky = Run.objects.create(
+        job=job, trigger="manual", scheduled_for=first.scheduled_for, queued_at=first.queued_at
+    )
+    assert services.run_claim(run_id=sneaky.pk, worker="w:2") is None
+    sneaky.refresh_from_db()
+    assert sneaky.status == Run.Status.SKIPPED
+    assert sneaky.error_summary == f"run #{first.pk} still running"
+
+
+def test_a_redelivered_task_finds_nothing_to_claim(make_job):
+    job = make_job()
+    run = services.run_create(job=job, trigger=Run.Trigger.MANUAL, enqueue=False)
+    assert services.run_claim(run_id=run.pk, worker="w:1") is not None
+    assert services.run_claim(run_id=run.pk, worker="w:2") is None
+    run.refresh_from_db()
+    assert run.worker == "w:1"
+
+
+def test_finishing_frees_the_slot_for_the_next_run(make_job):
+    job = make_job()
+    run = services.run_foreground(job=job, **quiet)
+    assert Job.objects.get(pk=job.pk).active_run_id is None
+    again = services.run_foreground(job=job, **quiet)
+    assert again.status == Run.Status.SUCCEEDED and again.pk != run.pk
+
+
+def test_rerun_keeps_the_logical_time_and_links_the_original(make_job, make_user):
+    job = make_job()
+    original = services.run_foreground(job=job, **quiet)
+    user = make_user()
+    rerun = services.run_rerun(run=original, by=user)
+    assert rerun.trigger == Run.Trigger.RERUN
+    assert rerun.rerun_of == original
+    assert rerun.scheduled_for == original.scheduled_for
+    assert rerun.triggered_by == user
+
+
+def test_enqueued_run_executes_through_django_q(
+    make_job, q_sync, django_capture_on_commit_callbacks
+):
+    job = make_job(command="echo via-django-q")
+    with django_capture_on_commit_callbacks(execute=True):
+        run = services.run_create(job=job, trigger=Run.Trigger.MANUAL)
+    run.refresh_from_db()
+    assert run.status == Run.Status.SUCCEEDED
+    assert runlog.read_log(run) == "via-django-q\n"
+
+
+@override_settings(
+    JOBSITE_LOG_HEAD_BYTES=1000, JOBSITE_LOG_TAIL_BYTES=3000, JOBSITE_LOG_FLUSH_BYTES=500
+)
+def test_log_is_capped_keeping_head_and_tail_with_a_marker(make_job):
+    job = make_job(command="seq 1 20000")  # 108,894 bytes
+    run = services.run_foreground(job=job, **quiet)
+    text = runlog.read_log(run)
+    assert run.log_bytes == 108894
+    stored = sum(RunLogChunk.objects.filter(run=run).values_list("size", flat=True))
+    assert stored <= 1000 + 3000
+    assert run.log_dropped_bytes == 108894 - stored
+    assert text.startswith("1\n2\n3\n")
+    assert text.endswith("19999\n20000\n")
+    assert f"[… {run.log_dropped_bytes:,} bytes of output dropped here (log cap) …]" in text
+
+
+def test_multibyte_characters_split_across_reads_survive(make_job):
+    job = make_job(command="printf 'gr\\303'; sleep 0.2; printf '\\274\\303\\237e\\n'")
+    run = services.run_foreground(job=job, **quiet)
+    assert runlog.read_log(run) == "grüße\n"
+
+
+@pytest.mark.parametrize("bad", [{"schedule": "every day"}, {"timezone": "Berlin"}, {"timeout": 0}])
+def test_job_validation_names_the_field(make_job, bad):
+    from django.core.exceptions import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        make_job(**bad)
+    assert list(info.value.message_dict) == list(bad)
