@@ -26,7 +26,8 @@ def test_foreground_run_records_status_exit_code_worker_and_log(make_job):
 def test_child_gets_its_run_context_in_the_environment(make_job):
     job = make_job(
         name="ctx",
-        command='echo "$JOBSITE_RUN_ID|$JOBSITE_JOB|$JOBSITE_SCHEDULED_FOR|$JOBSITE_ATTEMPT|$TARGET"',
+        command='echo "$JOBSITE_RUN_ID|$JOBSITE_JOB|$JOBSITE_SCHEDULED_FOR|'
+        '$JOBSITE_ATTEMPT|$TARGET"',
         environment={"TARGET": "reports"},
     )
     run = services.run_foreground(job=job, **quiet)

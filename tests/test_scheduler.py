@@ -112,7 +112,7 @@ def test_one_bad_schedule_does_not_block_the_others(make_job):
 
 
 def test_a_second_fire_while_running_is_skipped_with_reason(make_job):
-    job = make_job(schedule="* * * * *")
+    make_job(schedule="* * * * *")
     services.scheduler_sync(now=T0)
     [first] = fire_all(T0 + timedelta(minutes=1))
     services.run_claim(run_id=first.pk, worker="w:1")
