@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import Permission, User
@@ -12,6 +18,7 @@ from django.db import connection
 
 from jobs.models import Job
 
+BASE_DIR = Path(__file__).resolve().parent.parent
 _names = itertools.count(1)
 
 
@@ -89,3 +96,105 @@ requires_postgres = pytest.mark.skipif(
     not os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://")),
     reason="needs PostgreSQL: set DATABASE_URL=postgres://... (CI does)",
 )
+
+
+class Processes:
+    """Real manage.py processes (qcluster, scheduler, ...) on the test database."""
+
+    def __init__(self, tmp_path) -> None:
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.tmp_path = tmp_path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            DATABASE_URL=database_url_for_children(),
+            DJANGO_SETTINGS_MODULE="jobsite.settings",
+            Q_WORKERS="2",
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(extra)
+        return env
+
+    def start(self, *args: str, **extra_env: str) -> subprocess.Popen:
+        name = args[0]
+        log = open(self.tmp_path / f"{name}-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, str(BASE_DIR / "manage.py"), *args],
+            env=self.env(**extra_env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=BASE_DIR,
+        )
+        self.procs.append((name, proc))
+        return proc
+
+    def output(self) -> str:
+        return "\n".join(
+            f"--- {p.name} ---\n{p.read_text(errors='replace')[-3000:]}"
+            for p in sorted(self.tmp_path.glob("*.log"))
+        )
+
+    def stop_all(self) -> None:
+        # SIGTERM to django-q2's main process only (a signal to its whole
+        # group can hang it), bounded wait, then SIGKILL the group.
+        for _name, proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 15
+        for _name, proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def processes(tmp_path):
+    procs = Processes(tmp_path)
+    yield procs
+    procs.stop_all()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = ""):
+    """Poll until predicate() is truthy; return its value or fail the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(message or f"condition not met within {timeout}s")
+
+
+def group_alive(pgid: int, wait: float = 2.0) -> bool:
+    """True while a process of the group is still running (zombies waiting
+    for their new parent to reap them do not count)."""
+    deadline = time.monotonic() + wait
+    while True:
+        alive = [pid for pid in _group_members(pgid) if _state(pid) not in ("Z", "X", "")]
+        if not alive or time.monotonic() > deadline:
+            return bool(alive)
+        time.sleep(0.05)
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(int(entry)) == pgid:
+                    members.append(int(entry))
+    return members
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from jobs import execution
+from tests.conftest import group_alive
 
 
 def run(command: str, *, timeout: float = 10, grace: float = 1, cancel_after: float | None = None):
@@ -29,37 +30,6 @@ def run(command: str, *, timeout: float = 10, grace: float = 1, cancel_after: fl
         tick_seconds=0.05,
     )
     return outcome, b"".join(output).decode(), pgids[0], time.monotonic() - started
-
-
-def group_alive(pgid: int, wait: float = 2.0) -> bool:
-    """True while a process of the group is still running (zombies waiting
-    for their new parent to reap them do not count)."""
-    deadline = time.monotonic() + wait
-    while True:
-        alive = [pid for pid in _group_members(pgid) if _state(pid) not in ("Z", "X", "")]
-        if not alive or time.monotonic() > deadline:
-            return bool(alive)
-        time.sleep(0.05)
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getpgid(int(entry)) == pgid:
-                    members.append(int(entry))
-            except ProcessLookupError:
-                pass
-    return members
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return ""
 
 
 def test_stdout_and_stderr_are_captured_in_order_with_exit_code():

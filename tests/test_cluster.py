@@ -1,0 +1,42 @@
+"""End to end with real processes: `manage.py scheduler` + `manage.py qcluster`."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from jobs import runlog
+from jobs.models import Job, Run
+from tests.conftest import wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+
+def test_scheduled_job_runs_on_time_through_the_scheduler_and_a_real_cluster(
+    make_job, processes
+):
+    job = make_job(name="e2e", command='echo "ran attempt $JOBSITE_ATTEMPT"', schedule="* * * * *")
+    processes.start("qcluster")
+    # Make the next fire a few seconds away instead of waiting for a minute.
+    fire_at = (timezone.now() + timedelta(seconds=4)).replace(microsecond=0)
+    Job.objects.filter(pk=job.pk).update(next_fire_at=fire_at, fire_basis=job.current_fire_basis)
+    processes.start("scheduler")
+
+    run = wait_for(
+        lambda: Run.objects.filter(job=job, status__in=Run.FINISHED).first(),
+        timeout=60,
+        message="no finished run:\n" + processes.output(),
+    )
+    assert run.status == Run.Status.SUCCEEDED, processes.output()
+    assert run.trigger == Run.Trigger.SCHEDULE
+    assert run.scheduled_for == fire_at
+    assert run.started_at >= fire_at
+    assert runlog.read_log(run) == "ran attempt 1\n"
+    host_pid = run.worker.rsplit(":", 1)
+    assert host_pid[1].isdigit() and int(host_pid[1]) != os.getpid()
+    job.refresh_from_db()
+    assert job.next_fire_at > fire_at, "the scheduler did not advance the job's next fire"
+    assert job.active_run_id is None
