@@ -1,0 +1,425 @@
+"""Django admin for jobs and runs.
+
+Thin: every state change goes through jobs.services, is a POST with CSRF
+(bulk actions, or the per-object buttons in change_form_object_tools.html
+aimed at the views added in get_urls), and needs the custom `jobs.run_job`
+permission. Editing a job's definition needs `jobs.change_job`: a run-only
+user can view, run, pause, resume and rerun, but a POST to the change form
+is refused by Django's own permission check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+
+from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
+from django.core.exceptions import PermissionDenied
+from django.db.models import OuterRef, QuerySet, Subquery
+from django.db.models.functions import Coalesce
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect
+from django.urls import URLPattern, path, reverse
+from django.utils.html import format_html, format_html_join
+from django.views.decorators.http import require_POST
+
+from jobs import runlog, services
+from jobs.models import Job, Run
+
+RUN_PERMISSION = "jobs.run_job"
+
+
+def _latest_run() -> QuerySet[Run]:
+    # One row per job through run_job_recent_idx (WHERE job_id=? ORDER BY id DESC).
+    return Run.objects.filter(job=OuterRef("pk")).order_by("-id")
+
+
+def _format_duration(value: timedelta | None) -> str | None:
+    if value is None:
+        return None
+    seconds = value.total_seconds()
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+def _pre(text: str) -> str:
+    """Escaped (unless already safe), in a <pre> that wraps long lines."""
+    return format_html('<pre style="white-space: pre-wrap; margin: 0">{}</pre>', text)
+
+
+def _environment_block(environment: dict[str, str]) -> str:
+    """KEY=value lines, escaped; callers pass an already masked mapping."""
+    if not environment:
+        return "(none)"
+    return _pre(format_html_join("\n", "{}={}", sorted(environment.items())))
+
+
+class LastStatusFilter(admin.SimpleListFilter):
+    """Filters on the `last_status` annotation made in JobAdmin.get_queryset."""
+
+    title = "last run status"
+    parameter_name = "last_status"
+    NEVER = "never"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [*Run.Status.choices, (self.NEVER, "Never run")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Job]) -> QuerySet[Job]:
+        value = self.value()
+        if value == self.NEVER:
+            return queryset.filter(last_status__isnull=True)
+        if value in Run.Status.values:
+            return queryset.filter(last_status=value)
+        return queryset
+
+
+class RunPermissionMixin:
+    """The custom permission behind Run now, Pause, Resume and Rerun."""
+
+    admin_site: admin.AdminSite
+
+    def has_run_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(RUN_PERMISSION)
+
+    def _object_view(self, view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+        """Staff login and CSRF (admin_view), POST only, and the run permission."""
+
+        @require_POST
+        def guarded(request: HttpRequest, object_id: str) -> HttpResponse:
+            if not self.has_run_permission(request):
+                raise PermissionDenied
+            return view(request, object_id)
+
+        return self.admin_site.admin_view(guarded)
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict | None = None,
+    ) -> HttpResponse:
+        extra_context = {
+            **(extra_context or {}),
+            "has_run_permission": self.has_run_permission(request),
+        }
+        return super().change_view(request, object_id, form_url, extra_context)
+
+
+@admin.register(Job)
+class JobAdmin(RunPermissionMixin, admin.ModelAdmin):
+    list_display = [
+        "name",
+        "enabled",
+        "schedule_in_words",
+        "last_status",
+        "last_run_at",
+        "next_run",
+        "owner",
+    ]
+    list_filter = ["enabled", LastStatusFilter, "kind", "overlap", "timezone"]
+    search_fields = ["name", "slug", "description", "owner", "tags", "command"]
+    prepopulated_fields = {"slug": ("name",)}
+    readonly_fields = ["source_note", "schedule_words", "next_fire_at", "environment_masked"]
+    fieldsets = [
+        (None, {"fields": ["name", "slug", "description", "owner", "tags", "source_note"]}),
+        ("What to run", {"fields": ["kind", "command", "environment", "secret_keys"]}),
+        (
+            "When",
+            {
+                "fields": [
+                    "schedule",
+                    "schedule_words",
+                    "timezone",
+                    "enabled",
+                    "next_fire_at",
+                    "timeout",
+                    "overlap",
+                    "queue",
+                ]
+            },
+        ),
+    ]
+    actions = ["run_now", "pause", "resume"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Job]:
+        latest = _latest_run()
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                last_run_id=Subquery(latest.values("id")[:1]),
+                last_status=Subquery(latest.values("status")[:1]),
+                last_run_at=Subquery(
+                    latest.annotate(at=Coalesce("started_at", "queued_at")).values("at")[:1]
+                ),
+            )
+        )
+
+    def get_fieldsets(self, request: HttpRequest, obj: Job | None = None) -> list:
+        """Without the change permission every field is shown read-only; show
+        the environment with secret values masked instead of the raw JSON."""
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is None or self.has_change_permission(request, obj):
+            return fieldsets
+        return [
+            (
+                title,
+                {
+                    **options,
+                    "fields": [
+                        "environment_masked" if f == "environment" else f for f in options["fields"]
+                    ],
+                },
+            )
+            for title, options in fieldsets
+        ]
+
+    # --- Displays -------------------------------------------------------------
+
+    @admin.display(description="Schedule")
+    def schedule_in_words(self, obj: Job) -> str:
+        return obj.describe_schedule()
+
+    @admin.display(description="In words")
+    def schedule_words(self, obj: Job) -> str:
+        return obj.describe_schedule()
+
+    @admin.display(description="Last status", ordering="last_status")
+    def last_status(self, obj: Job) -> str | None:
+        status = getattr(obj, "last_status", None)
+        if status is None:
+            return None
+        url = reverse("admin:jobs_run_change", args=[obj.last_run_id])
+        return format_html('<a href="{}">{}</a>', url, Run.Status(status).label)
+
+    @admin.display(description="Last run", ordering="last_run_at")
+    def last_run_at(self, obj: Job):
+        return getattr(obj, "last_run_at", None)
+
+    @admin.display(description="Next run", ordering="next_fire_at")
+    def next_run(self, obj: Job):
+        if not obj.enabled:
+            return "Paused"
+        if not obj.schedule:
+            return "Manual only"
+        return obj.next_fire_at
+
+    @admin.display(description="Source")
+    def source_note(self, obj: Job) -> str:
+        if obj.source:
+            return (
+                f"Loaded from {obj.source}. The next loadjobs of that file overwrites "
+                "edits made here."
+            )
+        return "Defined here (not loaded from a job file)."
+
+    @admin.display(description="Environment")
+    def environment_masked(self, obj: Job) -> str:
+        return _environment_block(obj.masked_environment())
+
+    # --- Bulk actions -----------------------------------------------------------
+
+    @admin.action(description="Run now", permissions=["run"])
+    def run_now(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
+        runs = [
+            services.run_create(job=job, trigger=Run.Trigger.MANUAL, by=request.user)
+            for job in queryset
+        ]
+        self._report_runs(request, runs)
+
+    @admin.action(description="Pause", permissions=["run"])
+    def pause(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
+        self._set_enabled(request, queryset, enabled=False)
+
+    @admin.action(description="Resume", permissions=["run"])
+    def resume(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
+        self._set_enabled(request, queryset, enabled=True)
+
+    def _set_enabled(self, request: HttpRequest, jobs: Iterable[Job], *, enabled: bool) -> None:
+        names = []
+        for job in jobs:
+            services.job_set_enabled(job=job, enabled=enabled)
+            names.append(job.name)
+        verb = "Resumed" if enabled else "Paused"
+        self.message_user(request, f"{verb} {len(names)} job(s): {', '.join(names)}.")
+
+    def _report_runs(self, request: HttpRequest, runs: list[Run]) -> None:
+        started = [r for r in runs if r.status != Run.Status.SKIPPED]
+        skipped = [r for r in runs if r.status == Run.Status.SKIPPED]
+        if started:
+            listed = ", ".join(f"{r.job.name} (run #{r.pk})" for r in started)
+            self.message_user(request, f"Queued {len(started)} run(s): {listed}.")
+        if skipped:
+            listed = "; ".join(f"{r.job.name}: run #{r.pk}, {r.error_summary}" for r in skipped)
+            self.message_user(
+                request, f"Skipped {len(skipped)} run(s) — {listed}.", messages.WARNING
+            )
+
+    # --- Per-object buttons -----------------------------------------------------
+
+    def get_urls(self) -> list[URLPattern]:
+        return [
+            path("<path:object_id>/run/", self._object_view(self.run_view), name="jobs_job_run"),
+            path(
+                "<path:object_id>/pause/",
+                self._object_view(self.pause_view),
+                name="jobs_job_pause",
+            ),
+            path(
+                "<path:object_id>/resume/",
+                self._object_view(self.resume_view),
+                name="jobs_job_resume",
+            ),
+            *super().get_urls(),
+        ]
+
+    def _job_or_404(self, request: HttpRequest, object_id: str) -> Job:
+        job = self.get_object(request, unquote(object_id))
+        if job is None:
+            raise Http404("No such job.")
+        return job
+
+    def run_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        job = self._job_or_404(request, object_id)
+        run = services.run_create(job=job, trigger=Run.Trigger.MANUAL, by=request.user)
+        self._report_runs(request, [run])
+        return redirect("jobs-run-detail", run.pk)
+
+    def pause_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        job = self._job_or_404(request, object_id)
+        self._set_enabled(request, [job], enabled=False)
+        return redirect("admin:jobs_job_change", job.pk)
+
+    def resume_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        job = self._job_or_404(request, object_id)
+        self._set_enabled(request, [job], enabled=True)
+        return redirect("admin:jobs_job_change", job.pk)
+
+
+@admin.register(Run)
+class RunAdmin(RunPermissionMixin, admin.ModelAdmin):
+    list_display = [
+        "id",
+        "job",
+        "status",
+        "trigger",
+        "triggered_by",
+        "scheduled_for",
+        "started_at",
+        "duration",
+        "exit_code",
+        "worker",
+    ]
+    list_display_links = ["id", "job"]
+    list_select_related = ["job", "triggered_by"]
+    list_filter = ["status", "trigger", "job"]
+    search_fields = ["job__name"]
+    # COUNT(*) over the whole history on every page view is what grows with it.
+    show_full_result_count = False
+    actions = ["rerun"]
+    fieldsets = [
+        (None, {"fields": ["job", "status", "error_summary", "trigger", "triggered_by"]}),
+        ("Attempt", {"fields": ["rerun_of", "attempt"]}),
+        (
+            "Timings",
+            {
+                "fields": [
+                    "scheduled_for",
+                    "queued_at",
+                    "started_at",
+                    "finished_at",
+                    "duration",
+                    "lateness",
+                    "heartbeat_at",
+                ]
+            },
+        ),
+        ("Process", {"fields": ["exit_code", "worker", "pid", "command", "environment_masked"]}),
+        ("Log", {"fields": ["log_size", "log"]}),
+    ]
+    readonly_fields = [f for _title, options in fieldsets for f in options["fields"]]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Run | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Run | None = None) -> bool:
+        return request.user.is_superuser
+
+    # --- Displays ---------------------------------------------------------------
+
+    @admin.display(description="Duration")
+    def duration(self, obj: Run) -> str | None:
+        return _format_duration(obj.duration())
+
+    @admin.display(description="Lateness")
+    def lateness(self, obj: Run) -> str | None:
+        return _format_duration(obj.lateness)
+
+    @admin.display(description="Environment")
+    def environment_masked(self, obj: Run) -> str:
+        # Run.environment is stored with secret values already masked.
+        return _environment_block(obj.environment)
+
+    @admin.display(description="Output size")
+    def log_size(self, obj: Run) -> str:
+        size = f"{obj.log_bytes:,} bytes"
+        if obj.log_dropped_bytes:
+            size += f" ({obj.log_dropped_bytes:,} dropped by the log cap)"
+        return size
+
+    @admin.display(description="Log")
+    def log(self, obj: Run) -> str:
+        return _pre(runlog.read_log(obj) or "(no output)")
+
+    # --- Rerun ------------------------------------------------------------------
+
+    @admin.action(description="Rerun", permissions=["run"])
+    def rerun(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
+        runs = [
+            services.run_rerun(run=run, by=request.user)
+            for run in queryset.select_related("job").order_by("id")
+        ]
+        self._report_reruns(request, runs)
+
+    def _report_reruns(self, request: HttpRequest, runs: list[Run]) -> None:
+        for run in runs:
+            if run.status == Run.Status.SKIPPED:
+                self.message_user(
+                    request,
+                    f"Rerun of run #{run.rerun_of_id} ({run.job.name}) skipped as run #{run.pk}: "
+                    f"{run.error_summary}.",
+                    messages.WARNING,
+                )
+            else:
+                self.message_user(
+                    request,
+                    f"Rerun of run #{run.rerun_of_id} ({run.job.name}) queued as run #{run.pk}.",
+                )
+
+    def get_urls(self) -> list[URLPattern]:
+        return [
+            path(
+                "<path:object_id>/rerun/",
+                self._object_view(self.rerun_view),
+                name="jobs_run_rerun",
+            ),
+            *super().get_urls(),
+        ]
+
+    def rerun_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        original = self.get_object(request, unquote(object_id))
+        if original is None:
+            raise Http404("No such run.")
+        run = services.run_rerun(run=original, by=request.user)
+        self._report_reruns(request, [run])
+        return redirect("jobs-run-detail", run.pk)

@@ -1,0 +1,467 @@
+"""The Django admin: job list, Run now / Pause / Resume, read-only runs with Rerun,
+permissions, validation messages, masked secrets and flat query counts."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from django.contrib.messages import get_messages
+from django.test import Client
+from django.urls import reverse
+from django.utils import timezone
+
+from jobs import runlog, services
+from jobs.models import SECRET_MASK, Job, Run
+
+RUN_ONLY = ("jobs.view_job", "jobs.view_run", "jobs.run_job")
+VIEW_ONLY = ("jobs.view_job", "jobs.view_run")
+
+
+def job_url(name: str, job: Job) -> str:
+    return reverse(f"admin:jobs_job_{name}", args=[job.pk])
+
+
+def run_url(name: str, run: Run) -> str:
+    return reverse(f"admin:jobs_run_{name}", args=[run.pk])
+
+
+def messages_of(response) -> list[str]:
+    return [str(m) for m in get_messages(response.wsgi_request)]
+
+
+def make_run(job: Job, status: str = Run.Status.SUCCEEDED, **fields) -> Run:
+    now = timezone.now()
+    fields.setdefault("trigger", Run.Trigger.SCHEDULE)
+    fields.setdefault("scheduled_for", now)
+    fields.setdefault("queued_at", now)
+    if status != Run.Status.QUEUED:
+        fields.setdefault("started_at", now)
+    return Run.objects.create(job=job, status=status, **fields)
+
+
+@pytest.fixture
+def run_only_client(make_user):
+    client = Client()
+    client.force_login(make_user("analyst", perms=RUN_ONLY))
+    return client
+
+
+@pytest.fixture
+def view_only_client(make_user):
+    client = Client()
+    client.force_login(make_user("viewer", perms=VIEW_ONLY))
+    return client
+
+
+# --- Job list ---------------------------------------------------------------------
+
+
+def test_job_list_shows_schedule_last_status_and_next_run(admin_client, make_job):
+    job = make_job(name="nightly-export", schedule="15 2 * * *", owner="data-team")
+    next_fire = datetime(2031, 3, 4, 2, 15, tzinfo=UTC)
+    Job.objects.filter(pk=job.pk).update(next_fire_at=next_fire)
+    make_run(job, Run.Status.SUCCEEDED)
+    make_run(job, Run.Status.FAILED)
+    make_job(name="paused-job", schedule="@daily", enabled=False)
+
+    response = admin_client.get(reverse("admin:jobs_job_changelist"))
+
+    assert response.status_code == 200
+    rows = response.context["cl"].result_list
+    by_name = {j.name: j for j in rows}
+    assert by_name["nightly-export"].last_status == Run.Status.FAILED
+    assert by_name["paused-job"].last_status is None
+    text = response.content.decode()
+    assert job.describe_schedule() in text
+    assert ">Failed</a>" in text
+    assert "2031" in text  # the next fire time
+    assert "Paused" in text
+    assert "data-team" in text
+
+
+def test_job_list_filters_by_last_run_status(admin_client, make_job):
+    failing = make_job(name="failing-job")
+    make_run(failing, Run.Status.FAILED)
+    healthy = make_job(name="healthy-job")
+    make_run(healthy, Run.Status.FAILED)
+    make_run(healthy, Run.Status.SUCCEEDED)
+    make_job(name="never-ran")
+
+    changelist = reverse("admin:jobs_job_changelist")
+    failed = admin_client.get(changelist, {"last_status": "failed"})
+    never = admin_client.get(changelist, {"last_status": "never"})
+
+    assert [j.name for j in failed.context["cl"].result_list] == ["failing-job"]
+    assert [j.name for j in never.context["cl"].result_list] == ["never-ran"]
+
+
+def test_job_list_search_finds_jobs_by_command(admin_client, make_job):
+    make_job(name="export", command="python3 /srv/etl/export.py")
+    make_job(name="cleanup", command="find /tmp -delete")
+
+    response = admin_client.get(reverse("admin:jobs_job_changelist"), {"q": "etl/export"})
+
+    assert [j.name for j in response.context["cl"].result_list] == ["export"]
+
+
+def test_job_changelist_query_count_does_not_grow_with_rows(
+    admin_client, make_job, django_assert_max_num_queries
+):
+    for n in range(20):
+        job = make_job(name=f"job-q{n}", schedule="*/5 * * * *")
+        make_run(job, Run.Status.FAILED)
+        make_run(job, Run.Status.SUCCEEDED)
+
+    with django_assert_max_num_queries(8):
+        response = admin_client.get(reverse("admin:jobs_job_changelist"))
+
+    assert len(response.context["cl"].result_list) == 20
+
+
+def test_run_changelist_query_count_does_not_grow_with_rows(
+    admin_client, make_job, make_user, django_assert_max_num_queries
+):
+    someone = make_user("someone")
+    for n in range(10):
+        job = make_job(name=f"job-r{n}")
+        make_run(job, Run.Status.SUCCEEDED)
+        make_run(job, Run.Status.FAILED, trigger=Run.Trigger.MANUAL, triggered_by=someone)
+
+    with django_assert_max_num_queries(8):
+        response = admin_client.get(reverse("admin:jobs_run_changelist"))
+
+    assert len(response.context["cl"].result_list) == 20
+    assert "someone" in response.content.decode()
+
+
+# --- Run now -------------------------------------------------------------------------
+
+
+def test_run_now_refuses_get(admin_client, make_job):
+    job = make_job()
+
+    response = admin_client.get(job_url("run", job))
+
+    assert response.status_code == 405
+    assert not Run.objects.exists()
+
+
+def test_run_now_needs_the_run_permission(view_only_client, make_job):
+    job = make_job()
+
+    response = view_only_client.post(job_url("run", job))
+
+    assert response.status_code == 403
+    assert not Run.objects.exists()
+
+
+def test_run_now_button_is_shown_only_with_the_run_permission(
+    view_only_client, run_only_client, make_job
+):
+    job = make_job()
+
+    hidden = view_only_client.get(job_url("change", job))
+    assert hidden.status_code == 200
+    assert job_url("run", job) not in hidden.content.decode()
+
+    shown = run_only_client.get(job_url("change", job))
+    text = shown.content.decode()
+    assert f'method="post" action="{job_url("run", job)}"' in text
+    assert "csrfmiddlewaretoken" in text.split(job_url("run", job))[1].split("</form>")[0]
+
+
+def test_run_now_creates_a_manual_run_and_redirects_to_its_page(admin_client, make_job):
+    job = make_job()
+
+    response = admin_client.post(job_url("run", job))
+
+    run = Run.objects.get()
+    assert run.job == job
+    assert run.trigger == Run.Trigger.MANUAL
+    assert run.triggered_by.username == "boss"
+    assert run.status == Run.Status.QUEUED
+    assert response.status_code == 302
+    assert response.url == reverse("jobs-run-detail", args=[run.pk])
+    assert f"run #{run.pk}" in messages_of(response)[0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_run_now_executes_the_job_on_a_worker(admin_client, make_job, q_sync):
+    job = make_job(command="echo hello from the admin")
+
+    response = admin_client.post(job_url("run", job))
+
+    run = Run.objects.get()
+    assert response.url == reverse("jobs-run-detail", args=[run.pk])
+    assert run.status == Run.Status.SUCCEEDED
+    assert run.exit_code == 0
+    assert "hello from the admin" in runlog.read_log(run)
+
+
+def test_run_now_while_a_run_is_active_records_a_skip_and_says_why(admin_client, make_job):
+    job = make_job()
+    running = make_run(job, Run.Status.RUNNING)
+
+    response = admin_client.post(job_url("run", job))
+
+    skipped = Run.objects.exclude(pk=running.pk).get()
+    assert skipped.status == Run.Status.SKIPPED
+    assert f"run #{running.pk} still running" in " ".join(messages_of(response))
+
+
+def test_bulk_run_now_runs_each_selected_job(admin_client, make_job):
+    first, second, untouched = make_job(), make_job(), make_job()
+
+    response = admin_client.post(
+        reverse("admin:jobs_job_changelist"),
+        {"action": "run_now", "_selected_action": [first.pk, second.pk]},
+    )
+
+    assert response.status_code == 302
+    runs = Run.objects.all()
+    assert {r.job_id for r in runs} == {first.pk, second.pk}
+    assert all(r.trigger == Run.Trigger.MANUAL for r in runs)
+    assert not untouched.runs.exists()
+    assert "Queued 2 run(s)" in messages_of(response)[0]
+
+
+def test_bulk_actions_are_not_offered_without_the_run_permission(view_only_client, make_job):
+    job = make_job()
+    changelist = reverse("admin:jobs_job_changelist")
+
+    page = view_only_client.get(changelist)
+    view_only_client.post(changelist, {"action": "run_now", "_selected_action": [job.pk]})
+    view_only_client.post(changelist, {"action": "pause", "_selected_action": [job.pk]})
+
+    assert 'value="run_now"' not in page.content.decode()
+    assert not Run.objects.exists()
+    job.refresh_from_db()
+    assert job.enabled
+
+
+# --- Pause / Resume ---------------------------------------------------------------------
+
+
+def test_pause_and_resume_buttons_toggle_enabled(run_only_client, make_job):
+    job = make_job(schedule="@hourly")
+
+    paused = run_only_client.post(job_url("pause", job))
+    job.refresh_from_db()
+    assert not job.enabled
+    assert paused.url == job_url("change", job)
+    assert messages_of(paused) == [f"Paused 1 job(s): {job.name}."]
+    page = run_only_client.get(job_url("change", job)).content.decode()
+    assert job_url("resume", job) in page
+    assert job_url("pause", job) not in page
+
+    resumed = run_only_client.post(job_url("resume", job))
+    job.refresh_from_db()
+    assert job.enabled
+    assert resumed.url == job_url("change", job)
+
+
+def test_pause_refuses_get_and_users_without_run_permission(
+    admin_client, view_only_client, make_job
+):
+    job = make_job()
+
+    assert view_only_client.post(job_url("pause", job)).status_code == 403
+    assert admin_client.get(job_url("pause", job)).status_code == 405
+    job.refresh_from_db()
+    assert job.enabled
+
+
+def test_bulk_pause_and_resume(admin_client, make_job):
+    first, second = make_job(), make_job()
+    changelist = reverse("admin:jobs_job_changelist")
+    selected = [first.pk, second.pk]
+
+    admin_client.post(changelist, {"action": "pause", "_selected_action": selected})
+    assert not Job.objects.filter(enabled=True).exists()
+
+    admin_client.post(changelist, {"action": "resume", "_selected_action": [first.pk]})
+    assert list(Job.objects.filter(enabled=True)) == [first]
+
+
+# --- Who may edit ----------------------------------------------------------------------
+
+
+def test_run_only_user_can_view_and_run_but_not_edit(run_only_client, make_job):
+    job = make_job(command="echo original")
+
+    page = run_only_client.get(job_url("change", job))
+    edit = run_only_client.post(
+        job_url("change", job),
+        {
+            "name": job.name,
+            "slug": job.slug,
+            "kind": "shell",
+            "command": "rm -rf /",
+            "environment": "{}",
+            "secret_keys": "[]",
+            "timezone": "UTC",
+            "timeout": "30",
+            "overlap": "skip",
+        },
+    )
+    run = run_only_client.post(job_url("run", job))
+
+    assert page.status_code == 200
+    assert edit.status_code == 403
+    job.refresh_from_db()
+    assert job.command == "echo original"
+    assert run.status_code == 302
+    assert Run.objects.get().triggered_by.username == "analyst"
+
+
+def test_job_loaded_from_a_file_says_so(admin_client, make_job):
+    job = make_job(source="/srv/jobs.toml")
+
+    response = admin_client.get(job_url("change", job))
+
+    assert "Loaded from /srv/jobs.toml" in response.content.decode()
+
+
+# --- Validation ----------------------------------------------------------------------
+
+
+def add_form(**overrides) -> dict[str, str]:
+    data = {
+        "name": "new-job",
+        "slug": "new-job",
+        "kind": "shell",
+        "command": "echo hi",
+        "environment": "{}",
+        "secret_keys": "[]",
+        "schedule": "*/5 * * * *",
+        "timezone": "UTC",
+        "enabled": "on",
+        "timeout": "60",
+        "overlap": "skip",
+    }
+    return {**data, **overrides}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("schedule", "61 * * * *", "61"),
+        ("schedule", "* * * *", "has 4"),
+        ("timezone", "Mars/Olympus_Mons", "Mars/Olympus_Mons"),
+        ("timeout", "0", "The timeout must be more than 0 seconds."),
+        ("environment", '{"N": 1}', "Use a JSON object of strings"),
+    ],
+)
+def test_add_form_shows_the_validation_message_on_the_field(admin_client, field, value, message):
+    response = admin_client.post(reverse("admin:jobs_job_add"), add_form(**{field: value}))
+
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert list(errors) == [field]
+    assert message in errors[field][0]
+    assert message in response.content.decode()
+    assert not Job.objects.exists()
+
+
+def test_add_form_saves_a_valid_job(admin_client):
+    response = admin_client.post(reverse("admin:jobs_job_add"), add_form())
+
+    assert response.status_code == 302
+    assert Job.objects.get().schedule == "*/5 * * * *"
+
+
+# --- Secrets ----------------------------------------------------------------------------
+
+
+def test_secret_value_is_masked_on_the_read_only_job_page(run_only_client, make_job):
+    job = make_job(
+        environment={"API_TOKEN": "tok-9f8e7d6c", "TARGET": "reports"},
+        secret_keys=["API_TOKEN"],
+    )
+
+    text = run_only_client.get(job_url("change", job)).content.decode()
+
+    assert "tok-9f8e7d6c" not in text
+    assert f"API_TOKEN={SECRET_MASK}" in text
+    assert "TARGET=reports" in text
+
+
+def test_secret_value_never_appears_on_the_run_admin_page(admin_client, make_job):
+    job = make_job(
+        command='echo "token is $API_TOKEN"',
+        environment={"API_TOKEN": "tok-9f8e7d6c", "TARGET": "reports"},
+        secret_keys=["API_TOKEN"],
+    )
+    run = services.run_foreground(job=job, trigger=Run.Trigger.MANUAL, echo=lambda _text: None)
+    assert run.status == Run.Status.SUCCEEDED
+
+    text = admin_client.get(run_url("change", run)).content.decode()
+
+    assert "tok-9f8e7d6c" not in text
+    assert f"token is {SECRET_MASK}" in text  # the log, redacted
+    assert f"API_TOKEN={SECRET_MASK}" in text  # the environment, masked
+    assert "TARGET=reports" in text
+
+
+# --- Runs ---------------------------------------------------------------------------------
+
+
+def test_run_page_shows_the_log_escaped(admin_client, make_job):
+    job = make_job(command="echo '<script>alert(1)</script>'")
+    run = services.run_foreground(job=job, echo=lambda _text: None)
+
+    text = admin_client.get(run_url("change", run)).content.decode()
+
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "<script>alert(1)" not in text
+
+
+def test_runs_are_read_only_even_for_a_superuser(admin_client, make_job):
+    run = make_run(make_job(), Run.Status.FAILED, exit_code=3)
+
+    assert admin_client.get(reverse("admin:jobs_run_add")).status_code == 403
+    assert admin_client.post(run_url("change", run), {"exit_code": "0"}).status_code == 403
+    run.refresh_from_db()
+    assert run.exit_code == 3
+
+
+def test_rerun_button_keeps_the_logical_time_and_links_the_original(run_only_client, make_job):
+    original = make_run(
+        make_job(), Run.Status.FAILED, scheduled_for=datetime(2030, 1, 2, 3, 4, tzinfo=UTC)
+    )
+
+    response = run_only_client.post(run_url("rerun", original))
+
+    rerun = Run.objects.exclude(pk=original.pk).get()
+    assert rerun.trigger == Run.Trigger.RERUN
+    assert rerun.rerun_of == original
+    assert rerun.scheduled_for == original.scheduled_for
+    assert rerun.triggered_by.username == "analyst"
+    assert response.url == reverse("jobs-run-detail", args=[rerun.pk])
+
+
+def test_rerun_is_post_only_and_needs_the_run_permission(admin_client, view_only_client, make_job):
+    original = make_run(make_job(), Run.Status.FAILED)
+
+    page = view_only_client.get(run_url("change", original))
+    assert page.status_code == 200
+    assert run_url("rerun", original) not in page.content.decode()
+    assert view_only_client.post(run_url("rerun", original)).status_code == 403
+    assert admin_client.get(run_url("rerun", original)).status_code == 405
+    assert Run.objects.count() == 1
+
+
+def test_bulk_rerun_action_reruns_each_selected_run(admin_client, make_job):
+    first = make_run(make_job(), Run.Status.FAILED)
+    second = make_run(make_job(), Run.Status.TIMED_OUT)
+
+    response = admin_client.post(
+        reverse("admin:jobs_run_changelist"),
+        {"action": "rerun", "_selected_action": [first.pk, second.pk]},
+    )
+
+    reruns = Run.objects.filter(trigger=Run.Trigger.RERUN)
+    assert {r.rerun_of_id for r in reruns} == {first.pk, second.pk}
+    assert all(r.status == Run.Status.QUEUED for r in reruns)
+    assert len(messages_of(response)) == 2
