@@ -1,0 +1,465 @@
+"""Job definitions as code: TOML job files read, checked, loaded and written.
+
+Reading and checking a file's entries is pure (TOML data in, model field
+values or error messages out); `jobs_load` is the service that writes them,
+all or nothing; `jobs_dumps` renders jobs back in the same format.
+
+Error messages name the job and the TOML key (`env`, not `environment`), so
+the user can find the line to fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils.text import slugify
+
+from jobs.models import Job
+
+# The keys this version understands, in the order dumpjobs writes them.
+KEYS = (
+    "name",
+    "slug",
+    "description",
+    "owner",
+    "tags",
+    "kind",
+    "command",
+    "schedule",
+    "timezone",
+    "timeout",
+    "overlap",
+    "queue",
+    "env",
+    "secret_env",
+    "enabled",
+)
+STRING_KEYS = frozenset(
+    {"name", "slug", "description", "owner", "kind", "command", "schedule", "timezone"}
+    | {"overlap", "queue"}
+)
+# Model field -> TOML key, where they differ.
+KEY_FOR_FIELD = {"environment": "env", "secret_keys": "secret_env"}
+FIELD_FOR_KEY = {key: name for name, key in KEY_FOR_FIELD.items()}
+
+# Values that later versions will accept: say "not supported yet", not "wrong".
+FUTURE_KINDS = ("python", "sql")
+FUTURE_OVERLAPS = ("queue", "allow", "replace")
+
+_DURATION = re.compile(r"\s*(\d+)\s*([smh]?)\s*")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
+_REFERENCE_ONLY = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class JobFileError(Exception):
+    """A job file that cannot be loaded; `errors` holds one message per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass
+class LoadReport:
+    path: str
+    created: list[str] = field(default_factory=list)
+    updated: list[tuple[str, list[str]]] = field(default_factory=list)  # (name, changed keys)
+    unchanged: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+    # Jobs that were hand-made or came from another file and are now this
+    # file's (their definition was already the same: they also count as unchanged).
+    adopted: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.path}: {len(self.created)} created, {len(self.updated)} updated, "
+            f"{len(self.unchanged)} unchanged, {len(self.pruned)} pruned"
+        ]
+        if self.created:
+            lines.append("  created: " + ", ".join(self.created))
+        if self.updated:
+            parts = [f"{name} ({', '.join(keys)})" for name, keys in self.updated]
+            lines.append("  updated: " + ", ".join(parts))
+        if self.unchanged:
+            lines.append("  unchanged: " + ", ".join(self.unchanged))
+        if self.pruned:
+            lines.append("  pruned: " + ", ".join(self.pruned))
+        if self.adopted:
+            lines.append("  now managed by this file: " + ", ".join(self.adopted))
+        return "\n".join(lines)
+
+
+# --- Durations ------------------------------------------------------------------
+
+
+def parse_duration(value: object) -> int:
+    """Seconds from 90, "90", "30s", "45m" or "2h"; ValueError otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value)
+        if match:
+            return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ValueError(
+        f"{value!r} is not a duration; use seconds (90) or a string with "
+        's, m or h (e.g. "30s", "45m", "2h")'
+    )
+
+
+def format_duration(seconds: int) -> str:
+    if seconds and seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds and seconds % 60 == 0:
+        return f"{seconds // 60}m"
+    return f"{seconds}s"
+
+
+# --- Reading and checking ---------------------------------------------------------
+
+
+def read_entries(path: Path) -> list[Any]:
+    """The file's [[job]] tables (not yet checked)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise JobFileError([f"{path}: no such file"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobFileError([f"{path}: cannot read: {exc}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise JobFileError([f"{path}: not valid TOML: {exc}"]) from None
+    errors = [
+        f'{path}: unknown top-level key "{key}" (job definitions go in [[job]] tables)'
+        for key in data
+        if key != "job"
+    ]
+    entries = data.get("job", [])
+    if not isinstance(entries, list):
+        errors.append(f"{path}: write each job as a [[job]] table")
+        entries = []
+    if errors:
+        raise JobFileError(errors)
+    return entries
+
+
+def entry_label(entry: Any, index: int) -> str:
+    name = entry.get("name") if isinstance(entry, dict) else None
+    if isinstance(name, str) and name.strip():
+        return f'job "{name}"'
+    return f"job #{index}"
+
+
+def entry_fields(entry: Any, label: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Model field values for one [[job]] table, and its problems as
+    (model field, message) pairs; no fields when the table is unreadable.
+
+    Keys left out take their default value: the file is the whole truth
+    about a job, so deleting a line resets that setting.
+    """
+    if not isinstance(entry, dict):
+        return {}, [("", f"{label}: write each job as a [[job]] table")]
+    problems = [("", _unknown_key_message(label, key)) for key in entry if key not in KEYS]
+    problems += [("", message) for message in _type_errors(entry, label)]
+    if problems:
+        return {}, problems
+    for required in ("name", "command"):
+        if not entry.get(required, "").strip():
+            problems.append((required, f'{label}: missing required key "{required}"'))
+    problems += _future_value_errors(entry, label)
+    try:
+        timeout = parse_duration(entry.get("timeout", settings.JOBSITE_DEFAULT_TIMEOUT))
+    except ValueError as exc:
+        problems.append(("timeout", f"{label}: timeout: {exc}"))
+        timeout = settings.JOBSITE_DEFAULT_TIMEOUT
+    env = entry.get("env", {})
+    secret_env = entry.get("secret_env", [])
+    problems += [
+        ("secret_keys", f'{label}: secret_env names "{key}", which is not in env')
+        for key in secret_env
+        if key not in env
+    ]
+    problems += [
+        ("tags", f'{label}: tag "{tag}" contains a comma; give each tag as its own list item')
+        for tag in entry.get("tags", [])
+        if "," in tag
+    ]
+    name = entry.get("name", "").strip()
+    slug = entry["slug"] if "slug" in entry else slugify(name)
+    if "slug" not in entry and not slug:
+        message = f'{label}: cannot derive a slug from the name; set "slug"'
+        problems.append(("slug", message if name else ""))
+    fields = {
+        "name": name,
+        "slug": slug,
+        "description": entry.get("description", ""),
+        "owner": entry.get("owner", ""),
+        "tags": ", ".join(tag.strip() for tag in entry.get("tags", []) if tag.strip()),
+        "kind": entry.get("kind", Job.Kind.SHELL),
+        "command": entry.get("command", ""),
+        "schedule": entry.get("schedule", "").strip(),
+        "timezone": entry.get("timezone", "UTC"),
+        "timeout": timeout,
+        "overlap": entry.get("overlap", Job.Overlap.SKIP),
+        "queue": entry.get("queue", ""),
+        "environment": dict(env),
+        "secret_keys": list(secret_env),
+        "enabled": entry.get("enabled", True),
+    }
+    return fields, problems
+
+
+def _unknown_key_message(label: str, key: str) -> str:
+    close = difflib.get_close_matches(key, KEYS, n=1)
+    hint = f' (did you mean "{close[0]}"?)' if close else ""
+    return f'{label}: unknown key "{key}"{hint}'
+
+
+def _type_errors(entry: dict[str, Any], label: str) -> list[str]:
+    errors = []
+    for key, value in entry.items():
+        if key in STRING_KEYS and not isinstance(value, str):
+            errors.append(f'{label}: "{key}" must be a string')
+    for key in ("tags", "secret_env"):
+        value = entry.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            errors.append(f'{label}: "{key}" must be a list of strings')
+    env = entry.get("env", {})
+    if not isinstance(env, dict):
+        errors.append(f'{label}: "env" must be a table, e.g. env = {{ TARGET = "reports" }}')
+    else:
+        errors += [
+            f'{label}: env {key} must be a string (quote it: {key} = "{value}")'
+            for key, value in env.items()
+            if not isinstance(value, str)
+        ]
+    if not isinstance(entry.get("enabled", True), bool):
+        errors.append(f'{label}: "enabled" must be true or false')
+    return errors
+
+
+def _future_value_errors(entry: dict[str, Any], label: str) -> list[tuple[str, str]]:
+    problems = []
+    kind = entry.get("kind", Job.Kind.SHELL)
+    if kind in FUTURE_KINDS:
+        problems.append(("kind", f'{label}: kind "{kind}" is not supported yet (only "shell")'))
+    elif kind not in Job.Kind.values:
+        problems.append(("kind", f'{label}: unknown kind "{kind}"; use "shell"'))
+    overlap = entry.get("overlap", Job.Overlap.SKIP)
+    if overlap in FUTURE_OVERLAPS:
+        message = f'{label}: overlap "{overlap}" is not supported yet (only "skip")'
+        problems.append(("overlap", message))
+    elif overlap not in Job.Overlap.values:
+        problems.append(("overlap", f'{label}: unknown overlap "{overlap}"; use "skip"'))
+    return problems
+
+
+def clean_messages(job: Job, label: str, *, reported: set[str] = frozenset()) -> list[str]:
+    """Job.full_clean() problems, named by TOML key instead of model field
+    (leaving out fields in `reported`, whose problem was already said)."""
+    try:
+        # Uniqueness is checked across the whole file by _plan_jobs, with
+        # messages that say which other job is in the way.
+        job.full_clean(validate_unique=False)
+    except ValidationError as exc:
+        return [
+            f"{label}: {KEY_FOR_FIELD.get(name, name)}: {message}"
+            for name, messages in exc.message_dict.items()
+            if name not in reported
+            for message in messages
+        ]
+    return []
+
+
+# --- Loading ----------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    job: Job
+    created: bool
+    changed: list[str]  # model field names
+
+
+def _same(field_name: str, old: Any, new: Any) -> bool:
+    if field_name == "tags":  # "a,b" typed in the admin equals ["a", "b"]
+        return [t.strip() for t in old.split(",") if t.strip()] == [
+            t.strip() for t in new.split(",") if t.strip()
+        ]
+    return old == new
+
+
+def _plan_jobs(entries: list[Any], source: str) -> list[_Plan]:
+    """Check every entry and work out what to write; JobFileError lists all problems."""
+    errors: list[str] = []
+    checked: list[tuple[str, dict[str, Any], set[str]]] = []
+    for index, entry in enumerate(entries, start=1):
+        label = entry_label(entry, index)
+        fields, problems = entry_fields(entry, label)
+        errors += [message for _name, message in problems if message]
+        if fields:
+            checked.append((label, fields, {name for name, _message in problems}))
+    named = [fields for _label, fields, reported in checked if not {"name", "slug"} & reported]
+    errors += _duplicate_errors(named)
+    existing = Job.objects.in_bulk([f["name"] for f in named], field_name="name")
+    slug_owners = dict(
+        Job.objects.filter(slug__in=[f["slug"] for f in named]).values_list("slug", "name")
+    )
+    plans = []
+    for label, fields, reported in checked:
+        owner = slug_owners.get(fields["slug"])
+        if owner is not None and owner != fields["name"]:
+            errors.append(
+                f'{label}: slug "{fields["slug"]}" is already used by job "{owner}"; '
+                'set another "slug"'
+            )
+        plan = _plan_one(fields | {"source": source}, existing.get(fields["name"]))
+        errors += clean_messages(plan.job, label, reported=reported)
+        plans.append(plan)
+    if errors:
+        raise JobFileError(errors)
+    return plans
+
+
+def _duplicate_errors(all_fields: list[dict[str, Any]]) -> list[str]:
+    errors = []
+    names: set[str] = set()
+    slugs: dict[str, str] = {}
+    for fields in all_fields:
+        name, slug = fields["name"], fields["slug"]
+        if name in names:
+            errors.append(f'job "{name}" appears more than once in the file')
+        elif slug in slugs:
+            errors.append(f'job "{name}": slug "{slug}" is also the slug of job "{slugs[slug]}"')
+        names.add(name)
+        slugs.setdefault(slug, name)
+    return errors
+
+
+def _plan_one(fields: dict[str, Any], job: Job | None) -> _Plan:
+    if job is None:
+        return _Plan(Job(**fields), created=True, changed=list(fields))
+    changed = [name for name, value in fields.items() if not _same(name, getattr(job, name), value)]
+    for name in changed:
+        setattr(job, name, fields[name])
+    return _Plan(job, created=False, changed=changed)
+
+
+def jobs_load(*, path: str | Path, prune: bool = False) -> LoadReport:
+    """Create or update the jobs a TOML file defines; all or nothing.
+
+    1. Read and check every [[job]] (types, keys, Job.full_clean()); any
+       problem raises JobFileError and nothing is written.
+    2. In one transaction: create new jobs, save only the changed fields of
+       changed ones (unchanged jobs keep updated_at and the scheduler's
+       next_fire_at), and with `prune` delete the jobs this same file created
+       earlier that it no longer names.
+
+    Jobs remember the file's absolute path in Job.source; the scheduler picks
+    up new and changed schedules at its next tick.
+    """
+    source_path = Path(path).resolve()
+    source = str(source_path)
+    report = LoadReport(path=source)
+    with transaction.atomic():
+        plans = _plan_jobs(read_entries(source_path), source)
+        for plan in plans:
+            if plan.created:
+                plan.job.save()
+                report.created.append(plan.job.name)
+            elif set(plan.changed) - {"source"}:
+                plan.job.save(update_fields=[*plan.changed, "updated_at"])
+                keys = [KEY_FOR_FIELD.get(name, name) for name in plan.changed]
+                report.updated.append((plan.job.name, keys))
+            else:
+                report.unchanged.append(plan.job.name)
+                if plan.changed:
+                    # Bookkeeping, not a definition change: updated_at stays.
+                    Job.objects.filter(pk=plan.job.pk).update(source=source)
+                    report.adopted.append(plan.job.name)
+        if prune:
+            doomed = Job.objects.filter(source=source).exclude(
+                name__in=[plan.job.name for plan in plans]
+            )
+            report.pruned = sorted(doomed.values_list("name", flat=True))
+            doomed.delete()
+    return report
+
+
+# --- Dumping -----------------------------------------------------------------------
+
+
+def job_entry(job: Job) -> tuple[dict[str, Any], list[str]]:
+    """A job as a [[job]] table (keys at their default left out) and warnings.
+
+    A secret's value is never written: a ${NAME} reference is kept as it is,
+    any other value becomes the placeholder ${KEY}, with a warning.
+    """
+    warnings = []
+    env = dict(job.environment)
+    for key in job.secret_keys:
+        if key in env and not _REFERENCE_ONLY.fullmatch(env[key]):
+            env[key] = f"${{{key}}}"
+            warnings.append(
+                f'job "{job.name}": the value of secret {key} was not exported; '
+                f"written as ${{{key}}}, so set {key} in the server's environment"
+            )
+    values: dict[str, Any] = {
+        "name": job.name,
+        "slug": job.slug if job.slug != slugify(job.name) else None,
+        "description": job.description,
+        "owner": job.owner,
+        "tags": job.tag_list,
+        "kind": job.kind if job.kind != Job.Kind.SHELL else None,
+        "command": job.command,
+        "schedule": job.schedule,
+        "timezone": job.timezone if job.timezone != "UTC" else None,
+        "timeout": format_duration(job.timeout)
+        if job.timeout != settings.JOBSITE_DEFAULT_TIMEOUT
+        else None,
+        "overlap": job.overlap if job.overlap != Job.Overlap.SKIP else None,
+        "queue": job.queue,
+        "env": env,
+        "secret_env": list(job.secret_keys),
+        "enabled": None if job.enabled else False,
+    }
+    entry = {key: value for key, value in values.items() if value not in (None, "", [], {})}
+    return entry, warnings
+
+
+def jobs_dumps(jobs: list[Job]) -> tuple[str, list[str]]:
+    """TOML text for `jobs` in the loadjobs format, and warnings for stderr."""
+    parts = ["# Jobsite job definitions: load with `manage.py loadjobs FILE`.\n"]
+    warnings: list[str] = []
+    for job in jobs:
+        entry, job_warnings = job_entry(job)
+        warnings += job_warnings
+        lines = [
+            f"{_toml_key(key)} = {_toml_value(value, multiline=True)}"
+            for key, value in entry.items()
+        ]
+        parts.append("\n[[job]]\n" + "\n".join(lines) + "\n")
+    return "".join(parts), warnings
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_value(key)
+
+
+def _toml_value(value: Any, *, multiline: bool = False) -> str:
+    """One value, compactly (tomli_w would spread lists and tables over lines)."""
+    if isinstance(value, dict):
+        items = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + items + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = tomli_w.dumps({"v": value}, multiline_strings=multiline and "\n" in str(value))
+    return text.removeprefix("v = ").rstrip("\n")

@@ -1,0 +1,209 @@
+"""manage.py runjob and seed_demo, as a user at a terminal sees them."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.core.management import call_command
+from django_q.models import OrmQ
+
+from jobs.models import Job, Run
+from tests.conftest import database_url_for_children
+
+
+def manage(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """manage.py in a real child process, pointed at the test database."""
+    env = {**os.environ, "DATABASE_URL": database_url_for_children()}
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=settings.BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def runjob(*args: str) -> tuple[int, str, str]:
+    """call_command("runjob", ...) -> (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.raises(SystemExit) as exited:
+        call_command("runjob", *args, stdout=out, stderr=err)
+    return exited.value.code, out.getvalue(), err.getvalue()
+
+
+# --- runjob in a real process -----------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_runjob_exits_with_the_jobs_exit_code_and_records_a_cli_run(make_job):
+    job = make_job(
+        name="warehouse-export", command='echo "exporting"; echo "table locked" >&2; exit 3'
+    )
+
+    result = manage("runjob", "warehouse-export")
+
+    assert result.returncode == 3
+    assert "exporting" in result.stdout
+    assert "table locked" in result.stdout  # the job's stderr is part of its log
+    run = Run.objects.get(job=job)
+    assert (run.status, run.trigger, run.exit_code) == (Run.Status.FAILED, Run.Trigger.CLI, 3)
+    assert "failed" in result.stderr
+    assert f"{settings.SITE_URL}/runs/{run.pk}/" in result.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_runjob_that_times_out_exits_124(make_job):
+    job = make_job(name="hangs", command="sleep 30", timeout=1)
+
+    result = manage("runjob", "hangs")
+
+    assert result.returncode == 124
+    assert Run.objects.get(job=job).status == Run.Status.TIMED_OUT
+    assert "timed_out" in result.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_runjob_unknown_slug_exits_2_naming_it_and_suggesting_close_matches(make_job):
+    make_job(name="warehouse-export")
+
+    result = manage("runjob", "warehouse-exprot")
+
+    assert result.returncode == 2
+    assert 'No job with slug "warehouse-exprot"' in result.stderr
+    assert "Did you mean: warehouse-export?" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not Run.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_ctrl_c_on_runjob_cancels_the_run_and_exits_130(make_job):
+    job = make_job(name="long", command='echo "started"; sleep 30', timeout=60)
+    env = {**os.environ, "DATABASE_URL": database_url_for_children()}
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "runjob", "long"],
+        cwd=settings.BASE_DIR,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline() == "started\n"
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+
+    assert proc.returncode == 130
+    assert "cancelled" in err
+    run = Run.objects.get(job=job)
+    assert run.status == Run.Status.CANCELLED
+    assert Job.objects.get(pk=job.pk).active_run is None
+
+
+# --- runjob in process ---------------------------------------------------------------
+
+
+def test_runjob_streams_output_to_stdout_and_exits_0_on_success(make_job):
+    job = make_job(name="hello", command='echo "hello from $JOBSITE_JOB"')
+
+    code, out, err = runjob("hello")
+
+    assert code == 0
+    assert "hello from hello" in out
+    run = Run.objects.get(job=job)
+    assert (run.status, run.trigger) == (Run.Status.SUCCEEDED, Run.Trigger.CLI)
+    assert "succeeded" in err
+    assert f"{settings.SITE_URL}/runs/{run.pk}/" in err
+
+
+def test_runjob_killed_by_a_signal_exits_128_plus_the_signal(make_job):
+    make_job(name="self-kill", command="kill -TERM $$")
+
+    code, _out, err = runjob("self-kill")
+
+    assert code == 128 + 15
+    assert "SIGTERM" in err
+
+
+def test_runjob_while_a_run_is_active_is_skipped_with_exit_75(make_job):
+    job = make_job(name="busy")
+    blocker = Run.objects.create(
+        job=job,
+        trigger=Run.Trigger.SCHEDULE,
+        scheduled_for="2025-01-01T00:00Z",
+        queued_at="2025-01-01T00:00Z",
+    )
+
+    code, out, err = runjob("busy")
+
+    assert code == 75
+    assert f"skipped: run #{blocker.pk} still queued" in err
+    assert out == ""
+    skipped = Run.objects.exclude(pk=blocker.pk).get()
+    assert (skipped.status, skipped.trigger) == (Run.Status.SKIPPED, Run.Trigger.CLI)
+
+
+def test_runjob_enqueue_prints_the_run_url_and_hands_a_queued_cli_run_to_the_broker(
+    make_job, django_capture_on_commit_callbacks
+):
+    make_job(name="later", command="echo later")
+    out = io.StringIO()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        call_command("runjob", "later", "--enqueue", stdout=out)
+
+    run = Run.objects.get()
+    assert (run.status, run.trigger) == (Run.Status.QUEUED, Run.Trigger.CLI)
+    assert out.getvalue().strip() == f"{settings.SITE_URL}/runs/{run.pk}/"
+    assert OrmQ.objects.count() == 1  # waiting for a qcluster worker
+
+
+# --- seed_demo ---------------------------------------------------------------------
+
+
+def test_seed_demo_creates_the_login_and_demo_jobs_once(db, monkeypatch):
+    monkeypatch.delenv("JOBSITE_DEMO_PASSWORD", raising=False)
+    first, second = io.StringIO(), io.StringIO()
+
+    call_command("seed_demo", stdout=first)
+    updated_at = dict(Job.objects.values_list("slug", "updated_at"))
+    call_command("seed_demo", stdout=second)
+
+    assert "http://127.0.0.1:8000/" in first.getvalue()
+    assert "username: admin" in first.getvalue()
+    assert "password: jobsite-demo" in first.getvalue()
+    assert User.objects.get(username="admin").check_password("jobsite-demo")
+    assert set(updated_at) == {"heartbeat", "flaky-export", "slow-report", "say-hello"}
+    assert Job.objects.get(slug="say-hello").schedule == ""
+    assert "already exists" in second.getvalue()
+    assert "jobsite-demo" not in second.getvalue()
+    assert "0 created, 0 updated, 4 unchanged" in second.getvalue()
+    assert dict(Job.objects.values_list("slug", "updated_at")) == updated_at
+    assert User.objects.count() == 1
+
+
+def test_seed_demo_takes_the_password_from_the_environment_and_never_resets_it(db, monkeypatch):
+    monkeypatch.setenv("JOBSITE_DEMO_PASSWORD", "from-env-pw")
+    call_command("seed_demo", stdout=io.StringIO())
+    monkeypatch.setenv("JOBSITE_DEMO_PASSWORD", "another-pw")
+    call_command("seed_demo", stdout=io.StringIO())
+
+    assert User.objects.get(username="admin").check_password("from-env-pw")
+
+
+def test_demo_failing_job_fails_with_its_exit_code(db):
+    call_command("seed_demo", stdout=io.StringIO())
+
+    code, out, _err = runjob("flaky-export")
+
+    assert code == 3
+    assert "error: table orders is locked" in out

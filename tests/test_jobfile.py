@@ -1,0 +1,378 @@
+"""Job files: manage.py loadjobs FILE [--prune] and manage.py dumpjobs."""
+
+from __future__ import annotations
+
+import io
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import time_machine
+from django.core.management import call_command
+from django.utils import timezone
+
+from jobs.jobfile import format_duration, parse_duration
+from jobs.models import Job
+
+WAREHOUSE = """
+[[job]]
+name = "warehouse-export"
+description = "Nightly export for finance."
+owner = "data-ops"
+tags = ["etl", "finance"]
+command = "python3 /srv/etl/export.py --day \\"$JOBSITE_SCHEDULED_FOR\\""
+schedule = "15 2 * * *"
+timezone = "Europe/Berlin"
+timeout = "45m"
+overlap = "skip"
+queue = "etl"
+env = { FTP_PASSWORD = "${FTP_PASSWORD}", TARGET = "reports" }
+secret_env = ["FTP_PASSWORD"]
+enabled = false
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "jobs.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def loadjobs(*args: str) -> tuple[int, str, str]:
+    """call_command("loadjobs", ...) -> (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        call_command("loadjobs", *map(str, args), stdout=out, stderr=err)
+    except SystemExit as exc:
+        return exc.code, out.getvalue(), err.getvalue()
+    return 0, out.getvalue(), err.getvalue()
+
+
+def dumpjobs(*args: str) -> tuple[str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    call_command("dumpjobs", *map(str, args), stdout=out, stderr=err)
+    return out.getvalue(), err.getvalue()
+
+
+# --- Loading ------------------------------------------------------------------------
+
+
+def test_loadjobs_creates_jobs_with_the_files_fields(db, tmp_path):
+    path = write(tmp_path, WAREHOUSE + '\n[[job]]\nname = "Say Hello"\ncommand = "echo hi"\n')
+
+    code, out, _err = loadjobs(path)
+
+    assert code == 0
+    assert "2 created, 0 updated, 0 unchanged, 0 pruned" in out
+    job = Job.objects.get(name="warehouse-export")
+    assert job.slug == "warehouse-export"
+    assert job.description == "Nightly export for finance."
+    assert job.owner == "data-ops"
+    assert job.tag_list == ["etl", "finance"]
+    assert job.command == 'python3 /srv/etl/export.py --day "$JOBSITE_SCHEDULED_FOR"'
+    assert (job.schedule, job.timezone) == ("15 2 * * *", "Europe/Berlin")
+    assert job.timeout == 45 * 60
+    assert job.queue == "etl"
+    assert job.environment == {"FTP_PASSWORD": "${FTP_PASSWORD}", "TARGET": "reports"}
+    assert job.secret_keys == ["FTP_PASSWORD"]
+    assert job.enabled is False
+    assert job.source == str(path.resolve())
+    hello = Job.objects.get(name="Say Hello")
+    assert (hello.slug, hello.schedule, hello.timezone, hello.enabled) == (
+        "say-hello",
+        "",
+        "UTC",
+        True,
+    )
+
+
+def test_loading_the_same_file_twice_changes_nothing(db, tmp_path):
+    path = write(tmp_path, WAREHOUSE.replace("enabled = false", "enabled = true"))
+    loadjobs(path)
+    # The scheduler's state, as its next tick would leave it.
+    Job.objects.update(next_fire_at=timezone.now(), fire_basis="15 2 * * *|Europe/Berlin")
+    before = Job.objects.values("updated_at", "next_fire_at", "fire_basis").get()
+
+    with time_machine.travel(timezone.now() + timedelta(hours=1)):
+        code, out, _err = loadjobs(path)
+
+    assert code == 0
+    assert "0 created, 0 updated, 1 unchanged, 0 pruned" in out
+    assert Job.objects.values("updated_at", "next_fire_at", "fire_basis").get() == before
+
+
+def test_a_changed_field_updates_the_job_and_says_which_key(db, tmp_path):
+    path = write(tmp_path, WAREHOUSE)
+    loadjobs(path)
+    before = Job.objects.get().updated_at
+    write(tmp_path, WAREHOUSE.replace('"45m"', '"2h"').replace("TARGET", "DESTINATION"))
+
+    with time_machine.travel(timezone.now() + timedelta(hours=1)):
+        code, out, _err = loadjobs(path)
+
+    assert code == 0
+    assert "0 created, 1 updated, 0 unchanged" in out
+    assert "warehouse-export (timeout, env)" in out
+    job = Job.objects.get()
+    assert job.timeout == 7200
+    assert job.environment == {"FTP_PASSWORD": "${FTP_PASSWORD}", "DESTINATION": "reports"}
+    assert job.updated_at > before
+
+
+def test_removing_a_key_resets_it_to_its_default(db, tmp_path):
+    path = write(tmp_path, WAREHOUSE)
+    loadjobs(path)
+    write(tmp_path, WAREHOUSE.replace('timezone = "Europe/Berlin"\n', ""))
+
+    loadjobs(path)
+
+    assert Job.objects.get().timezone == "UTC"
+
+
+def test_unknown_key_names_the_key_and_the_job_and_writes_nothing(db, tmp_path):
+    path = write(
+        tmp_path, WAREHOUSE + '\n[[job]]\nname = "nightly"\ncommand = "true"\nretries = 2\n'
+    )
+
+    code, out, err = loadjobs(path)
+
+    assert code == 2
+    assert 'job "nightly": unknown key "retries"' in err
+    assert "Nothing was loaded" in err
+    assert out == ""
+    assert not Job.objects.exists()
+
+
+def test_misspelt_key_suggests_the_right_one(db, tmp_path):
+    path = write(tmp_path, '[[job]]\nname = "nightly"\ncomand = "true"\n')
+
+    code, _out, err = loadjobs(path)
+
+    assert code == 2
+    assert 'job "nightly": unknown key "comand" (did you mean "command"?)' in err
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('schedule = "61 * * * *"', 'job "nightly": schedule: Bad cron expression'),
+        ('schedule = "* * * *"', 'job "nightly": schedule: A cron expression has 5 fields'),
+        ('schedule = "@fortnightly"', "job \"nightly\": schedule: Unknown alias '@fortnightly'"),
+        (
+            'timezone = "Mars/Olympus"',
+            "job \"nightly\": timezone: Unknown time zone 'Mars/Olympus'",
+        ),
+        ('timeout = "45 minutes"', "job \"nightly\": timeout: '45 minutes' is not a duration"),
+        ("timeout = 0", 'job "nightly": timeout: The timeout must be more than 0 seconds'),
+        ('timeout = "30d"', "job \"nightly\": timeout: '30d' is not a duration"),
+        ('tags = "etl"', 'job "nightly": "tags" must be a list of strings'),
+        ("env = { PORT = 5432 }", 'job "nightly": env PORT must be a string'),
+        ('kind = "python"', 'job "nightly": kind "python" is not supported yet'),
+        ('kind = "perl"', 'job "nightly": unknown kind "perl"'),
+        ('overlap = "queue"', 'job "nightly": overlap "queue" is not supported yet'),
+        ('secret_env = ["TOKEN"]', 'job "nightly": secret_env names "TOKEN", which is not in env'),
+    ],
+)
+def test_an_invalid_value_is_an_error_naming_the_job_and_writes_nothing(
+    db, tmp_path, line, message
+):
+    ok = '[[job]]\nname = "fine"\ncommand = "true"\n'
+    path = write(tmp_path, f'{ok}\n[[job]]\nname = "nightly"\ncommand = "true"\n{line}\n')
+
+    code, _out, err = loadjobs(path)
+
+    assert code == 2
+    assert message in err
+    assert not Job.objects.exists()
+
+
+def test_a_job_without_name_or_command_is_an_error(db, tmp_path):
+    path = write(tmp_path, '[[job]]\ncommand = "true"\n\n[[job]]\nname = "empty"\n')
+
+    code, _out, err = loadjobs(path)
+
+    assert code == 2
+    assert 'job #1: missing required key "name"' in err
+    assert 'job "empty": missing required key "command"' in err
+
+
+def test_duplicate_names_in_the_file_are_an_error(db, tmp_path):
+    job = '[[job]]\nname = "nightly"\ncommand = "true"\n'
+    path = write(tmp_path, job + "\n" + job)
+
+    code, _out, err = loadjobs(path)
+
+    assert code == 2
+    assert 'job "nightly" appears more than once in the file' in err
+    assert not Job.objects.exists()
+
+
+def test_a_slug_taken_by_another_job_is_an_error(make_job, tmp_path):
+    make_job(name="Nightly", slug="nightly")
+    path = write(tmp_path, '[[job]]\nname = "nightly"\ncommand = "true"\n')
+
+    code, _out, err = loadjobs(path)
+
+    assert code == 2
+    assert 'job "nightly": slug "nightly" is already used by job "Nightly"' in err
+
+
+def test_a_file_that_is_not_toml_is_an_error(db, tmp_path):
+    path = write(tmp_path, '[[job]]\nname = "nightly\n')
+
+    code, _out, err = loadjobs(path)
+
+    assert code == 2
+    assert "not valid TOML" in err
+    assert "line 2" in err
+
+
+def test_a_missing_file_is_an_error(db, tmp_path):
+    code, _out, err = loadjobs(tmp_path / "nope.toml")
+
+    assert code == 2
+    assert "nope.toml: no such file" in err
+
+
+def test_prune_removes_only_jobs_this_file_no_longer_names(make_job, tmp_path):
+    hand_made = make_job(name="hand-made")
+    other_file = write(tmp_path, '[[job]]\nname = "other"\ncommand = "true"\n', "other.toml")
+    loadjobs(other_file)
+    keep_and_drop = (
+        '[[job]]\nname = "keep"\ncommand = "true"\n\n[[job]]\nname = "drop"\ncommand = "true"\n'
+    )
+    path = write(tmp_path, keep_and_drop)
+    loadjobs(path)
+    write(tmp_path, '[[job]]\nname = "keep"\ncommand = "true"\n')
+
+    code, out, _err = loadjobs(path, "--prune")
+
+    assert code == 0
+    assert "0 created, 0 updated, 1 unchanged, 1 pruned" in out
+    assert "pruned: drop" in out
+    assert set(Job.objects.values_list("name", flat=True)) == {"keep", "other", hand_made.name}
+
+
+def test_without_prune_jobs_dropped_from_the_file_stay(db, tmp_path):
+    path = write(
+        tmp_path, '[[job]]\nname = "a"\ncommand = "true"\n\n[[job]]\nname = "b"\ncommand = "true"\n'
+    )
+    loadjobs(path)
+    write(tmp_path, '[[job]]\nname = "a"\ncommand = "true"\n')
+
+    loadjobs(path)
+
+    assert Job.objects.count() == 2
+
+
+def test_loading_a_hand_made_job_takes_it_over_without_changing_it(make_job, tmp_path):
+    job = make_job(name="nightly", command="true", timeout=3600)
+    path = write(tmp_path, '[[job]]\nname = "nightly"\ncommand = "true"\n')
+
+    code, out, _err = loadjobs(path)
+
+    assert code == 0
+    assert "0 created, 0 updated, 1 unchanged" in out
+    assert "now managed by this file: nightly" in out
+    refreshed = Job.objects.get()
+    assert refreshed.source == str(path.resolve())
+    assert refreshed.updated_at == job.updated_at
+
+
+# --- Dumping --------------------------------------------------------------------------
+
+
+def test_dumpjobs_then_loadjobs_changes_nothing(make_job, tmp_path):
+    make_job(
+        name="Warehouse Export",
+        slug="wh-export",
+        description="Nightly.\nSecond line.",
+        owner="data-ops",
+        tags="etl, finance",
+        command='echo "one"\necho "two" >&2\n',
+        schedule="15 2 * * *",
+        timezone="Europe/Berlin",
+        timeout=2700,
+        queue="etl",
+        environment={"TOKEN": "${API_TOKEN}", "TARGET": "reports", "MY KEY": 'quote " here'},
+        secret_keys=["TOKEN"],
+        enabled=False,
+    )
+    make_job(name="plain", command="true", timeout=3600)
+    before = dict(Job.objects.values_list("name", "updated_at"))
+    path = tmp_path / "dump.toml"
+
+    _out, err = dumpjobs("--output", path)
+    code, out, _err = loadjobs(path)
+
+    assert err.startswith("Wrote 2 job(s)")
+    assert code == 0
+    assert "0 created, 0 updated, 2 unchanged, 0 pruned" in out
+    assert dict(Job.objects.values_list("name", "updated_at")) == before
+
+
+def test_dumpjobs_leaves_out_defaults(make_job):
+    make_job(name="plain", command="true", timeout=3600)
+
+    out, _err = dumpjobs()
+
+    assert tomllib.loads(out) == {"job": [{"name": "plain", "command": "true"}]}
+
+
+def test_dumpjobs_writes_only_the_given_jobs(make_job):
+    make_job(name="a")
+    make_job(name="b")
+
+    out, _err = dumpjobs("b")
+
+    assert [job["name"] for job in tomllib.loads(out)["job"]] == ["b"]
+
+
+def test_dumpjobs_unknown_slug_exits_2(make_job):
+    make_job(name="a")
+
+    with pytest.raises(SystemExit) as exited:
+        dumpjobs("a", "zzz")
+
+    assert exited.value.code == 2
+
+
+def test_dumpjobs_never_prints_a_secret_value(make_job):
+    make_job(
+        name="nightly",
+        environment={"TOKEN": "hunter2-real-token", "FTP": "${FTP_PASSWORD}", "TARGET": "x"},
+        secret_keys=["TOKEN", "FTP"],
+    )
+
+    out, err = dumpjobs()
+
+    assert "hunter2-real-token" not in out + err
+    env = tomllib.loads(out)["job"][0]["env"]
+    assert env == {"TOKEN": "${TOKEN}", "FTP": "${FTP_PASSWORD}", "TARGET": "x"}
+    assert "secret TOKEN was not exported" in err
+    assert "FTP" not in err
+
+
+# --- Durations -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [(90, 90), ("90", 90), ("30s", 30), ("45m", 2700), ("2h", 7200)]
+)
+def test_durations_are_seconds_or_suffixed_strings(value, seconds):
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["45 minutes", "1.5h", "", True, 2.5])
+def test_other_durations_are_refused(value):
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(30, "30s"), (90, "90s"), (2700, "45m"), (7200, "2h")]
+)
+def test_durations_are_written_in_the_largest_whole_unit(seconds, text):
+    assert format_duration(seconds) == text
+    assert parse_duration(text) == seconds
