@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,7 +263,7 @@ def _future_value_errors(entry: dict[str, Any], label: str) -> list[tuple[str, s
     return problems
 
 
-def clean_messages(job: Job, label: str, *, reported: set[str] = frozenset()) -> list[str]:
+def clean_messages(job: Job, label: str, *, reported: Collection[str] = ()) -> list[str]:
     """Job.full_clean() problems, named by TOML key instead of model field
     (leaving out fields in `reported`, whose problem was already said)."""
     try:
