@@ -24,7 +24,15 @@ class Job(models.Model):
         SHELL = "shell", "Shell command"
 
     class Overlap(models.TextChoices):
-        SKIP = "skip", "Skip the new run while one is running"
+        SKIP = "skip", "Skip: record a skipped run while one is queued or running"
+        QUEUE = "queue", "Queue: start when the running one ends (at most one waiting)"
+        ALLOW = "allow", "Allow: run side by side"
+        REPLACE = "replace", "Replace: cancel the running one, then start"
+
+    class Catchup(models.TextChoices):
+        NONE = "none", "None: record missed fires, run nothing"
+        LATEST = "latest", "Latest: run the most recent missed fire"
+        ALL = "all", "All: one run per missed fire, oldest first"
 
     name = models.CharField(max_length=200, unique=True)
     slug = models.SlugField(max_length=200, unique=True)
@@ -58,6 +66,31 @@ class Job(models.Model):
     overlap = models.CharField(max_length=10, choices=Overlap.choices, default=Overlap.SKIP)
     queue = models.CharField(
         max_length=100, blank=True, help_text="django-q2 cluster name; empty = the default one."
+    )
+    retries = models.PositiveSmallIntegerField(
+        default=0, help_text="Extra attempts after a failure, timeout or lost run."
+    )
+    retry_delay = models.PositiveIntegerField(
+        default=30, help_text="Seconds before the first retry; multiplied by the backoff."
+    )
+    retry_backoff = models.FloatField(default=2.0, help_text="Delay factor per attempt.")
+    retry_max_delay = models.PositiveIntegerField(default=3600, help_text="Longest retry delay.")
+    catchup = models.CharField(
+        max_length=10,
+        choices=Catchup.choices,
+        default=Catchup.LATEST,
+        help_text="What to do with fires missed while no scheduler was running.",
+    )
+    upstreams = models.ManyToManyField(
+        "self",
+        symmetrical=False,
+        blank=True,
+        related_name="downstreams",
+        help_text="Runs only when each of these last succeeded.",
+    )
+    trigger_on_upstream = models.BooleanField(
+        default=False,
+        help_text="Also run whenever all upstreams have succeeded since this job's last run.",
     )
     source = models.CharField(
         max_length=500, blank=True, editable=False, help_text="Job file this job was loaded from."
@@ -192,6 +225,14 @@ class Run(models.Model):
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="reruns"
     )
     attempt = models.PositiveIntegerField(default=1)
+    retry_of = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="retries",
+        help_text="The first attempt this run retries.",
+    )
 
     # The logical time the run belongs to; reruns keep the original's.
     scheduled_for = models.DateTimeField()
@@ -199,6 +240,15 @@ class Run(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Dispatch: a queued run is handed to django-q2 once not_before has
+    # passed and (unless overlap=allow) its job's slot is free.
+    not_before = models.DateTimeField(null=True, blank=True)
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    enqueue_count = models.PositiveIntegerField(default=0)
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    cancelled_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     exit_code = models.IntegerField(null=True, blank=True)
     worker = models.CharField(max_length=200, blank=True, help_text="host:pid")
@@ -221,6 +271,12 @@ class Run(models.Model):
                 condition=Q(trigger="schedule"),
                 name="one_run_per_scheduled_fire",
             ),
+            # One retry per attempt number of a failed run, whoever finished it.
+            models.UniqueConstraint(
+                fields=["retry_of", "attempt"],
+                condition=Q(trigger="retry"),
+                name="one_retry_per_attempt",
+            ),
         ]
         indexes = [
             # Job page history and "last run" per job: WHERE job_id=? ORDER BY id DESC.
@@ -230,6 +286,20 @@ class Run(models.Model):
                 fields=["job", "status"],
                 condition=Q(status__in=["queued", "running"]),
                 name="run_active_idx",
+            ),
+            # Upstream gating: a job's run that finished last.
+            models.Index(fields=["job", "-finished_at"], name="run_job_finished_idx"),
+            # Sweeper: "running runs whose heartbeat is older than the lease".
+            models.Index(
+                fields=["heartbeat_at"],
+                condition=Q(status="running"),
+                name="run_lease_idx",
+            ),
+            # Dispatcher and requeue: "queued runs by enqueue time".
+            models.Index(
+                fields=["enqueued_at"],
+                condition=Q(status="queued"),
+                name="run_queued_idx",
             ),
         ]
 
@@ -258,6 +328,24 @@ class Run(models.Model):
         if not self.started_at:
             return None
         return self.started_at - self.scheduled_for
+
+
+class MissedFires(models.Model):
+    """Fires that did not run because no scheduler was running, one row per gap."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="missed_fires")
+    first = models.DateTimeField()
+    last = models.DateTimeField()
+    count = models.PositiveIntegerField()
+    policy = models.CharField(max_length=10, choices=Job.Catchup.choices)
+    recorded_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-recorded_at"]
+        verbose_name_plural = "missed fires"
+
+    def __str__(self) -> str:
+        return f"{self.job.name}: {self.count} missed from {self.first:%Y-%m-%d %H:%M}"
 
 
 class RunLogChunk(models.Model):

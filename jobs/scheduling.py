@@ -14,6 +14,10 @@ clock times, with our own mapping of wall clock times to instants:
 
 from __future__ import annotations
 
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -29,6 +33,9 @@ ALIASES = {
     "@midnight": "0 0 * * *",
     "@hourly": "0 * * * *",
 }
+
+
+LOOKAHEAD = timedelta(hours=3)
 
 
 class ScheduleError(ValueError):
@@ -118,29 +125,44 @@ def _instants(naive: datetime, tz: ZoneInfo, fixed: bool) -> list[Fire]:
     return [Fire(first), Fire(second, "repeated hour (DST)")]
 
 
-def next_fires(expr: str, tz_name: str, after: datetime, count: int = 1) -> list[Fire]:
-    """The next `count` fires strictly after the instant `after`."""
+def iter_fires(expr: str, tz_name: str, after: datetime) -> Iterator[Fire]:
+    """Fires strictly after the instant `after`, in order, for as long as asked.
+
+    Walks local wall clock times with cronsim and maps each to its instants.
+    Around a fall-back the wall clock runs backwards, so instants can come
+    out of order by up to the DST shift: a heap holds them until the walk is
+    three hours past.
+    """
     cron = expand(expr)
     tz = zone(tz_name)
     fixed = _fixed_time(cron)
-    # Start a little before `after` in wall clock terms: around a fall-back
-    # the wall clock runs backwards, so a later instant can have an earlier
-    # wall clock time.
-    start = after.astimezone(tz).replace(tzinfo=None, microsecond=0) - timedelta(hours=3)
-    fires: list[Fire] = []
-    seen: set[datetime] = set()
+    start = after.astimezone(tz).replace(tzinfo=None, microsecond=0) - LOOKAHEAD
+    heap: list[tuple[datetime, int, Fire]] = []
+    last: datetime | None = None
+    order = itertools.count()
     for naive in CronSim(cron, start):
         for fire in _instants(naive, tz, fixed):
             # Compare in UTC: aware datetimes sharing a tzinfo compare by
             # wall clock and ignore `fold`, which would merge a repeated hour.
             instant = fire.at.astimezone(UTC)
-            if instant > after and instant not in seen:
-                seen.add(instant)
-                fires.append(fire)
-        if len(fires) >= count + 2:
-            break
-    fires.sort(key=lambda f: f.at.astimezone(UTC))
-    return fires[:count]
+            if instant > after:
+                heapq.heappush(heap, (instant, next(order), fire))
+        horizon = naive.replace(tzinfo=tz).astimezone(UTC) - LOOKAHEAD
+        while heap and heap[0][0] <= horizon:
+            instant, _n, fire = heapq.heappop(heap)
+            if instant != last:  # two gap times can move to one instant
+                last = instant
+                yield fire
+    while heap:
+        instant, _n, fire = heapq.heappop(heap)
+        if instant != last:
+            last = instant
+            yield fire
+
+
+def next_fires(expr: str, tz_name: str, after: datetime, count: int = 1) -> list[Fire]:
+    """The next `count` fires strictly after the instant `after`."""
+    return list(itertools.islice(iter_fires(expr, tz_name, after), count))
 
 
 def next_fire_after(expr: str, tz_name: str, after: datetime) -> datetime | None:
@@ -151,18 +173,22 @@ def next_fire_after(expr: str, tz_name: str, after: datetime) -> datetime | None
 def fires_between(
     expr: str, tz_name: str, start: datetime, end: datetime, limit: int = 1000
 ) -> list[datetime]:
-    """Fires in (start, end], oldest first, at most `limit` of the latest ones."""
-    result: list[datetime] = []
-    moment = start
-    while True:
-        nxt = next_fire_after(expr, tz_name, moment)
-        if nxt is None or nxt > end:
+    """Fires in (start, end], oldest first: the latest `limit` of them."""
+    return fires_counted(expr, tz_name, start, end, keep=limit)[0]
+
+
+def fires_counted(
+    expr: str, tz_name: str, start: datetime, end: datetime, keep: int
+) -> tuple[list[datetime], int]:
+    """(the latest `keep` fires in (start, end], how many there were in all)."""
+    kept: deque[datetime] = deque(maxlen=keep)
+    total = 0
+    for fire in iter_fires(expr, tz_name, start):
+        if fire.at > end:
             break
-        result.append(nxt)
-        moment = nxt
-        if len(result) > limit:
-            result.pop(0)
-    return result
+        kept.append(fire.at)
+        total += 1
+    return list(kept), total
 
 
 def describe(expr: str, tz_name: str) -> str:

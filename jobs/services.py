@@ -1,27 +1,35 @@
-"""The run lifecycle: create, enqueue, claim, execute, finish; and the clock.
+"""The run lifecycle: create, dispatch, claim, execute, finish, retry, cancel.
 
-Admin actions, pages, the CLI, the scheduler and django-q2 tasks all call
-these functions: one code path for starting a run, whoever starts it.
+Admin actions, pages, the CLI, the clock and django-q2 tasks all call these
+functions: one code path for starting a run, whoever starts it.
+
+A run's way through: run_create (upstream gate, overlap policy) -> dispatch
+(enqueued_at set, handed to django-q2 after commit) -> run_claim on a worker
+(queued -> running, takes the job's slot) -> run_execute -> run_finish (frees
+the slot, schedules a retry, dispatches the next waiting run, triggers
+downstream jobs). Every step is a conditional UPDATE, so a duplicated task,
+a second scheduler or a racing sweeper finds nothing to do.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
+import signal
 import socket
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
-from django.db.models import Min, Q, Value
-from django.db.models.functions import Concat
+from django.db.models import Q
 from django.utils import timezone
 
-from jobs import execution, scheduling
+from jobs import execution
 from jobs.models import SECRET_MASK, Job, Run
 from jobs.runlog import RunLogWriter
 
@@ -32,7 +40,7 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-# --- Creating runs ------------------------------------------------------------
+# --- Creating and dispatching runs ------------------------------------------------
 
 
 def run_create(
@@ -42,14 +50,20 @@ def run_create(
     by: AbstractBaseUser | None = None,
     scheduled_for: datetime | None = None,
     rerun_of: Run | None = None,
-    attempt: int = 1,
-    enqueue: bool = True,
+    here: bool = False,
     now: datetime | None = None,
 ) -> Run:
     """Record a run for `job` and hand it to the workers.
 
-    Under the `skip` overlap policy a job that still has a queued or running
-    run gets a `skipped` run instead, saying which run is in the way.
+    1. Upstream gate: if an upstream's latest run did not succeed (or one is
+       running), the run is recorded as skipped, saying which and why.
+    2. Overlap policy, against the job's queued and running runs:
+       skip -> skipped with the blocking run; queue -> waits (at most one
+       waiting); replace -> the running run is cancelled, this one waits for
+       it to end; allow -> no check.
+    3. Otherwise the run is dispatched. `here=True` means the caller claims
+       and executes it itself (manage.py runjob): it is marked dispatched but
+       not sent to django-q2.
     """
     now = now or timezone.now()
     fields = dict(
@@ -59,32 +73,59 @@ def run_create(
         scheduled_for=scheduled_for or now,
         queued_at=now,
         rerun_of=rerun_of,
-        attempt=attempt,
     )
     with transaction.atomic():
-        blocker = _overlapping_run(job)
-        if blocker is not None:
+        reason = upstream_blocker(job, now=now)
+        if reason is None:
+            reason, wait = _apply_overlap(job, now=now)
+        if reason is not None:
             return Run.objects.create(
-                **fields,
-                status=Run.Status.SKIPPED,
-                finished_at=now,
-                error_summary=f"run #{blocker.pk} still {blocker.status}",
+                **fields, status=Run.Status.SKIPPED, finished_at=now, error_summary=reason
             )
         run = Run.objects.create(**fields, status=Run.Status.QUEUED)
-        if enqueue:
-            transaction.on_commit(lambda: run_enqueue(run))
+        if job.overlap == Job.Overlap.REPLACE:
+            _replace_others(job, run, now=now)
+        if not wait:
+            _dispatch(run, now=now, send=not here)
     return run
 
 
-def _overlapping_run(job: Job) -> Run | None:
-    if job.overlap != Job.Overlap.SKIP:
-        return None
-    return Run.objects.filter(job=job, status__in=Run.ACTIVE).order_by("id").first()
+def _apply_overlap(job: Job, *, now: datetime) -> tuple[str | None, bool]:
+    """(skip reason, must wait) for a new run under the job's overlap policy."""
+    if job.overlap == Job.Overlap.ALLOW:
+        return None, False
+    active = list(Run.objects.filter(job=job, status__in=Run.ACTIVE).order_by("id"))
+    if job.overlap == Job.Overlap.SKIP:
+        if active:
+            return f"run #{active[0].pk} still {active[0].status}", False
+        return None, False
+    running = [r for r in active if r.status == Run.Status.RUNNING]
+    if job.overlap == Job.Overlap.QUEUE:
+        waiting = [r for r in active if r.status == Run.Status.QUEUED]
+        if waiting:
+            return f"run #{waiting[0].pk} is already waiting", False
+        return None, bool(running)
+    return None, bool(running)  # replace: wait for the cancelled run to end
+
+
+def _replace_others(job: Job, run: Run, *, now: datetime) -> None:
+    for other in Run.objects.filter(job=job, status__in=Run.ACTIVE).exclude(pk=run.pk):
+        run_cancel(run=other, by=None, reason=f"Replaced by run #{run.pk}", now=now)
+
+
+def _dispatch(run: Run, *, now: datetime, send: bool = True) -> bool:
+    """Mark a queued run as handed to an executor; send it to django-q2 after commit."""
+    marked = Run.objects.filter(pk=run.pk, status=Run.Status.QUEUED).update(
+        enqueued_at=now, enqueue_count=1
+    )
+    if marked and send:
+        transaction.on_commit(lambda: run_enqueue(run))
+    return bool(marked)
 
 
 def run_enqueue(run: Run) -> None:
-    """Hand a queued run to django-q2. Safe to repeat: the worker's claim
-    makes a second delivery a no-op."""
+    """Send a run to django-q2. Safe to repeat: the worker's claim makes a
+    second delivery a no-op."""
     from django_q.tasks import async_task
 
     job = run.job
@@ -98,6 +139,42 @@ def run_enqueue(run: Run) -> None:
     async_task("jobs.tasks.execute_run", run.pk, q_options=options)
 
 
+def dispatch_waiting(*, now: datetime, job: Job | None = None) -> int:
+    """Send waiting runs (retries whose delay has passed, runs queued behind
+    another, catch-up runs) to the workers when their job is free."""
+    waiting = (
+        Run.objects.filter(status=Run.Status.QUEUED, enqueued_at__isnull=True)
+        .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
+        .select_related("job")
+        .order_by("id")
+    )
+    if job is not None:
+        waiting = waiting.filter(job=job)
+    sent = 0
+    busy: set[int] = set()
+    for run in waiting[:500]:
+        if run.job_id in busy:
+            continue
+        if run.job.overlap != Job.Overlap.ALLOW:
+            busy.add(run.job_id)
+            if _job_busy(run):
+                continue
+        with transaction.atomic():
+            if Run.objects.filter(pk=run.pk, enqueued_at__isnull=True).update(
+                enqueued_at=now, enqueue_count=1
+            ):
+                transaction.on_commit(lambda run=run: run_enqueue(run))
+                sent += 1
+    return sent
+
+
+def _job_busy(run: Run) -> bool:
+    others = Run.objects.filter(job_id=run.job_id).exclude(pk=run.pk)
+    return others.filter(
+        Q(status=Run.Status.RUNNING) | Q(status=Run.Status.QUEUED, enqueued_at__isnull=False)
+    ).exists()
+
+
 def run_rerun(*, run: Run, by: AbstractBaseUser | None) -> Run:
     """A new run of the same job for the same logical time."""
     return run_create(
@@ -109,15 +186,101 @@ def run_rerun(*, run: Run, by: AbstractBaseUser | None) -> Run:
     )
 
 
+# --- Dependencies -------------------------------------------------------------------
+
+
+def upstream_blocker(job: Job, *, now: datetime) -> str | None:
+    """Why `job` may not run now because of its upstreams, or None."""
+    for upstream in job.upstreams.all():
+        if Run.objects.filter(job=upstream, status=Run.Status.RUNNING).exists():
+            return f"waiting on {upstream.name}: still running"
+        last = latest_finished(upstream)
+        if last is None:
+            return f"waiting on {upstream.name}: it has not run yet"
+        if last.status != Run.Status.SUCCEEDED:
+            when = timezone.localtime(last.finished_at or last.queued_at, _tz(job))
+            status = last.status.replace("_", " ")
+            return f"waiting on {upstream.name}: {status} at {when:%Y-%m-%d %H:%M %Z}"
+    return None
+
+
+def latest_finished(job: Job) -> Run | None:
+    """The run of `job` that finished last (by finish time: a run skipped
+    while a long one ran finishes before it)."""
+    return (
+        Run.objects.filter(job=job, status__in=Run.FINISHED).order_by("-finished_at", "-id").first()
+    )
+
+
+def _tz(job: Job):
+    from jobs import scheduling
+
+    try:
+        return scheduling.zone(job.timezone)
+    except scheduling.ScheduleError:
+        return timezone.get_current_timezone()
+
+
+def dependency_cycle(job: Job | None, upstream_ids: list[int]) -> list[str] | None:
+    """The names along a cycle that giving `job` these upstreams would make, or None."""
+    if job is None or job.pk is None:
+        return None
+    edges: dict[int, list[int]] = {}
+    for down, up in Job.upstreams.through.objects.values_list("from_job_id", "to_job_id"):
+        edges.setdefault(down, []).append(up)
+    edges[job.pk] = list(upstream_ids)
+    path = _find_path(edges, start=job.pk)
+    if path is None:
+        return None
+    names = dict(Job.objects.filter(pk__in=path).values_list("pk", "name"))
+    return [names[pk] for pk in path]
+
+
+def _find_path(edges: dict[int, list[int]], *, start: int) -> list[int] | None:
+    """A path start -> ... -> start following upstream edges (DFS), or None."""
+    stack = [(start, [start])]
+    seen: set[int] = set()
+    while stack:
+        node, path = stack.pop()
+        for nxt in edges.get(node, []):
+            if nxt == start:
+                return [*path, start]
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append((nxt, [*path, nxt]))
+    return None
+
+
+def _trigger_downstreams(run: Run, *, now: datetime) -> None:
+    """After a success: start each upstream-triggered downstream job whose
+    upstreams have all succeeded since its own last run."""
+    for down in run.job.downstreams.filter(enabled=True, trigger_on_upstream=True):
+        with transaction.atomic():
+            # Serialize with other finishing upstreams of the same job.
+            down = Job.objects.select_for_update().get(pk=down.pk)
+            last = Run.objects.filter(job=down).order_by("-id").first()
+            since = last.queued_at if last else None
+            if all(_succeeded_since(up, since) for up in down.upstreams.all()):
+                run_create(job=down, trigger=Run.Trigger.UPSTREAM, scheduled_for=run.scheduled_for)
+
+
+def _succeeded_since(job: Job, since: datetime | None) -> bool:
+    latest = latest_finished(job)
+    if latest is None or latest.status != Run.Status.SUCCEEDED:
+        return False
+    return since is None or latest.finished_at > since
+
+
 # --- Claiming, executing, finishing ------------------------------------------------
 
 
 def run_claim(*, run_id: int, worker: str, now: datetime | None = None) -> Run | None:
     """queued -> running, or None when another worker (or nobody) has it.
 
-    A redelivered or duplicated django-q2 task finds nothing to claim. Under
-    `skip` the run must also take its job's slot; if another run holds it,
-    this one is recorded as skipped.
+    A redelivered or duplicated django-q2 task finds nothing to claim. Unless
+    the job allows overlap the run must also take its job's slot; if another
+    run holds it, this one is skipped (policy skip) or goes back to waiting
+    (queue, replace).
     """
     now = now or timezone.now()
     with transaction.atomic():
@@ -128,15 +291,20 @@ def run_claim(*, run_id: int, worker: str, now: datetime | None = None) -> Run |
             return None
         run = Run.objects.select_related("job").get(pk=run_id)
         job = run.job
-        if job.overlap == Job.Overlap.SKIP and not _take_slot(job, run):
-            holder = Job.objects.values_list("active_run_id", flat=True).get(pk=job.pk)
+        if job.overlap == Job.Overlap.ALLOW or _take_slot(job, run):
+            return run
+        holder = Job.objects.values_list("active_run_id", flat=True).get(pk=job.pk)
+        if job.overlap == Job.Overlap.SKIP:
             Run.objects.filter(pk=run_id).update(
                 status=Run.Status.SKIPPED,
                 finished_at=now,
                 error_summary=f"run #{holder} still running",
             )
-            return None
-    return run
+        else:
+            Run.objects.filter(pk=run_id).update(
+                status=Run.Status.QUEUED, started_at=None, heartbeat_at=None, enqueued_at=None
+            )
+    return None
 
 
 def _take_slot(job: Job, run: Run) -> bool:
@@ -180,7 +348,7 @@ def run_execute(run: Run, *, echo: Callable[[str], None] | None = None) -> Run:
     )
     secrets = [env[k] for k in job.secret_keys if k in env]
     writer = RunLogWriter(run, redact=secrets, echo=echo)
-    heartbeat = _Heartbeat(run)
+    watch = _Watch(run)
     try:
         outcome = execution.run_process(
             ["/bin/sh", "-c", job.command],
@@ -189,45 +357,61 @@ def run_execute(run: Run, *, echo: Callable[[str], None] | None = None) -> Run:
             kill_grace=settings.JOBSITE_KILL_GRACE,
             on_start=lambda pgid: Run.objects.filter(pk=run.pk).update(pid=pgid),
             on_output=writer.feed,
-            on_tick=lambda: writer.tick() or heartbeat.beat(),
+            on_tick=lambda: writer.tick() or watch.should_stop(),
         )
     except Exception as exc:
         log.exception("run %s: execution failed", run.pk)
         writer.close(f"[jobsite] execution failed: {exc}")
         run_finish(run=run, status=Run.Status.FAILED, summary=f"Jobsite error: {exc}")
         return _reload(run)
-    status, summary = _judge(outcome, job, writer)
+    status, summary = _judge(outcome, job, watch)
     writer.close(f"[jobsite] {summary}" if status != Run.Status.SUCCEEDED else "")
     run_finish(run=run, status=status, exit_code=outcome.returncode, summary=summary)
     return _reload(run)
 
 
-class _Heartbeat:
-    """Marks the run alive; tells the caller to stop when the run is no
-    longer ours (marked lost or cancelled by someone else)."""
+class _Watch:
+    """Heartbeats the run (its lease) and says when to stop: on a cancel
+    request, or when the run is no longer ours (the sweeper marked it lost)."""
+
+    CHECK_SECONDS = 1.0
 
     def __init__(self, run: Run) -> None:
         self.run_id = run.pk
-        self.last = time.monotonic()
+        self.last_check = self.last_beat = time.monotonic()
+        self.cancel_summary = ""
 
-    def beat(self) -> bool:
-        if time.monotonic() - self.last < settings.JOBSITE_HEARTBEAT_SECONDS:
+    def should_stop(self) -> bool:
+        now = time.monotonic()
+        if now - self.last_check < self.CHECK_SECONDS:
             return False
-        self.last = time.monotonic()
-        alive = Run.objects.filter(pk=self.run_id, status=Run.Status.RUNNING).update(
-            heartbeat_at=timezone.now()
+        self.last_check = now
+        if now - self.last_beat >= settings.JOBSITE_HEARTBEAT_SECONDS:
+            self.last_beat = now
+            Run.objects.filter(pk=self.run_id, status=Run.Status.RUNNING).update(
+                heartbeat_at=timezone.now()
+            )
+        row = (
+            Run.objects.filter(pk=self.run_id)
+            .values("status", "cancel_requested_at", "error_summary")
+            .first()
         )
-        return not alive
+        if row is None or row["status"] != Run.Status.RUNNING:
+            return True
+        if row["cancel_requested_at"] is not None:
+            self.cancel_summary = row["error_summary"] or "Cancelled"
+            return True
+        return False
 
 
-def _judge(outcome: execution.Outcome, job: Job, writer: RunLogWriter) -> tuple[str, str]:
+def _judge(outcome: execution.Outcome, job: Job, watch: _Watch) -> tuple[str, str]:
     if outcome.timed_out:
         return Run.Status.TIMED_OUT, (
             f"Timed out after {job.timeout}s: process group sent SIGTERM, "
             f"SIGKILL after {settings.JOBSITE_KILL_GRACE}s"
         )
     if outcome.cancelled:
-        return Run.Status.CANCELLED, "Cancelled"
+        return Run.Status.CANCELLED, watch.cancel_summary or "Cancelled"
     if outcome.returncode == 0:
         return Run.Status.SUCCEEDED, ""
     if outcome.signal_name:
@@ -243,15 +427,81 @@ def run_finish(
     summary: str = "",
     now: datetime | None = None,
 ) -> bool:
-    """running -> a final status, and free the job's slot. False when the run
-    was no longer running (someone else finished it)."""
+    """running -> a final status, then the consequences (see _after_finish).
+    False when the run was no longer running (someone else finished it)."""
     now = now or timezone.now()
     with transaction.atomic():
         done = Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING).update(
             status=status, finished_at=now, exit_code=exit_code, error_summary=summary[:2000]
         )
-        Job.objects.filter(pk=run.job_id, active_run_id=run.pk).update(active_run=None)
+        if done:
+            run.status = status
+            _after_finish(run, now=now)
     return bool(done)
+
+
+def _after_finish(run: Run, *, now: datetime) -> None:
+    """Free the job's slot, retry a failure, start what waits on this run."""
+    Job.objects.filter(pk=run.job_id, active_run_id=run.pk).update(active_run=None)
+    if run.status in Run.FAILURES:
+        _schedule_retry(run, now=now)
+    dispatch_waiting(now=now, job=run.job)
+    if run.status == Run.Status.SUCCEEDED:
+        _trigger_downstreams(run, now=now)
+
+
+def retry_delay(job: Job, attempt: int, *, jitter: float | None = None) -> float:
+    """Seconds before attempt `attempt + 1`: exponential, capped, +0-10% jitter."""
+    base = min(job.retry_max_delay, job.retry_delay * job.retry_backoff ** (attempt - 1))
+    return base * (1 + (random.uniform(0, 0.1) if jitter is None else jitter))
+
+
+def _schedule_retry(run: Run, *, now: datetime) -> Run | None:
+    job = run.job
+    if run.attempt > job.retries or run.cancel_requested_at is not None:
+        return None
+    first = run.retry_of or run
+    delay = retry_delay(job, run.attempt)
+    try:
+        with transaction.atomic():
+            return Run.objects.create(
+                job=job,
+                trigger=Run.Trigger.RETRY,
+                attempt=run.attempt + 1,
+                retry_of=first,
+                scheduled_for=run.scheduled_for,
+                queued_at=now,
+                not_before=now + timedelta(seconds=delay),
+                status=Run.Status.QUEUED,
+            )
+    except IntegrityError:
+        return None  # another process already scheduled this attempt
+
+
+def run_cancel(
+    *, run: Run, by: AbstractBaseUser | None, reason: str = "", now: datetime | None = None
+) -> str:
+    """Cancel a run: a queued one at once; a running one by asking its
+    worker, which kills the process group within about a second. Returns
+    what happened: "cancelled", "cancelling" or "finished"."""
+    now = now or timezone.now()
+    who = by if by is not None and by.is_authenticated else None
+    summary = reason or (f"Cancelled by {who.get_username()}" if who else "Cancelled")
+    with transaction.atomic():
+        if Run.objects.filter(pk=run.pk, status=Run.Status.QUEUED).update(
+            status=Run.Status.CANCELLED,
+            finished_at=now,
+            cancel_requested_at=now,
+            cancelled_by=who,
+            error_summary=summary,
+        ):
+            dispatch_waiting(now=now, job=run.job)
+            return "cancelled"
+        if Run.objects.filter(
+            pk=run.pk, status=Run.Status.RUNNING, cancel_requested_at__isnull=True
+        ).update(cancel_requested_at=now, cancelled_by=who, error_summary=summary):
+            return "cancelling"
+    return "finished"
 
 
 def _reload(run: Run) -> Run:
@@ -261,9 +511,9 @@ def _reload(run: Run) -> Run:
 
 def run_foreground(*, job: Job, trigger: str = Run.Trigger.CLI, echo=None) -> Run:
     """Create, claim and execute a run in this process (manage.py runjob)."""
-    run = run_create(job=job, trigger=trigger, enqueue=False)
-    if run.status != Run.Status.QUEUED:
-        return run
+    run = _reload(run_create(job=job, trigger=trigger, here=True))
+    if run.status != Run.Status.QUEUED or run.enqueued_at is None:
+        return run  # skipped, or waiting behind a running run (overlap=queue)
     claimed = run_claim(run_id=run.pk, worker=worker_name())
     if claimed is None:
         return _reload(run)
@@ -275,107 +525,86 @@ def _stdout_echo(text: str) -> None:
     sys.stdout.flush()
 
 
+# --- The sweeper: nothing stays queued or running forever ------------------------------
+
+
+def sweep(*, now: datetime | None = None) -> dict[str, int]:
+    """Mark runs whose heartbeat stopped `lost`, re-send runs a broker lost,
+    dispatch waiting runs that are due."""
+    now = now or timezone.now()
+    return {
+        "lost": sweep_lost(now=now),
+        "requeued": sweep_queued(now=now),
+        "dispatched": dispatch_waiting(now=now),
+    }
+
+
+def sweep_lost(*, now: datetime) -> int:
+    """Running runs whose lease expired: lost (or cancelled, if that was
+    asked), their process group killed when it is on this host, retried."""
+    cutoff = now - timedelta(seconds=settings.JOBSITE_LEASE_SECONDS)
+    count = 0
+    stale = Run.objects.filter(status=Run.Status.RUNNING, heartbeat_at__lt=cutoff)
+    for run in stale.select_related("job")[:500]:
+        cancelled = run.cancel_requested_at is not None
+        status = Run.Status.CANCELLED if cancelled else Run.Status.LOST
+        summary = (
+            run.error_summary
+            if cancelled
+            else (
+                f"Lost: worker {run.worker} stopped heartbeating "
+                f"(last at {run.heartbeat_at:%Y-%m-%d %H:%M:%S %Z})"
+            )
+        )
+        with transaction.atomic():
+            if not Run.objects.filter(
+                pk=run.pk, status=Run.Status.RUNNING, heartbeat_at=run.heartbeat_at
+            ).update(status=status, finished_at=now, error_summary=summary):
+                continue
+            run.status = status
+            _after_finish(run, now=now)
+        _kill_if_local(run)
+        count += 1
+    return count
+
+
+def _kill_if_local(run: Run) -> None:
+    host = run.worker.rsplit(":", 1)[0]
+    if run.pid and host == socket.gethostname():
+        execution.kill_group(run.pid, signal.SIGKILL)
+
+
+def sweep_queued(*, now: datetime) -> int:
+    """Queued runs sent to django-q2 long ago but never claimed: the broker
+    lost them (Redis is at-most-once). Send again; after too many tries,
+    mark them lost so nothing stays queued forever."""
+    cutoff = now - timedelta(seconds=settings.JOBSITE_REQUEUE_SECONDS)
+    count = 0
+    stale = Run.objects.filter(status=Run.Status.QUEUED, enqueued_at__lt=cutoff)
+    for run in stale.select_related("job")[:500]:
+        if run.enqueue_count >= settings.JOBSITE_MAX_DELIVERIES:
+            with transaction.atomic():
+                if Run.objects.filter(pk=run.pk, status=Run.Status.QUEUED).update(
+                    status=Run.Status.LOST,
+                    finished_at=now,
+                    error_summary=(
+                        f"Lost: no worker picked it up after {run.enqueue_count} deliveries"
+                    ),
+                ):
+                    run.status = Run.Status.LOST
+                    _after_finish(run, now=now)
+            continue
+        if Run.objects.filter(
+            pk=run.pk, status=Run.Status.QUEUED, enqueued_at=run.enqueued_at
+        ).update(enqueued_at=now, enqueue_count=run.enqueue_count + 1):
+            run_enqueue(run)
+            count += 1
+    return count
+
+
 # --- Job state ------------------------------------------------------------------
 
 
 def job_set_enabled(*, job: Job, enabled: bool) -> None:
     Job.objects.filter(pk=job.pk).update(enabled=enabled, updated_at=timezone.now())
     job.enabled = enabled
-
-
-# --- The clock --------------------------------------------------------------------
-
-
-def scheduler_sync(*, now: datetime) -> int:
-    """Recompute next_fire_at for jobs whose schedule or time zone changed
-    (or that were just created or resumed); clear it for paused and manual
-    jobs. Returns how many jobs changed."""
-    changed = (
-        Job.objects.filter(Q(enabled=False) | Q(schedule=""))
-        .exclude(next_fire_at=None, fire_basis="")
-        .update(next_fire_at=None, fire_basis="")
-    )
-    stale = (
-        Job.objects.filter(enabled=True)
-        .exclude(schedule="")
-        .exclude(fire_basis=Concat("schedule", Value("|"), "timezone"))
-    )
-    for job in stale:
-        try:
-            nxt = scheduling.next_fire_after(job.schedule, job.timezone, now)
-        except scheduling.ScheduleError as exc:
-            # One bad row must not stop the others (django-q2's does).
-            log.error("job %s: %s", job.slug, exc)
-            nxt = None
-        changed += Job.objects.filter(
-            pk=job.pk, schedule=job.schedule, timezone=job.timezone, fire_basis=job.fire_basis
-        ).update(next_fire_at=nxt, fire_basis=job.current_fire_basis)
-    return changed
-
-
-def scheduler_fire_due(*, now: datetime) -> list[Run]:
-    """Claim every due fire and create its run.
-
-    The claim is a conditional UPDATE that advances next_fire_at from the
-    value we read: of several schedulers, exactly one wins each fire; the
-    unique constraint on (job, scheduled_for, attempt) is the final guard.
-    """
-    runs = []
-    due = Job.objects.filter(enabled=True, next_fire_at__lte=now).exclude(schedule="")
-    for job in due:
-        try:
-            run = _fire(job, now)
-        except scheduling.ScheduleError as exc:
-            log.error("job %s: %s", job.slug, exc)
-            continue
-        if run is not None:
-            runs.append(run)
-    return runs
-
-
-def _fire(job: Job, now: datetime) -> Run | None:
-    fire_at = job.next_fire_at
-    # Fires missed while no scheduler ran: run the latest one only.
-    missed = scheduling.fires_between(job.schedule, job.timezone, fire_at, now, limit=1)
-    scheduled_for = missed[-1] if missed else fire_at
-    nxt = scheduling.next_fire_after(job.schedule, job.timezone, now)
-    try:
-        with transaction.atomic():
-            claimed = Job.objects.filter(
-                pk=job.pk, next_fire_at=fire_at, fire_basis=job.fire_basis
-            ).update(next_fire_at=nxt)
-            if not claimed:
-                return None
-            return run_create(
-                job=job, trigger=Run.Trigger.SCHEDULE, scheduled_for=scheduled_for, now=now
-            )
-    except IntegrityError:
-        return None
-
-
-def scheduler_next_due() -> datetime | None:
-    return Job.objects.filter(enabled=True, next_fire_at__isnull=False).aggregate(
-        due=Min("next_fire_at")
-    )["due"]
-
-
-SCHEDULER_TICK_KEY = "jobsite:scheduler:last-tick"
-
-
-def scheduler_tick(*, now: datetime | None = None) -> list[Run]:
-    """One pass of the clock: pick up edits, fire what is due, say we are alive."""
-    from django.core.cache import cache
-
-    now = now or timezone.now()
-    scheduler_sync(now=now)
-    runs = scheduler_fire_due(now=now)
-    cache.set(SCHEDULER_TICK_KEY, now.isoformat(), timeout=None)
-    return runs
-
-
-def scheduler_sleep_seconds(*, now: datetime, max_sleep: float) -> float:
-    """How long the clock may sleep: until the next due fire, at most max_sleep."""
-    due = scheduler_next_due()
-    if due is None:
-        return max_sleep
-    return max(0.0, min(max_sleep, (due - now).total_seconds()))

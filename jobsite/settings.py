@@ -123,6 +123,17 @@ JOBSITE_LOG_TAIL_BYTES = env.int("JOBSITE_LOG_TAIL_BYTES", default=768 * 1024)
 JOBSITE_LOG_FLUSH_SECONDS = env.float("JOBSITE_LOG_FLUSH_SECONDS", default=1.0)
 JOBSITE_LOG_FLUSH_BYTES = env.int("JOBSITE_LOG_FLUSH_BYTES", default=64 * 1024)
 JOBSITE_HEARTBEAT_SECONDS = env.float("JOBSITE_HEARTBEAT_SECONDS", default=5.0)
+# A running run's lease: no heartbeat for this long and the sweeper marks it lost.
+JOBSITE_LEASE_SECONDS = env.int("JOBSITE_LEASE_SECONDS", default=60)
+# A queued run sent to the workers this long ago but never claimed is sent
+# again (a broker lost it); after JOBSITE_MAX_DELIVERIES tries it is lost.
+JOBSITE_REQUEUE_SECONDS = env.int("JOBSITE_REQUEUE_SECONDS", default=300)
+JOBSITE_MAX_DELIVERIES = env.int("JOBSITE_MAX_DELIVERIES", default=5)
+JOBSITE_SWEEP_SECONDS = env.float("JOBSITE_SWEEP_SECONDS", default=5.0)
+# A fire older than this when the scheduler gets to it was missed (no
+# scheduler was running); the job's catch-up policy decides what happens.
+JOBSITE_MISFIRE_GRACE = env.int("JOBSITE_MISFIRE_GRACE", default=60)
+JOBSITE_CATCHUP_MAX = env.int("JOBSITE_CATCHUP_MAX", default=100)
 # The scheduler never sleeps longer than this, so edits take effect quickly.
 JOBSITE_SCHEDULER_MAX_SLEEP = env.float("JOBSITE_SCHEDULER_MAX_SLEEP", default=1.0)
 

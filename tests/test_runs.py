@@ -69,15 +69,15 @@ def test_timeout_marks_the_run_timed_out(make_job):
 
 def test_overlapping_run_is_skipped_with_reason(make_job):
     job = make_job()
-    first = services.run_create(job=job, trigger=Run.Trigger.MANUAL, enqueue=False)
-    second = services.run_create(job=job, trigger=Run.Trigger.SCHEDULE, enqueue=False)
+    first = services.run_create(job=job, trigger=Run.Trigger.MANUAL, here=True)
+    second = services.run_create(job=job, trigger=Run.Trigger.SCHEDULE, here=True)
     assert second.status == Run.Status.SKIPPED
     assert second.error_summary == f"run #{first.pk} still queued"
 
 
 def test_claim_under_skip_takes_the_slot_and_a_second_claim_is_skipped(make_job):
     job = make_job()
-    first = services.run_create(job=job, trigger=Run.Trigger.MANUAL, enqueue=False)
+    first = services.run_create(job=job, trigger=Run.Trigger.MANUAL, here=True)
     assert services.run_claim(run_id=first.pk, worker="w:1") is not None
     # A run that got past the creation check (e.g. created by a race).
     sneaky = Run.objects.create(
@@ -91,7 +91,7 @@ def test_claim_under_skip_takes_the_slot_and_a_second_claim_is_skipped(make_job)
 
 def test_a_redelivered_task_finds_nothing_to_claim(make_job):
     job = make_job()
-    run = services.run_create(job=job, trigger=Run.Trigger.MANUAL, enqueue=False)
+    run = services.run_create(job=job, trigger=Run.Trigger.MANUAL, here=True)
     assert services.run_claim(run_id=run.pk, worker="w:1") is not None
     assert services.run_claim(run_id=run.pk, worker="w:2") is None
     run.refresh_from_db()

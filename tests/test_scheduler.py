@@ -8,27 +8,27 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from django.db import IntegrityError, connection, transaction
 
-from jobs import services
+from jobs import clock, services
 from jobs.models import Job, Run
 
 T0 = datetime(2026, 6, 1, 12, 0, 30, tzinfo=UTC)
 
 
 def fire_all(now):
-    services.scheduler_sync(now=now)
-    return services.scheduler_fire_due(now=now)
+    clock.sync(now=now)
+    return clock.fire_due(now=now)
 
 
 def test_new_job_gets_its_next_fire_time_from_the_scheduler(make_job):
     job = make_job(schedule="*/5 * * * *")
-    services.scheduler_sync(now=T0)
+    clock.sync(now=T0)
     job.refresh_from_db()
     assert job.next_fire_at == datetime(2026, 6, 1, 12, 5, tzinfo=UTC)
 
 
 def test_due_fire_creates_one_scheduled_run_for_the_fire_time(make_job):
     job = make_job(schedule="*/5 * * * *")
-    services.scheduler_sync(now=T0)
+    clock.sync(now=T0)
     assert fire_all(T0) == []
     runs = fire_all(T0 + timedelta(minutes=5))
     assert len(runs) == 1
@@ -43,39 +43,39 @@ def test_due_fire_creates_one_scheduled_run_for_the_fire_time(make_job):
 
 def test_editing_the_schedule_takes_effect_at_the_next_tick(make_job):
     job = make_job(schedule="0 3 * * *")
-    services.scheduler_sync(now=T0)
+    clock.sync(now=T0)
     Job.objects.filter(pk=job.pk).update(schedule="*/10 * * * *")
-    services.scheduler_sync(now=T0)
+    clock.sync(now=T0)
     job.refresh_from_db()
     assert job.next_fire_at == datetime(2026, 6, 1, 12, 10, tzinfo=UTC)
 
 
 def test_editing_the_time_zone_takes_effect_at_the_next_tick(make_job):
     job = make_job(schedule="0 15 * * *")
-    services.scheduler_sync(now=T0)
+    clock.sync(now=T0)
     job.refresh_from_db()
     assert job.next_fire_at == datetime(2026, 6, 1, 15, 0, tzinfo=UTC)
     Job.objects.filter(pk=job.pk).update(timezone="America/New_York")
-    services.scheduler_sync(now=T0)
+    clock.sync(now=T0)
     job.refresh_from_db()
     assert job.next_fire_at == datetime(2026, 6, 1, 19, 0, tzinfo=UTC)
 
 
 def test_paused_job_does_not_fire_and_resumes_from_now(make_job):
     job = make_job(schedule="* * * * *")
-    services.scheduler_sync(now=T0)
+    clock.sync(now=T0)
     services.job_set_enabled(job=job, enabled=False)
     assert fire_all(T0 + timedelta(minutes=30)) == []
     services.job_set_enabled(job=job, enabled=True)
     later = T0 + timedelta(hours=1)
-    services.scheduler_sync(now=later)
+    clock.sync(now=later)
     job.refresh_from_db()
     assert job.next_fire_at == datetime(2026, 6, 1, 13, 1, tzinfo=UTC)
 
 
 def test_after_downtime_only_the_latest_missed_fire_runs(make_job):
     job = make_job(schedule="*/10 * * * *")
-    services.scheduler_sync(now=T0)
+    clock.sync(now=T0)
     runs = fire_all(T0 + timedelta(minutes=45))
     assert [r.scheduled_for for r in runs] == [datetime(2026, 6, 1, 12, 40, tzinfo=UTC)]
     job.refresh_from_db()
@@ -84,11 +84,11 @@ def test_after_downtime_only_the_latest_missed_fire_runs(make_job):
 
 def test_a_scheduler_with_a_stale_view_cannot_fire_the_same_time_again(make_job):
     job = make_job(schedule="*/5 * * * *")
-    services.scheduler_sync(now=T0)
+    clock.sync(now=T0)
     snapshot = Job.objects.get(pk=job.pk)
     now = T0 + timedelta(minutes=5)
-    assert services._fire(Job.objects.get(pk=job.pk), now) is not None
-    assert services._fire(snapshot, now) is None
+    assert len(clock.fire(Job.objects.get(pk=job.pk), now)) == 1
+    assert clock.fire(snapshot, now) == []
     assert Run.objects.filter(job=job).count() == 1
 
 
@@ -105,7 +105,7 @@ def test_unique_constraint_forbids_a_second_run_for_the_same_fire(make_job):
 def test_one_bad_schedule_does_not_block_the_others(make_job):
     bad = make_job(schedule="* * * * *")
     good = make_job(schedule="* * * * *")
-    services.scheduler_sync(now=T0)
+    clock.sync(now=T0)
     Job.objects.filter(pk=bad.pk).update(schedule="99 * * * *", fire_basis="99 * * * *|UTC")
     runs = fire_all(T0 + timedelta(minutes=1))
     assert [r.job_id for r in runs] == [good.pk]
@@ -113,7 +113,7 @@ def test_one_bad_schedule_does_not_block_the_others(make_job):
 
 def test_a_second_fire_while_running_is_skipped_with_reason(make_job):
     make_job(schedule="* * * * *")
-    services.scheduler_sync(now=T0)
+    clock.sync(now=T0)
     [first] = fire_all(T0 + timedelta(minutes=1))
     services.run_claim(run_id=first.pk, worker="w:1")
     [second] = fire_all(T0 + timedelta(minutes=2))
@@ -124,7 +124,7 @@ def test_a_second_fire_while_running_is_skipped_with_reason(make_job):
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_schedulers_fire_each_job_exactly_once(make_job):
     jobs = [make_job(schedule="* * * * *") for _ in range(15)]
-    services.scheduler_sync(now=T0)
+    clock.sync(now=T0)
     now = T0 + timedelta(minutes=1)
     errors: list[BaseException] = []
     barrier = threading.Barrier(4)
@@ -132,7 +132,7 @@ def test_concurrent_schedulers_fire_each_job_exactly_once(make_job):
     def scheduler():
         try:
             barrier.wait()
-            services.scheduler_fire_due(now=now)
+            clock.fire_due(now=now)
         except BaseException as exc:  # surfaced below
             errors.append(exc)
         finally:
@@ -152,7 +152,7 @@ def test_concurrent_schedulers_fire_each_job_exactly_once(make_job):
 
 def test_sleep_is_until_the_next_due_fire_but_never_longer_than_the_maximum(make_job):
     make_job(schedule="* * * * *")
-    services.scheduler_sync(now=T0)
-    assert services.scheduler_sleep_seconds(now=T0, max_sleep=1.0) == 1.0
+    clock.sync(now=T0)
+    assert clock.sleep_seconds(now=T0, max_sleep=1.0) == 1.0
     almost = datetime(2026, 6, 1, 12, 0, 59, 750000, tzinfo=UTC)
-    assert services.scheduler_sleep_seconds(now=almost, max_sleep=1.0) == pytest.approx(0.25)
+    assert clock.sleep_seconds(now=almost, max_sleep=1.0) == pytest.approx(0.25)

@@ -11,7 +11,7 @@ from django.core.management.base import BaseCommand
 from django.db import DatabaseError, close_old_connections, connections
 from django.utils import timezone
 
-from jobs import services
+from jobs import clock
 
 log = logging.getLogger("jobs.scheduler")
 
@@ -43,7 +43,7 @@ class Command(BaseCommand):
     def tick(self, max_sleep: float) -> float:
         close_old_connections()
         try:
-            for run in services.scheduler_tick():
+            for run in clock.tick():
                 log.info(
                     "fired %s for %s: run #%s %s",
                     run.job.slug,
@@ -51,7 +51,7 @@ class Command(BaseCommand):
                     run.pk,
                     run.status,
                 )
-            return services.scheduler_sleep_seconds(now=timezone.now(), max_sleep=max_sleep)
+            return clock.sleep_seconds(now=timezone.now(), max_sleep=max_sleep)
         except DatabaseError as exc:
             # A database restart must not kill the clock: retry shortly.
             log.warning("database unavailable, retrying: %s", exc)

@@ -1,0 +1,187 @@
+"""Jobsite's clock: next fire times, claiming due fires, catch-up, the sweeper.
+
+`manage.py scheduler` calls tick() in a loop. Several schedulers may run at
+once: every fire is claimed with a conditional UPDATE that advances the job's
+next_fire_at from the value read, and a unique constraint on (job,
+scheduled_for, attempt) for scheduled runs is the final guard.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db import IntegrityError, transaction
+from django.db.models import Min, Q, Value
+from django.db.models.functions import Concat
+from django.utils import timezone
+
+from jobs import scheduling, services
+from jobs.models import Job, MissedFires, Run
+
+log = logging.getLogger(__name__)
+
+TICK_KEY = "jobsite:scheduler:last-tick"
+SWEEP_KEY = "jobsite:scheduler:last-sweep"
+
+
+def sync(*, now: datetime) -> int:
+    """Recompute next_fire_at for jobs whose schedule or time zone changed
+    (or that were just created or resumed); clear it for paused and manual
+    jobs. Returns how many jobs changed."""
+    changed = (
+        Job.objects.filter(Q(enabled=False) | Q(schedule=""))
+        .exclude(next_fire_at=None, fire_basis="")
+        .update(next_fire_at=None, fire_basis="")
+    )
+    stale = (
+        Job.objects.filter(enabled=True)
+        .exclude(schedule="")
+        .exclude(fire_basis=Concat("schedule", Value("|"), "timezone"))
+    )
+    for job in stale:
+        try:
+            nxt = scheduling.next_fire_after(job.schedule, job.timezone, now)
+        except scheduling.ScheduleError as exc:
+            # One bad row must not stop the others (django-q2's does).
+            log.error("job %s: %s", job.slug, exc)
+            nxt = None
+        changed += Job.objects.filter(
+            pk=job.pk, schedule=job.schedule, timezone=job.timezone, fire_basis=job.fire_basis
+        ).update(next_fire_at=nxt, fire_basis=job.current_fire_basis)
+    return changed
+
+
+def fire_due(*, now: datetime) -> list[Run]:
+    """Claim every due fire and create its runs."""
+    runs: list[Run] = []
+    due = Job.objects.filter(enabled=True, next_fire_at__lte=now).exclude(schedule="")
+    for job in due:
+        try:
+            runs.extend(fire(job, now))
+        except scheduling.ScheduleError as exc:
+            log.error("job %s: %s", job.slug, exc)
+    return runs
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Fires not run: the first and last of them and how many."""
+
+    first: datetime
+    last: datetime
+    count: int
+
+
+def plan_fires(job: Job, now: datetime) -> tuple[list[datetime], Gap | None]:
+    """(fires to run, fires missed and not run) among the job's fires from
+    next_fire_at up to now, per its catch-up policy.
+
+    A fire is missed when it is older than JOBSITE_MISFIRE_GRACE: no
+    scheduler was running at the time. Fires within the grace just run.
+    """
+    cap = settings.JOBSITE_CATCHUP_MAX
+    first = job.next_fire_at
+    later, later_total = scheduling.fires_counted(
+        job.schedule, job.timezone, first, now, keep=cap + 1
+    )
+    # The oldest fires are not kept when there were more than cap + 1.
+    due = ([first] if later_total == len(later) else []) + later
+    cut = now - timedelta(seconds=settings.JOBSITE_MISFIRE_GRACE)
+    on_time = [f for f in due if f >= cut]
+    missed = [f for f in due if f < cut]
+    missed_total = 1 + later_total - len(on_time)
+    if not missed:
+        return on_time, None
+    if job.catchup == Job.Catchup.ALL:
+        run = missed[-cap:]
+        skipped = missed_total - len(run)
+        gap = Gap(first, missed[-len(run) - 1], skipped) if skipped else None
+        return run + on_time, gap
+    if job.catchup == Job.Catchup.LATEST and not on_time:
+        gap = Gap(first, missed[-2], missed_total - 1) if missed_total > 1 else None
+        return missed[-1:], gap
+    return on_time, Gap(first, missed[-1], missed_total)
+
+
+def fire(job: Job, now: datetime) -> list[Run]:
+    """Claim the job's due fires (one conditional UPDATE) and create their runs."""
+    to_run, gap = plan_fires(job, now)
+    nxt = scheduling.next_fire_after(job.schedule, job.timezone, now)
+    try:
+        with transaction.atomic():
+            claimed = Job.objects.filter(
+                pk=job.pk, next_fire_at=job.next_fire_at, fire_basis=job.fire_basis
+            ).update(next_fire_at=nxt)
+            if not claimed:
+                return []
+            if gap:
+                MissedFires.objects.create(
+                    job=job,
+                    first=gap.first,
+                    last=gap.last,
+                    count=gap.count,
+                    policy=job.catchup,
+                    recorded_at=now,
+                )
+            if len(to_run) <= 1:
+                return [
+                    services.run_create(
+                        job=job, trigger=Run.Trigger.SCHEDULE, scheduled_for=at, now=now
+                    )
+                    for at in to_run
+                ]
+            return _catch_up(job, to_run, now)
+    except IntegrityError:
+        return []  # another scheduler created these runs
+
+
+def _catch_up(job: Job, fires: list[datetime], now: datetime) -> list[Run]:
+    """Several fires at once (catchup=all): one waiting run each, oldest
+    first; the dispatcher starts them one after another (or together when
+    the job allows overlap)."""
+    runs = [
+        Run.objects.create(
+            job=job,
+            trigger=Run.Trigger.SCHEDULE,
+            scheduled_for=at,
+            queued_at=now,
+            status=Run.Status.QUEUED,
+        )
+        for at in fires
+    ]
+    services.dispatch_waiting(now=now, job=job)
+    return runs
+
+
+def next_due() -> datetime | None:
+    return Job.objects.filter(enabled=True, next_fire_at__isnull=False).aggregate(
+        due=Min("next_fire_at")
+    )["due"]
+
+
+def tick(*, now: datetime | None = None) -> list[Run]:
+    """One pass of the clock: pick up edits, fire what is due, sweep now and
+    then, say we are alive."""
+    now = now or timezone.now()
+    sync(now=now)
+    runs = fire_due(now=now)
+    last_sweep = cache.get(SWEEP_KEY)
+    if last_sweep is None or (now.timestamp() - last_sweep) >= settings.JOBSITE_SWEEP_SECONDS:
+        cache.set(SWEEP_KEY, now.timestamp(), timeout=None)
+        swept = services.sweep(now=now)
+        if any(swept.values()):
+            log.info("sweep: %s", swept)
+    cache.set(TICK_KEY, now.isoformat(), timeout=None)
+    return runs
+
+
+def sleep_seconds(*, now: datetime, max_sleep: float) -> float:
+    """How long the clock may sleep: until the next due fire, at most max_sleep."""
+    due = next_due()
+    if due is None:
+        return max_sleep
+    return max(0.0, min(max_sleep, (due - now).total_seconds()))
