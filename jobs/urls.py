@@ -8,5 +8,9 @@ urlpatterns = [
     path("", views.overview, name="jobs-overview"),
     path("health/", views.health, name="jobs-health"),
     path("jobs/<slug:slug>/", views.job_detail, name="jobs-job-detail"),
+    path("jobs/<slug:slug>/run/", views.job_run, name="jobs-job-run"),
     path("runs/<int:pk>/", views.run_detail, name="jobs-run-detail"),
+    path("runs/<int:pk>/log/", views.run_log, name="jobs-run-log"),
+    path("runs/<int:pk>/log/download/", views.run_log_download, name="jobs-run-log-download"),
+    path("runs/<int:pk>/rerun/", views.run_rerun, name="jobs-run-rerun"),
 ]

@@ -1,8 +1,41 @@
+"""The dashboard pages: thin views over models, runlog and services.
+
+Every page needs a login except /health/. Reads are bounded whatever the
+history holds: the overview reads a fixed number of recent runs per job, the
+job page pages its history by id (keyset) instead of COUNT(*) + OFFSET.
+"""
+
 from __future__ import annotations
 
-from django.contrib.auth.decorators import login_required
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required, permission_required
 from django.db import connection
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.db.models import OuterRef, QuerySet, Subquery
+from django.db.models.functions import Coalesce
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBadRequest,
+    JsonResponse,
+    StreamingHttpResponse,
+)
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_POST
+
+from jobs import runlog, services
+from jobs.models import Job, Run, RunLogChunk
+
+STRIP_LENGTH = 20  # recent runs per job on the overview
+HISTORY_PAGE_SIZE = 25
+NEXT_FIRES = 5
+# The stored log is already bounded (head + tail caps); this only guards the
+# page against a cap configured far larger.
+INLINE_LOG_CHARS = 1024 * 1024
 
 
 def health(request: HttpRequest) -> JsonResponse:
@@ -14,16 +47,296 @@ def health(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"database": ok}, status=200 if ok else 503)
 
 
+# --- Overview ------------------------------------------------------------------
+
+
+@dataclass
+class JobRow:
+    """A job with its most recent runs, newest first (at most STRIP_LENGTH)."""
+
+    job: Job
+    recent: list[Run] = field(default_factory=list)
+    next_fire: datetime | None = None
+
+    @property
+    def last_run(self) -> Run | None:
+        return self.recent[0] if self.recent else None
+
+    @property
+    def strip(self) -> list[Run]:
+        return list(reversed(self.recent))
+
+    @property
+    def status(self) -> str:
+        """running/queued while a run is active, else the last run's status."""
+        active = {r.status for r in self.recent if r.is_active}
+        for status in (Run.Status.RUNNING, Run.Status.QUEUED):
+            if status in active:
+                return status
+        return self.last_run.status if self.last_run else "never"
+
+    @property
+    def is_failing(self) -> bool:
+        """The latest run that ran to an end failed (skips say nothing about health)."""
+        for run in self.recent:
+            if run.is_active or run.status == Run.Status.SKIPPED:
+                continue
+            return run.is_failure
+        return False
+
+
+def _recent_runs(job_ids: list[int]) -> dict[int, list[Run]]:
+    """The latest STRIP_LENGTH runs of each job, in one query.
+
+    For each job a correlated subquery finds the id of its STRIP_LENGTH-th
+    latest run, and the join reads only the runs from that id on: range
+    scans on run_job_recent_idx (job, -id) driven by the job table, so the
+    cost is jobs x STRIP_LENGTH whatever the length of the history. The
+    explicit `pk IN (...)` makes SQLite (which has no table statistics
+    unless ANALYZE ran) drive the join from jobs: without it, it scanned all
+    runs (0.5 s for 800k runs vs 3 ms). A window function would number every
+    run first; an OR of per-job ranges hits SQLite's expression depth limit
+    at ~1000 jobs.
+    """
+    nth_latest = (
+        Run.objects.filter(job=OuterRef("pk"))
+        .order_by("-id")
+        .values("id")[STRIP_LENGTH - 1 : STRIP_LENGTH]
+    )
+    rows = (
+        Job.objects.filter(pk__in=job_ids, runs__id__gte=Coalesce(Subquery(nth_latest), 0))
+        .order_by()
+        .values_list(
+            "pk",
+            "runs__id",
+            "runs__status",
+            "runs__queued_at",
+            "runs__started_at",
+            "runs__finished_at",
+        )
+    )
+    recent: dict[int, list[Run]] = {}
+    for job_id, run_id, status, queued_at, started_at, finished_at in rows:
+        run = Run(
+            id=run_id,
+            job_id=job_id,
+            status=status,
+            queued_at=queued_at,
+            started_at=started_at,
+            finished_at=finished_at,
+        )
+        recent.setdefault(job_id, []).append(run)
+    for runs in recent.values():
+        runs.sort(key=lambda r: r.pk, reverse=True)
+    return recent
+
+
 @login_required
+@require_GET
 def overview(request: HttpRequest) -> HttpResponse:
-    return HttpResponse("overview")
+    now = timezone.now()
+    jobs = list(Job.objects.order_by("name"))
+    recent = _recent_runs([job.pk for job in jobs])
+    rows = [
+        JobRow(job=job, recent=recent.get(job.pk, []), next_fire=_next_fire(job, now))
+        for job in jobs
+    ]
+    counts = {
+        "running": sum(1 for r in rows if r.status == Run.Status.RUNNING),
+        "failing": sum(1 for r in rows if r.is_failing),
+        "paused": sum(1 for r in rows if not r.job.enabled),
+    }
+    return render(request, "jobs/overview.html", {"rows": rows, "counts": counts, "now": now})
+
+
+def _next_fire(job: Job, now: datetime) -> datetime | None:
+    """The scheduler's next_fire_at; computed (no I/O) until the scheduler has synced."""
+    if not job.enabled or not job.schedule:
+        return None
+    if job.next_fire_at and job.fire_basis == job.current_fire_basis:
+        return job.next_fire_at
+    fires = job.next_fire_times(now, 1)
+    return fires[0].at if fires else None
+
+
+# --- Job page ------------------------------------------------------------------
+
+
+@dataclass
+class HistoryPage:
+    runs: list[Run]
+    older: int | None  # ?before= for the next (older) page
+    newer: int | None  # ?after= for the previous (newer) page
+
+
+def _history_page(runs: QuerySet[Run], *, before: int | None, after: int | None) -> HistoryPage:
+    """Keyset pagination on id, newest first: never COUNT(*)s the history."""
+    size = HISTORY_PAGE_SIZE
+    if after is not None:
+        page = list(runs.filter(id__gt=after).order_by("id")[: size + 1])
+        has_newer = len(page) > size
+        page = list(reversed(page[:size]))
+        return HistoryPage(
+            runs=page,
+            older=page[-1].pk if page else after + 1,
+            newer=page[0].pk if page and has_newer else None,
+        )
+    if before is not None:
+        runs = runs.filter(id__lt=before)
+    page = list(runs.order_by("-id")[: size + 1])
+    has_older = len(page) > size
+    page = page[:size]
+    return HistoryPage(
+        runs=page,
+        older=page[-1].pk if page and has_older else None,
+        newer=page[0].pk if page and before is not None else None,
+    )
+
+
+def _int_param(request: HttpRequest, name: str) -> int | None:
+    """A non-negative whole-number query parameter; ValueError with a message if malformed."""
+    raw = request.GET.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise ValueError(f"?{name}= must be a run id (a whole number), not {raw!r}.")
+    return int(raw)
 
 
 @login_required
+@require_GET
 def job_detail(request: HttpRequest, slug: str) -> HttpResponse:
-    return HttpResponse(slug)
+    job = get_object_or_404(Job, slug=slug)
+    status = request.GET.get("status", "")
+    if status and status not in Run.Status.values:
+        return HttpResponseBadRequest(
+            f"Unknown status {status!r}; use one of {', '.join(Run.Status.values)}.",
+            content_type="text/plain",
+        )
+    try:
+        before, after = _int_param(request, "before"), _int_param(request, "after")
+    except ValueError as exc:
+        return HttpResponseBadRequest(str(exc), content_type="text/plain")
+    runs = job.runs.select_related("triggered_by")
+    if status:
+        runs = runs.filter(status=status)
+    now = timezone.now()
+    context = {
+        "job": job,
+        "environment": sorted(job.masked_environment().items()),
+        "next_fires": job.next_fire_times(now, NEXT_FIRES) if job.enabled else [],
+        "upcoming_if_resumed": [] if job.enabled else job.next_fire_times(now, NEXT_FIRES),
+        "history": _history_page(runs, before=before, after=after),
+        "status": status,
+        "statuses": Run.Status.choices,
+        "now": now,
+    }
+    return render(request, "jobs/job_detail.html", context)
 
 
 @login_required
+@require_POST
+@permission_required("jobs.run_job", raise_exception=True)
+def job_run(request: HttpRequest, slug: str) -> HttpResponse:
+    job = get_object_or_404(Job, slug=slug)
+    run = services.run_create(job=job, trigger=Run.Trigger.MANUAL, by=request.user)
+    _say_what_happened(request, run)
+    return redirect(run)
+
+
+def _say_what_happened(request: HttpRequest, run: Run) -> None:
+    if run.status == Run.Status.SKIPPED:
+        messages.warning(request, f"Run #{run.pk} was skipped: {run.error_summary}.")
+    else:
+        messages.success(request, f"Run #{run.pk} of {run.job.name} is queued.")
+
+
+# --- Run page ------------------------------------------------------------------
+
+
+def _run_or_404(pk: int) -> Run:
+    return get_object_or_404(Run.objects.select_related("job", "triggered_by", "rerun_of"), pk=pk)
+
+
+def _inline_log(run: Run) -> tuple[str, int, bool]:
+    """(text, last seq, truncated) of the stored log, at most INLINE_LOG_CHARS."""
+    parts: list[str] = []
+    size, last_seq = 0, 0
+    for seq, text in runlog.iter_log(run):
+        if size + len(text) > INLINE_LOG_CHARS:
+            parts.append(text[: INLINE_LOG_CHARS - size])
+            # The live tail continues after everything stored so far.
+            last_seq = (
+                RunLogChunk.objects.filter(run=run).order_by("-seq").values_list("seq", flat=True)
+            ).first() or seq
+            return "".join(parts), last_seq, True
+        parts.append(text)
+        size += len(text)
+        last_seq = seq
+    return "".join(parts), last_seq, False
+
+
+@login_required
+@require_GET
 def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
-    return HttpResponse(str(pk))
+    run = _run_or_404(pk)
+    now = timezone.now()
+    log_text, last_seq, truncated = _inline_log(run)
+    context = {
+        "run": run,
+        "job": run.job,
+        "duration": run.duration(now),
+        "environment": sorted(run.environment.items()),
+        "log_text": log_text,
+        "last_seq": last_seq,
+        "log_truncated": truncated,
+        "now": now,
+    }
+    return render(request, "jobs/run_detail.html", context)
+
+
+@login_required
+@require_GET
+def run_log(request: HttpRequest, pk: int) -> HttpResponse:
+    """The live tail: log text after ?after=<seq>, plus the run's current status."""
+    run = _run_or_404(pk)
+    try:
+        after = _int_param(request, "after") or 0
+    except ValueError as exc:
+        return HttpResponseBadRequest(str(exc), content_type="text/plain")
+    last_seq, parts = after, []
+    for seq, text in runlog.iter_log(run, after_seq=after):
+        parts.append(text)
+        last_seq = seq
+    context = {
+        "run": run,
+        "text": "".join(parts),
+        "last_seq": last_seq,
+        "duration": run.duration(timezone.now()),
+    }
+    return render(request, "jobs/_run_log_fragment.html", context)
+
+
+@login_required
+@require_GET
+def run_log_download(request: HttpRequest, pk: int) -> StreamingHttpResponse:
+    run = _run_or_404(pk)
+    response = StreamingHttpResponse(_log_texts(run), content_type="text/plain; charset=utf-8")
+    filename = f"{run.job.slug}-run-{run.pk}.log"
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+def _log_texts(run: Run) -> Iterator[str]:
+    for _seq, text in runlog.iter_log(run):
+        yield text
+
+
+@login_required
+@require_POST
+@permission_required("jobs.run_job", raise_exception=True)
+def run_rerun(request: HttpRequest, pk: int) -> HttpResponse:
+    run = _run_or_404(pk)
+    new = services.run_rerun(run=run, by=request.user)
+    _say_what_happened(request, new)
+    return redirect(new)

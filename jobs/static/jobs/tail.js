@@ -1,0 +1,34 @@
+// Live tail of a running run's log: poll the fragment endpoint every second,
+// append what is new, reload the page once the run has finished.
+(function () {
+  "use strict";
+  var log = document.getElementById("run-log");
+  if (!log || !log.dataset.tailUrl) return;
+
+  function poll() {
+    var url = log.dataset.tailUrl + "?after=" + encodeURIComponent(log.dataset.lastSeq);
+    fetch(url, { credentials: "same-origin" })
+      .then(function (response) {
+        if (!response.ok) throw new Error(response.status);
+        return response.text();
+      })
+      .then(function (html) {
+        var tail = new DOMParser().parseFromString(html, "text/html").getElementById("tail");
+        var text = tail.querySelector(".tail-text").textContent;
+        if (text) {
+          var atBottom = window.innerHeight + window.scrollY >= document.body.scrollHeight - 20;
+          log.appendChild(document.createTextNode(text));
+          if (atBottom) window.scrollTo(0, document.body.scrollHeight);
+        }
+        log.dataset.lastSeq = tail.dataset.lastSeq;
+        document.getElementById("run-status").replaceChildren(
+          document.importNode(tail.querySelector(".tail-status .badge"), true));
+        document.getElementById("run-duration").textContent =
+          tail.querySelector(".tail-duration").textContent || "—";
+        if (tail.dataset.final === "1") window.location.reload();
+        else setTimeout(poll, 1000);
+      })
+      .catch(function () { setTimeout(poll, 3000); });
+  }
+  setTimeout(poll, 1000);
+})();

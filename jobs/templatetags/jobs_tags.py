@@ -1,0 +1,106 @@
+"""Small formatting helpers for the dashboard: durations, times, status badges."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django import template
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
+from jobs import scheduling
+from jobs.models import Run
+
+register = template.Library()
+
+# Status -> colour family (the CSS classes in jobs/static/jobs/jobsite.css).
+STATUS_TONES = {
+    Run.Status.SUCCEEDED: "ok",
+    Run.Status.FAILED: "bad",
+    Run.Status.TIMED_OUT: "bad",
+    Run.Status.LOST: "bad",
+    Run.Status.RUNNING: "busy",
+    Run.Status.QUEUED: "idle",
+    Run.Status.SKIPPED: "warn",
+    Run.Status.CANCELLED: "warn",
+}
+
+
+def status_label(status: str) -> str:
+    if status in Run.Status.values:
+        return Run.Status(status).label
+    return "Never run" if status == "never" else status
+
+
+@register.filter
+def duration(value: timedelta | None) -> str:
+    """'< 0.1 s', '0.4 s', '12.0 s', '3 min 4 s', '2 h 5 min', '3 d 4 h'; '' for None."""
+    if value is None:
+        return ""
+    seconds = value.total_seconds()
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    if 0 < seconds < 0.05:
+        return "< 0.1 s"
+    if seconds < 60:
+        return f"{sign}{seconds:.1f} s"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{sign}{days} d {hours} h"
+    if hours:
+        return f"{sign}{hours} h {minutes} min"
+    return f"{sign}{minutes} min {secs} s"
+
+
+def _offset(moment: datetime) -> str:
+    offset = moment.utcoffset() or timedelta()
+    minutes = int(offset.total_seconds() // 60)
+    sign = "-" if minutes < 0 else "+"
+    hours, mins = divmod(abs(minutes), 60)
+    return f"{sign}{hours:02d}:{mins:02d}"
+
+
+@register.filter
+def stamp(value: datetime | None) -> str:
+    """A moment in the site's TIME_ZONE with its offset: '2027-03-28 03:00:05 +02:00'."""
+    if value is None:
+        return ""
+    local = timezone.localtime(value)
+    return f"{local:%Y-%m-%d %H:%M:%S} {_offset(local)}"
+
+
+@register.filter
+def in_zone(value: datetime | None, zone_name: str) -> str:
+    """A moment in a job's own time zone: 'Sun 2027-03-28 03:00 CEST (+02:00)'."""
+    if value is None:
+        return ""
+    local = value.astimezone(scheduling.zone(zone_name))
+    return f"{local:%a %Y-%m-%d %H:%M} {local.tzname()} ({_offset(local)})"
+
+
+@register.simple_tag
+def status_badge(status: str) -> SafeString:
+    return format_html(
+        '<span class="badge tone-{}" data-status="{}">{}</span>',
+        STATUS_TONES.get(status, "idle"),
+        status,
+        status_label(status),
+    )
+
+
+@register.simple_tag
+def strip_square(run: Run) -> SafeString:
+    """One run as a small coloured square linking to it; the title says what and when."""
+    when = run.started_at or run.queued_at
+    return format_html(
+        '<a class="sq tone-{}" href="{}" title="#{} {} · {}"></a>',
+        STATUS_TONES.get(run.status, "idle"),
+        run.get_absolute_url(),
+        run.pk,
+        status_label(run.status),
+        stamp(when),
+    )

@@ -1,0 +1,483 @@
+"""The dashboard pages: overview, job page, run page, log tail and download."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import time_machine
+from django.test import override_settings
+from django.urls import reverse
+from django.utils import timezone
+
+from jobs import services
+from jobs.models import Job, Run, RunLogChunk
+from jobs.templatetags.jobs_tags import duration
+from tests.conftest import chromium_path
+
+
+def make_runs(job: Job, statuses: list[str], *, start: datetime | None = None) -> list[Run]:
+    """Finished manual runs of `job`, oldest first, one minute apart."""
+    start = start or timezone.now() - timedelta(days=1)
+    runs = []
+    for i, status in enumerate(statuses):
+        at = start + timedelta(minutes=i)
+        runs.append(
+            Run(
+                job=job,
+                status=status,
+                trigger=Run.Trigger.MANUAL,
+                scheduled_for=at,
+                queued_at=at,
+                started_at=at + timedelta(seconds=1),
+                finished_at=at + timedelta(seconds=3),
+                exit_code=0 if status == Run.Status.SUCCEEDED else 1,
+            )
+        )
+    return Run.objects.bulk_create(runs)
+
+
+def text_of(response) -> str:
+    return b"".join(response.streaming_content).decode()
+
+
+# --- Login ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path", ["/", "/jobs/x/", "/runs/1/", "/runs/1/log/", "/runs/1/log/download/"]
+)
+def test_anonymous_visitor_is_sent_to_login(client, db, path):
+    response = client.get(path)
+
+    assert response.status_code == 302
+    assert response["Location"] == f"/accounts/login/?next={path}"
+
+
+def test_login_page_renders_a_form(client, db):
+    response = client.get("/accounts/login/?next=/")
+
+    assert response.status_code == 200
+    assert 'name="password"' in response.content.decode()
+
+
+def test_health_works_without_login(client, db):
+    response = client.get("/health/")
+
+    assert response.status_code == 200
+    assert response.json() == {"database": True}
+
+
+def test_logout_is_a_post_form(admin_client):
+    html = admin_client.get("/").content.decode()
+
+    assert re.search(r'<form[^>]*method="post"[^>]*action="/accounts/logout/"', html)
+
+
+# --- Overview -------------------------------------------------------------------
+
+
+def test_overview_shows_each_job_with_status_schedule_and_strip(admin_client, make_job):
+    nightly = make_job(name="nightly-export", schedule="15 2 * * *", timezone="Europe/Berlin")
+    broken = make_job(name="broken-import", schedule="*/5 * * * *")
+    make_job(name="by-hand")
+    make_job(name="on-hold", schedule="@daily", enabled=False)
+    make_runs(nightly, [Run.Status.FAILED, Run.Status.SUCCEEDED])
+    bad = make_runs(broken, [Run.Status.SUCCEEDED, Run.Status.TIMED_OUT])
+
+    html = admin_client.get("/").content.decode()
+
+    rows = dict(re.findall(r'<tr data-job="([^"]+)">(.*?)</tr>', html, re.S))
+    assert set(rows) == {"nightly-export", "broken-import", "by-hand", "on-hold"}
+    assert 'data-status="succeeded"' in rows["nightly-export"]
+    assert "At 02:15 (Europe/Berlin)" in rows["nightly-export"]
+    assert 'data-status="timed_out"' in rows["broken-import"]
+    assert f'href="/runs/{bad[1].pk}/"' in rows["broken-import"]
+    assert rows["broken-import"].count('class="sq ') == 2
+    assert 'class="sq tone-bad"' in rows["broken-import"]
+    assert "Never run" in rows["by-hand"] and "manual" in rows["by-hand"]
+    assert "paused" in rows["on-hold"]
+    assert re.search(r"<strong>1</strong> failing", html)
+    assert re.search(r"<strong>1</strong> paused", html)
+
+
+def test_overview_counts_running_jobs(admin_client, make_job):
+    job = make_job()
+    run = make_runs(job, [Run.Status.SUCCEEDED])[0]
+    Run.objects.filter(pk=run.pk).update(status=Run.Status.RUNNING, finished_at=None)
+
+    html = admin_client.get("/").content.decode()
+
+    assert re.search(r"<strong>1</strong> running", html)
+    assert 'data-status="running"' in html
+
+
+def test_overview_query_count_does_not_grow_with_jobs_or_runs(
+    admin_client, make_job, django_assert_max_num_queries
+):
+    admin_client.get("/")  # session and user lookups warm up
+    for _ in range(30):
+        make_runs(make_job(schedule="* * * * *"), [Run.Status.SUCCEEDED] * 29 + ["failed"])
+
+    with django_assert_max_num_queries(5):
+        html = admin_client.get("/").content.decode()
+
+    # Each strip is capped at the 20 latest runs, newest (the failure) last.
+    assert html.count('class="sq ') == 30 * 20
+    assert re.search(r"<strong>30</strong> failing", html)
+
+
+# --- Job page ---------------------------------------------------------------------
+
+
+def test_job_page_lists_next_five_fires_in_job_zone_with_dst_note(client, make_user, make_job):
+    job = make_job(name="berlin", schedule="30 2 * * *", timezone="Europe/Berlin")
+    # Log in inside the frozen time, or the session would have expired by then.
+    with time_machine.travel(datetime(2027, 3, 26, 12, 0, tzinfo=UTC), tick=False):
+        client.force_login(make_user(superuser=True))
+        html = client.get(job.get_absolute_url()).content.decode()
+
+    fires = re.findall(r"<time [^>]*>([^<]+)</time>", html)
+    assert fires == [
+        "Sat 2027-03-27 02:30 CET (+01:00)",
+        "Sun 2027-03-28 03:00 CEST (+02:00)",
+        "Mon 2027-03-29 02:30 CEST (+02:00)",
+        "Tue 2027-03-30 02:30 CEST (+02:00)",
+        "Wed 2027-03-31 02:30 CEST (+02:00)",
+    ]
+    assert "02:30 does not exist that day (DST); fires at 03:00" in html
+    assert "<code>30 2 * * *</code> in Europe/Berlin" in html
+
+
+def test_job_page_shows_definition_with_secret_masked(admin_client, make_job):
+    job = make_job(
+        name="exporter",
+        command="curl -H 'x: $TOKEN' https://example.com",
+        environment={"TOKEN": "s3cr3t-value", "TARGET": "reports"},
+        secret_keys=["TOKEN"],
+        owner="data-team",
+        tags="etl, nightly",
+    )
+
+    html = admin_client.get(job.get_absolute_url()).content.decode()
+
+    assert "s3cr3t-value" not in html
+    assert "••••••" in html and "reports" in html
+    assert "data-team" in html and ">nightly<" in html
+    assert "Manual only" in html
+
+
+def test_job_history_pages_by_id_without_counting(
+    admin_client, make_job, django_assert_max_num_queries
+):
+    job = make_job()
+    runs = make_runs(job, [Run.Status.SUCCEEDED] * 60)
+    ids = [r.pk for r in reversed(runs)]  # newest first
+
+    def shown(html: str) -> list[int]:
+        return [int(n) for n in re.findall(r'<td><a href="/runs/\d+/">#(\d+)</a></td>', html)]
+
+    with django_assert_max_num_queries(4) as queries:
+        first = admin_client.get(job.get_absolute_url()).content.decode()
+    assert not any("COUNT(" in q["sql"].upper() for q in queries.captured_queries)
+    assert shown(first) == ids[:25]
+    assert f"?before={ids[24]}" in first and "Newer" not in first
+
+    second = admin_client.get(f"{job.get_absolute_url()}?before={ids[24]}").content.decode()
+    assert shown(second) == ids[25:50]
+    third = admin_client.get(f"{job.get_absolute_url()}?before={ids[49]}").content.decode()
+    assert shown(third) == ids[50:]
+    assert "Older" not in third
+
+    back = admin_client.get(f"{job.get_absolute_url()}?after={ids[25]}").content.decode()
+    assert shown(back) == ids[:25]
+
+
+def test_job_history_filters_by_status(admin_client, make_job):
+    job = make_job()
+    runs = make_runs(job, [Run.Status.SUCCEEDED, Run.Status.FAILED] * 20)
+    failed = [r.pk for r in reversed(runs) if r.status == Run.Status.FAILED]
+
+    html = admin_client.get(f"{job.get_absolute_url()}?status=failed").content.decode()
+
+    shown = [int(n) for n in re.findall(r'<td><a href="/runs/\d+/">#(\d+)</a></td>', html)]
+    assert shown == failed
+    assert '<option value="failed" selected>' in html
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [("status=exploded", "Unknown status"), ("before=abc", "whole number")],
+)
+def test_job_page_rejects_bad_filters_with_a_message(admin_client, make_job, query, message):
+    job = make_job()
+
+    response = admin_client.get(f"{job.get_absolute_url()}?{query}")
+
+    assert response.status_code == 400
+    assert message in response.content.decode()
+
+
+def test_unknown_job_and_run_are_not_found(admin_client, db):
+    assert admin_client.get("/jobs/no-such-job/").status_code == 404
+    assert admin_client.get("/runs/999999/").status_code == 404
+    assert admin_client.get("/runs/999999/log/").status_code == 404
+    assert admin_client.get("/runs/999999/log/download/").status_code == 404
+    assert admin_client.post("/jobs/no-such-job/run/").status_code == 404
+
+
+# --- Run now and rerun ---------------------------------------------------------------
+
+
+def test_run_now_is_post_only(client, make_job, make_user):
+    job = make_job()
+    client.force_login(make_user(perms=("jobs.run_job",)))
+
+    response = client.get(reverse("jobs-job-run", args=[job.slug]))
+
+    assert response.status_code == 405
+    assert not job.runs.exists()
+
+
+def test_run_now_needs_the_run_permission(client, make_job, make_user):
+    job = make_job()
+    client.force_login(make_user())
+
+    page = client.get(job.get_absolute_url()).content.decode()
+    response = client.post(reverse("jobs-job-run", args=[job.slug]))
+
+    assert response.status_code == 403
+    assert not job.runs.exists()
+    assert reverse("jobs-job-run", args=[job.slug]) not in page
+    assert re.search(r"<button[^>]*disabled[^>]*>Run now</button>", page)
+
+
+def test_run_now_creates_a_manual_run_by_the_user(client, make_job, make_user):
+    job = make_job()
+    user = make_user(perms=("jobs.run_job",))
+    client.force_login(user)
+
+    response = client.post(reverse("jobs-job-run", args=[job.slug]), follow=True)
+
+    run = job.runs.get()
+    assert (run.trigger, run.triggered_by, run.status) == ("manual", user, "queued")
+    assert response.redirect_chain == [(run.get_absolute_url(), 302)]
+    assert f"Run #{run.pk} of {job.name} is queued." in response.content.decode()
+
+
+def test_rerun_creates_a_run_for_the_same_logical_time(client, make_job, make_user):
+    job = make_job()
+    original = make_runs(job, [Run.Status.FAILED])[0]
+    user = make_user(perms=("jobs.run_job",))
+    client.force_login(user)
+
+    assert client.get(reverse("jobs-run-rerun", args=[original.pk])).status_code == 405
+    response = client.post(reverse("jobs-run-rerun", args=[original.pk]))
+
+    rerun = job.runs.exclude(pk=original.pk).get()
+    assert response["Location"] == rerun.get_absolute_url()
+    assert (rerun.trigger, rerun.rerun_of, rerun.triggered_by) == ("rerun", original, user)
+    assert rerun.scheduled_for == original.scheduled_for
+    html = client.get(rerun.get_absolute_url()).content.decode()
+    assert f'rerun of <a href="/runs/{original.pk}/">#{original.pk}</a>' in html
+
+
+def test_rerun_needs_the_run_permission(client, make_job, make_user):
+    original = make_runs(make_job(), [Run.Status.FAILED])[0]
+    client.force_login(make_user())
+
+    assert client.post(reverse("jobs-run-rerun", args=[original.pk])).status_code == 403
+    assert Run.objects.count() == 1
+
+
+# --- Run page -------------------------------------------------------------------------
+
+
+def test_run_page_shows_timings_lateness_exit_code_and_who(admin_client, make_job, make_user):
+    job = make_job(name="late-one")
+    alice = make_user("alice")
+    scheduled = datetime(2027, 1, 5, 2, 15, tzinfo=UTC)
+    run = Run.objects.create(
+        job=job,
+        status=Run.Status.FAILED,
+        trigger=Run.Trigger.MANUAL,
+        triggered_by=alice,
+        scheduled_for=scheduled,
+        queued_at=scheduled,
+        started_at=scheduled + timedelta(seconds=74),
+        finished_at=scheduled + timedelta(seconds=74 + 184),
+        exit_code=3,
+        worker="box:123",
+        error_summary="Exit code 3",
+        command="exit 3",
+    )
+
+    html = admin_client.get(run.get_absolute_url()).content.decode()
+
+    assert "Manual by alice" in html
+    assert "1 min 14 s after scheduled time" in html
+    assert "3 min 4 s" in html
+    assert "<dt>Exit code</dt><dd>3</dd>" in html
+    assert "2027-01-05 02:15:00 +00:00" in html
+    assert "box:123" in html and "Exit code 3" in html
+    assert 'data-status="failed"' in html
+    assert "data-tail-url" not in html and "tail.js" not in html
+
+
+def test_secret_is_masked_on_run_page_and_in_download(admin_client, make_job):
+    job = make_job(
+        command='echo "token is $TOKEN"',
+        environment={"TOKEN": "s3cr3t-value"},
+        secret_keys=["TOKEN"],
+    )
+    run = services.run_foreground(job=job, echo=lambda s: None)
+    assert run.status == Run.Status.SUCCEEDED
+
+    html = admin_client.get(run.get_absolute_url()).content.decode()
+    download = text_of(admin_client.get(reverse("jobs-run-log-download", args=[run.pk])))
+
+    assert "s3cr3t-value" not in html and "s3cr3t-value" not in download
+    assert "token is ••••••" in html
+    assert download == "token is ••••••\n"
+    assert re.search(r"<th>TOKEN</th><td><code>••••••</code>", html)
+    assert "<th>JOBSITE_RUN_ID</th>" in html
+
+
+@override_settings(JOBSITE_LOG_HEAD_BYTES=100, JOBSITE_LOG_TAIL_BYTES=200)
+def test_log_download_is_the_full_stored_log_with_dropped_marker(admin_client, make_job):
+    job = make_job(slug="chatty", name="chatty", command="seq 1 5000")
+    run = services.run_foreground(job=job, echo=lambda s: None)
+
+    response = admin_client.get(reverse("jobs-run-log-download", args=[run.pk]))
+    log = text_of(response)
+
+    assert response["Content-Type"] == "text/plain; charset=utf-8"
+    assert response["Content-Disposition"] == f'attachment; filename="chatty-run-{run.pk}.log"'
+    assert log.startswith("1\n2\n3\n")
+    assert log.endswith("4999\n5000\n")
+    assert f"{run.log_dropped_bytes:,} bytes of output dropped" in log
+    assert run.log_dropped_bytes > 0
+    assert "bytes of output dropped" in admin_client.get(run.get_absolute_url()).content.decode()
+
+
+def test_log_is_shown_escaped(admin_client, make_job):
+    job = make_job(command="echo '<script>alert(1)</script>'")
+    run = services.run_foreground(job=job, echo=lambda s: None)
+
+    html = admin_client.get(run.get_absolute_url()).content.decode()
+
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+# --- Live tail ---------------------------------------------------------------------------
+
+
+def running_run_with_chunks(job: Job, texts: list[str]) -> Run:
+    now = timezone.now()
+    run = Run.objects.create(
+        job=job,
+        status=Run.Status.RUNNING,
+        trigger=Run.Trigger.MANUAL,
+        scheduled_for=now - timedelta(seconds=5),
+        queued_at=now - timedelta(seconds=5),
+        started_at=now - timedelta(seconds=4),
+    )
+    RunLogChunk.objects.bulk_create(
+        RunLogChunk(run=run, seq=i, is_head=True, data=text, size=len(text))
+        for i, text in enumerate(texts, start=1)
+    )
+    return run
+
+
+def test_running_run_page_tails_its_log(admin_client, make_job):
+    run = running_run_with_chunks(make_job(), ["one\n", "two\n"])
+
+    html = admin_client.get(run.get_absolute_url()).content.decode()
+
+    assert f'data-tail-url="/runs/{run.pk}/log/"' in html
+    assert 'data-last-seq="2">one\ntwo\n</pre>' in html
+    assert "jobs/tail.js" in html
+
+
+def test_log_fragment_returns_only_chunks_after_the_given_seq(admin_client, make_job):
+    run = running_run_with_chunks(make_job(), ["first\n", "second\n", "third <b>\n"])
+
+    response = admin_client.get(reverse("jobs-run-log", args=[run.pk]), {"after": 2})
+    html = response.content.decode()
+
+    assert response.status_code == 200
+    assert "third &lt;b&gt;" in html
+    assert "first" not in html and "second" not in html
+    assert 'data-last-seq="3"' in html and 'data-final="0"' in html
+    assert 'data-status="running"' in html
+
+
+def test_log_fragment_says_final_when_run_finished(admin_client, make_job):
+    run = running_run_with_chunks(make_job(), ["done\n"])
+    services.run_finish(run=run, status=Run.Status.SUCCEEDED, exit_code=0)
+
+    html = admin_client.get(reverse("jobs-run-log", args=[run.pk]), {"after": 1}).content.decode()
+
+    assert 'data-final="1"' in html and 'data-last-seq="1"' in html
+    assert 'data-status="succeeded"' in html
+
+
+def test_log_fragment_rejects_a_bad_seq(admin_client, make_job):
+    run = running_run_with_chunks(make_job(), ["x\n"])
+
+    response = admin_client.get(reverse("jobs-run-log", args=[run.pk]), {"after": "x"})
+
+    assert response.status_code == 400
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(chromium_path() is None, reason="no Chromium found (apt-get install chromium)")
+def test_browser_tails_a_running_log_and_reloads_when_it_ends(
+    live_server, make_user, make_job, monkeypatch
+):
+    from playwright.sync_api import expect, sync_playwright
+
+    # Playwright's sync API runs an event loop; our ORM calls here are plain sync code.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    make_user("watcher", superuser=True)
+    run = running_run_with_chunks(make_job(name="tailed"), ["first line\n"])
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path())
+        page = browser.new_page()
+        page.goto(f"{live_server.url}/accounts/login/?next=/runs/{run.pk}/")
+        page.fill("#id_username", "watcher")
+        page.fill("#id_password", "pw-secret-1")
+        page.click("button[type=submit]")
+        log = page.locator("#run-log")
+        expect(log).to_have_text("first line\n")
+
+        RunLogChunk.objects.create(run=run, seq=2, is_head=True, data="second line\n", size=12)
+        expect(log).to_have_text("first line\nsecond line\n", timeout=5000)
+
+        Run.objects.filter(pk=run.pk).update(
+            status=Run.Status.SUCCEEDED, finished_at=timezone.now(), exit_code=0
+        )
+        expect(page.locator("#run-status .badge")).to_have_text("Succeeded", timeout=5000)
+        expect(page.locator("#run-log")).not_to_have_attribute("data-tail-url", re.compile(".*"))
+        browser.close()
+
+
+# --- Formatting -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.01, "< 0.1 s"),
+        (0.4, "0.4 s"),
+        (1.23, "1.2 s"),
+        (184, "3 min 4 s"),
+        (7500, "2 h 5 min"),
+        (-2, "-2.0 s"),
+    ],
+)
+def test_durations_read_like_a_person_would_say_them(seconds, text):
+    assert duration(timedelta(seconds=seconds)) == text
