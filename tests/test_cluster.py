@@ -15,9 +15,7 @@ from tests.conftest import wait_for
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 
-def test_scheduled_job_runs_on_time_through_the_scheduler_and_a_real_cluster(
-    make_job, processes
-):
+def test_scheduled_job_runs_on_time_through_the_scheduler_and_a_real_cluster(make_job, processes):
     job = make_job(name="e2e", command='echo "ran attempt $JOBSITE_ATTEMPT"', schedule="* * * * *")
     processes.start("qcluster")
     # Make the next fire a few seconds away instead of waiting for a minute.
