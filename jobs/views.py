@@ -226,6 +226,8 @@ def job_detail(request: HttpRequest, slug: str) -> HttpResponse:
         "environment": sorted(job.masked_environment().items()),
         "next_fires": job.next_fire_times(now, NEXT_FIRES) if job.enabled else [],
         "upcoming_if_resumed": [] if job.enabled else job.next_fire_times(now, NEXT_FIRES),
+        "upstreams": list(job.upstreams.order_by("name")),
+        "downstreams": list(job.downstreams.order_by("name")),
         "history": _history_page(runs, before=before, after=after),
         "status": status,
         "statuses": Run.Status.choices,
@@ -340,3 +342,20 @@ def run_rerun(request: HttpRequest, pk: int) -> HttpResponse:
     new = services.run_rerun(run=run, by=request.user)
     _say_what_happened(request, new)
     return redirect(new)
+
+
+CANCEL_MESSAGES = {
+    "cancelled": "Run #{pk} is cancelled.",
+    "cancelling": "Run #{pk} is being stopped: its worker kills the process group.",
+    "finished": "Run #{pk} had already finished; nothing to cancel.",
+}
+
+
+@login_required
+@require_POST
+@permission_required("jobs.run_job", raise_exception=True)
+def run_cancel(request: HttpRequest, pk: int) -> HttpResponse:
+    run = _run_or_404(pk)
+    outcome = services.run_cancel(run=run, by=request.user)
+    messages.info(request, CANCEL_MESSAGES[outcome].format(pk=run.pk))
+    return redirect(run)

@@ -178,7 +178,7 @@ def test_job_history_pages_by_id_without_counting(
     def shown(html: str) -> list[int]:
         return [int(n) for n in re.findall(r'<td><a href="/runs/\d+/">#(\d+)</a></td>', html)]
 
-    with django_assert_max_num_queries(4) as queries:
+    with django_assert_max_num_queries(6) as queries:
         first = admin_client.get(job.get_absolute_url()).content.decode()
     assert not any("COUNT(" in q["sql"].upper() for q in queries.captured_queries)
     assert shown(first) == ids[:25]
@@ -289,6 +289,44 @@ def test_rerun_needs_the_run_permission(client, make_job, make_user):
 
     assert client.post(reverse("jobs-run-rerun", args=[original.pk])).status_code == 403
     assert Run.objects.count() == 1
+
+
+def test_cancel_stops_a_queued_run_and_needs_the_run_permission(client, make_job, make_user):
+    job = make_job()
+    now = timezone.now()
+    run = Run.objects.create(
+        job=job,
+        status=Run.Status.QUEUED,
+        trigger=Run.Trigger.MANUAL,
+        scheduled_for=now,
+        queued_at=now,
+    )
+    url = reverse("jobs-run-cancel", args=[run.pk])
+    client.force_login(make_user())
+    assert client.post(url).status_code == 403
+    user = make_user(perms=("jobs.run_job",))
+    client.force_login(user)
+    assert "Cancel</button>" in client.get(run.get_absolute_url()).content.decode()
+
+    assert client.get(url).status_code == 405
+    response = client.post(url, follow=True)
+
+    run.refresh_from_db()
+    assert (run.status, run.cancelled_by) == ("cancelled", user)
+    html = response.content.decode()
+    assert f"Run #{run.pk} is cancelled." in html
+    assert f"cancelled by {user.username}" in html and "Cancel</button>" not in html
+
+
+def test_job_page_links_its_upstreams_and_downstreams(admin_client, make_job):
+    load, export, report = make_job(name="load"), make_job(name="export"), make_job(name="report")
+    export.upstreams.add(load)
+    report.upstreams.add(export)
+
+    html = admin_client.get(export.get_absolute_url()).content.decode()
+
+    assert '<dt>Runs after</dt><dd><a href="/jobs/load/">load</a>' in html
+    assert '<dt>Feeds</dt><dd><a href="/jobs/report/">report</a>' in html
 
 
 # --- Run page -------------------------------------------------------------------------
