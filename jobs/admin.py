@@ -6,12 +6,14 @@ aimed at the views added in get_urls), and needs the custom `jobs.run_job`
 permission. Editing a job's definition needs `jobs.change_job`: a run-only
 user can view, run, pause, resume and rerun, but a POST to the change form
 is refused by Django's own permission check.
+
+Runs and missed fires are read-only history.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
@@ -21,11 +23,13 @@ from django.db.models.functions import Coalesce
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect
 from django.urls import URLPattern, path, reverse
+from django.utils import formats, timezone
 from django.utils.html import format_html, format_html_join
 from django.views.decorators.http import require_POST
 
 from jobs import runlog, services
-from jobs.models import Job, Run
+from jobs.forms import JobAdminForm
+from jobs.models import Job, MissedFires, Run
 
 RUN_PERMISSION = "jobs.run_job"
 
@@ -46,6 +50,11 @@ def _format_duration(value: timedelta | None) -> str | None:
         return f"{minutes} min {seconds} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes} min"
+
+
+def _local(value: datetime) -> str:
+    """A datetime as the admin shows it: in the current time zone, localized."""
+    return formats.localize(timezone.template_localtime(value))
 
 
 def _pre(text: str) -> str:
@@ -80,7 +89,7 @@ class LastStatusFilter(admin.SimpleListFilter):
 
 
 class RunPermissionMixin:
-    """The custom permission behind Run now, Pause, Resume and Rerun."""
+    """The custom permission behind Run now, Pause, Resume, Rerun and Cancel."""
 
     admin_site: admin.AdminSite
 
@@ -123,10 +132,20 @@ class JobAdmin(RunPermissionMixin, admin.ModelAdmin):
         "next_run",
         "owner",
     ]
-    list_filter = ["enabled", LastStatusFilter, "kind", "overlap", "timezone"]
+    list_filter = ["enabled", LastStatusFilter, "kind", "overlap", "catchup", "timezone"]
     search_fields = ["name", "slug", "description", "owner", "tags", "command"]
     prepopulated_fields = {"slug": ("name",)}
-    readonly_fields = ["source_note", "schedule_words", "next_fire_at", "environment_masked"]
+    form = JobAdminForm
+    # A search box rather than a <select> of every job (there may be thousands).
+    autocomplete_fields = ["upstreams"]
+    readonly_fields = [
+        "source_note",
+        "schedule_words",
+        "next_fire_at",
+        "environment_masked",
+        "missed_fires_note",
+        "downstream_jobs",
+    ]
     fieldsets = [
         (None, {"fields": ["name", "slug", "description", "owner", "tags", "source_note"]}),
         ("What to run", {"fields": ["kind", "command", "environment", "secret_keys"]}),
@@ -140,11 +159,25 @@ class JobAdmin(RunPermissionMixin, admin.ModelAdmin):
                     "enabled",
                     "next_fire_at",
                     "timeout",
-                    "overlap",
                     "queue",
                 ]
             },
         ),
+        (
+            "Reliability",
+            {
+                "fields": [
+                    "overlap",
+                    "retries",
+                    "retry_delay",
+                    "retry_backoff",
+                    "retry_max_delay",
+                    "catchup",
+                    "missed_fires_note",
+                ]
+            },
+        ),
+        ("Dependencies", {"fields": ["upstreams", "trigger_on_upstream", "downstream_jobs"]}),
     ]
     actions = ["run_now", "pause", "resume"]
 
@@ -223,6 +256,37 @@ class JobAdmin(RunPermissionMixin, admin.ModelAdmin):
     @admin.display(description="Environment")
     def environment_masked(self, obj: Job) -> str:
         return _environment_block(obj.masked_environment())
+
+    @admin.display(description="Downstream jobs")
+    def downstream_jobs(self, obj: Job) -> str:
+        """The jobs that depend on this one; edited on their own pages."""
+        if obj.pk is None:
+            return "None yet."
+        downstreams = obj.downstreams.order_by("name")
+        if not downstreams:
+            return "None: no job depends on this one."
+        return format_html_join(
+            ", ",
+            '<a href="{}">{}</a>{}',
+            (
+                (
+                    reverse("admin:jobs_job_change", args=[down.pk]),
+                    down.name,
+                    " (triggered by its upstreams)" if down.trigger_on_upstream else "",
+                )
+                for down in downstreams
+            ),
+        )
+
+    @admin.display(description="Missed fires")
+    def missed_fires_note(self, obj: Job) -> str:
+        if obj.pk is None:
+            return "None yet."
+        gaps = obj.missed_fires.count()
+        if not gaps:
+            return "None recorded."
+        url = reverse("admin:jobs_missedfires_changelist") + f"?job__id__exact={obj.pk}"
+        return format_html('<a href="{}">{} gap(s) recorded</a>', url, gaps)
 
     # --- Bulk actions -----------------------------------------------------------
 
@@ -316,17 +380,19 @@ class RunAdmin(RunPermissionMixin, admin.ModelAdmin):
         "duration",
         "exit_code",
         "worker",
+        "cancelled_by",
     ]
     list_display_links = ["id", "job"]
-    list_select_related = ["job", "triggered_by"]
+    list_select_related = ["job", "triggered_by", "cancelled_by"]
     list_filter = ["status", "trigger", "job"]
     search_fields = ["job__name"]
     # COUNT(*) over the whole history on every page view is what grows with it.
     show_full_result_count = False
-    actions = ["rerun"]
+    actions = ["rerun", "cancel"]
     fieldsets = [
         (None, {"fields": ["job", "status", "error_summary", "trigger", "triggered_by"]}),
-        ("Attempt", {"fields": ["rerun_of", "attempt"]}),
+        ("Attempt", {"fields": ["rerun_of", "retry_of", "attempt", "retry_due"]}),
+        ("Cancel", {"fields": ["cancel_requested_at", "cancelled_by"]}),
         (
             "Timings",
             {
@@ -364,6 +430,15 @@ class RunAdmin(RunPermissionMixin, admin.ModelAdmin):
     @admin.display(description="Lateness")
     def lateness(self, obj: Run) -> str | None:
         return _format_duration(obj.lateness)
+
+    @admin.display(description="Not before")
+    def retry_due(self, obj: Run) -> str | None:
+        """When a waiting run (a retry's backoff) may start."""
+        if obj.not_before is None:
+            return None
+        if obj.status == Run.Status.QUEUED and obj.started_at is None:
+            return format_html("{} (waiting until then)", _local(obj.not_before))
+        return _local(obj.not_before)
 
     @admin.display(description="Environment")
     def environment_masked(self, obj: Run) -> str:
@@ -413,6 +488,11 @@ class RunAdmin(RunPermissionMixin, admin.ModelAdmin):
                 self._object_view(self.rerun_view),
                 name="jobs_run_rerun",
             ),
+            path(
+                "<path:object_id>/cancel/",
+                self._object_view(self.cancel_view),
+                name="jobs_run_cancel",
+            ),
             *super().get_urls(),
         ]
 
@@ -423,3 +503,58 @@ class RunAdmin(RunPermissionMixin, admin.ModelAdmin):
         run = services.run_rerun(run=original, by=request.user)
         self._report_reruns(request, [run])
         return redirect("jobs-run-detail", run.pk)
+
+    # --- Cancel -----------------------------------------------------------------
+
+    CANCEL_MESSAGES = {
+        "cancelled": "Run #{pk} cancelled.",
+        "cancelling": "Cancelling run #{pk}: its process group is being stopped.",
+        "finished": "Run #{pk} had already finished.",
+    }
+
+    def _cancel(self, request: HttpRequest, run: Run) -> str:
+        """Cancel one run; report what happened in words a user can act on."""
+        outcome = services.run_cancel(run=run, by=request.user)
+        if outcome == "finished":
+            run.refresh_from_db(fields=["status", "cancel_requested_at"])
+            if run.status == Run.Status.RUNNING:
+                # run_cancel leaves a pending request alone: it is not finished yet.
+                return (
+                    f"Cancelling run #{run.pk}: already requested, "
+                    "its process group is being stopped."
+                )
+        return self.CANCEL_MESSAGES[outcome].format(pk=run.pk)
+
+    @admin.action(description="Cancel selected runs", permissions=["run"])
+    def cancel(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
+        for run in queryset.select_related("job").order_by("id"):
+            self.message_user(request, self._cancel(request, run))
+
+    def cancel_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        run = self.get_object(request, unquote(object_id))
+        if run is None:
+            raise Http404("No such run.")
+        text = self._cancel(request, run)
+        self.message_user(request, text, messages.WARNING if "finished" in text else messages.INFO)
+        return redirect("admin:jobs_run_change", run.pk)
+
+
+@admin.register(MissedFires)
+class MissedFiresAdmin(admin.ModelAdmin):
+    """Fires missed while no scheduler ran: answers "why didn't it run?"."""
+
+    list_display = ["job", "first", "last", "count", "policy", "recorded_at"]
+    list_select_related = ["job"]
+    list_filter = ["job", "policy"]
+    search_fields = ["job__name"]
+    date_hierarchy = "recorded_at"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: MissedFires | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: MissedFires | None = None) -> bool:
+        # As for runs: deleting a job deletes its history, so a superuser may.
+        return request.user.is_superuser

@@ -1,5 +1,6 @@
-"""The Django admin: job list, Run now / Pause / Resume, read-only runs with Rerun,
-permissions, validation messages, masked secrets and flat query counts."""
+"""The Django admin: job list, Run now / Pause / Resume, read-only runs with Rerun and
+Cancel, reliability and dependency settings, missed fires, permissions, validation
+messages, masked secrets and flat query counts."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from jobs import runlog, services
-from jobs.models import SECRET_MASK, Job, Run
+from jobs.models import SECRET_MASK, Job, MissedFires, Run
 
 RUN_ONLY = ("jobs.view_job", "jobs.view_run", "jobs.run_job")
 VIEW_ONLY = ("jobs.view_job", "jobs.view_run")
@@ -339,8 +340,40 @@ def add_form(**overrides) -> dict[str, str]:
         "enabled": "on",
         "timeout": "60",
         "overlap": "skip",
+        "retries": "0",
+        "retry_delay": "30",
+        "retry_backoff": "2.0",
+        "retry_max_delay": "3600",
+        "catchup": "latest",
     }
     return {**data, **overrides}
+
+
+def change_form(job: Job, **overrides) -> dict:
+    """The change form as the admin would post it back for `job`, unchanged."""
+    data = add_form(
+        name=job.name,
+        slug=job.slug,
+        command=job.command,
+        schedule=job.schedule,
+        timezone=job.timezone,
+        timeout=str(job.timeout),
+        overlap=job.overlap,
+        retries=str(job.retries),
+        retry_delay=str(job.retry_delay),
+        retry_backoff=str(job.retry_backoff),
+        retry_max_delay=str(job.retry_max_delay),
+        catchup=job.catchup,
+        description=job.description,
+        upstreams=[str(up.pk) for up in job.upstreams.all()],
+    )
+    if job.trigger_on_upstream:
+        data["trigger_on_upstream"] = "on"
+    return {**data, **overrides}
+
+
+def form_errors(response) -> dict[str, list[str]]:
+    return {field: list(errs) for field, errs in response.context["adminform"].form.errors.items()}
 
 
 @pytest.mark.parametrize(
@@ -351,6 +384,10 @@ def add_form(**overrides) -> dict[str, str]:
         ("timezone", "Mars/Olympus_Mons", "Mars/Olympus_Mons"),
         ("timeout", "0", "The timeout must be more than 0 seconds."),
         ("environment", '{"N": 1}', "Use a JSON object of strings"),
+        ("retries", "21", "At most 20 retries"),
+        ("retry_backoff", "0.5", "The backoff factor must be at least 1"),
+        ("retry_max_delay", "10", "at least the first delay (30 s)"),
+        ("trigger_on_upstream", "on", "Choose at least one upstream job"),
     ],
 )
 def test_add_form_shows_the_validation_message_on_the_field(admin_client, field, value, message):
@@ -465,3 +502,326 @@ def test_bulk_rerun_action_reruns_each_selected_run(admin_client, make_job):
     assert {r.rerun_of_id for r in reruns} == {first.pk, second.pk}
     assert all(r.status == Run.Status.QUEUED for r in reruns)
     assert len(messages_of(response)) == 2
+
+
+# --- Reliability and dependencies on the job form ------------------------------------
+
+
+def test_add_form_saves_reliability_and_dependency_settings(admin_client, make_job):
+    load, clean = make_job(name="warehouse-load"), make_job(name="warehouse-clean")
+
+    response = admin_client.post(
+        reverse("admin:jobs_job_add"),
+        add_form(
+            name="warehouse-export",
+            slug="warehouse-export",
+            schedule="",
+            overlap="queue",
+            retries="3",
+            retry_delay="10",
+            retry_backoff="1.5",
+            retry_max_delay="600",
+            catchup="all",
+            upstreams=[str(load.pk), str(clean.pk)],
+            trigger_on_upstream="on",
+        ),
+    )
+
+    assert response.status_code == 302, form_errors(response)
+    job = Job.objects.get(name="warehouse-export")
+    assert job.overlap == Job.Overlap.QUEUE
+    assert (job.retries, job.retry_delay, job.retry_backoff, job.retry_max_delay) == (
+        3,
+        10,
+        1.5,
+        600,
+    )
+    assert job.catchup == Job.Catchup.ALL
+    assert set(job.upstreams.all()) == {load, clean}
+    assert job.trigger_on_upstream
+
+
+def test_job_page_shows_reliability_and_dependency_sections(admin_client, make_job):
+    job = make_job(name="warehouse-load")
+
+    text = admin_client.get(job_url("change", job)).content.decode()
+
+    for label in ("Reliability", "Dependencies", "Retry backoff", "Catchup", "Upstreams"):
+        assert label in text
+    assert 'name="trigger_on_upstream"' in text
+
+
+def test_dependency_cycle_is_refused_on_the_field_and_nothing_is_saved(admin_client, make_job):
+    a, b = make_job(name="a"), make_job(name="b")
+    b.upstreams.add(a)
+
+    response = admin_client.post(
+        job_url("change", a), change_form(a, upstreams=[str(b.pk)], description="edited")
+    )
+
+    assert response.status_code == 200
+    assert form_errors(response) == {"upstreams": ["Dependency cycle: a → b → a"]}
+    assert "Dependency cycle: a → b → a" in response.content.decode()
+    a.refresh_from_db()
+    assert not a.upstreams.exists()
+    assert a.description == ""
+
+
+def test_longer_dependency_cycle_names_every_job_on_it(admin_client, make_job):
+    load, clean, export = make_job(name="load"), make_job(name="clean"), make_job(name="export")
+    clean.upstreams.add(load)
+    export.upstreams.add(clean)
+
+    response = admin_client.post(job_url("change", load), change_form(load, upstreams=[export.pk]))
+
+    assert form_errors(response) == {
+        "upstreams": ["Dependency cycle: load → export → clean → load"]
+    }
+    assert not load.upstreams.exists()
+
+
+def test_a_job_cannot_depend_on_itself(admin_client, make_job):
+    job = make_job(name="selfish")
+
+    response = admin_client.post(job_url("change", job), change_form(job, upstreams=[job.pk]))
+
+    assert form_errors(response) == {"upstreams": ["A job cannot depend on itself."]}
+    assert not job.upstreams.exists()
+
+
+def test_fan_in_without_a_cycle_saves(admin_client, make_job):
+    a, b, c = make_job(name="a"), make_job(name="b"), make_job(name="c")
+    b.upstreams.add(a)
+
+    response = admin_client.post(job_url("change", c), change_form(c, upstreams=[a.pk, b.pk]))
+
+    assert response.status_code == 302, form_errors(response)
+    assert set(c.upstreams.all()) == {a, b}
+
+
+def test_job_page_lists_downstream_jobs_read_only(admin_client, make_job):
+    load = make_job(name="warehouse-load")
+    export = make_job(name="warehouse-export", trigger_on_upstream=True)
+    export.upstreams.add(load)
+    make_job(name="unrelated")
+
+    text = admin_client.get(job_url("change", load)).content.decode()
+
+    assert f'<a href="{job_url("change", export)}">warehouse-export</a>' in text
+    assert "(triggered by its upstreams)" in text
+    assert "unrelated</a>" not in text
+    assert 'name="downstreams"' not in text  # shown, not editable here
+
+
+def test_job_list_filters_by_catchup_policy(admin_client, make_job):
+    make_job(name="catch-all", catchup=Job.Catchup.ALL)
+    make_job(name="catch-none", catchup=Job.Catchup.NONE)
+
+    response = admin_client.get(reverse("admin:jobs_job_changelist"), {"catchup__exact": "all"})
+
+    assert [j.name for j in response.context["cl"].result_list] == ["catch-all"]
+
+
+# --- Cancel -------------------------------------------------------------------------------
+
+
+def running_run(job: Job) -> Run:
+    run = services.run_create(job=job, trigger=Run.Trigger.MANUAL, here=True)
+    claimed = services.run_claim(run_id=run.pk, worker="w:1")
+    assert claimed is not None
+    return claimed
+
+
+def test_cancel_button_is_post_only_and_needs_the_run_permission(
+    admin_client, view_only_client, make_job
+):
+    run = make_run(make_job(), Run.Status.QUEUED)
+
+    page = view_only_client.get(run_url("change", run))
+    assert page.status_code == 200
+    assert run_url("cancel", run) not in page.content.decode()
+    assert view_only_client.post(run_url("cancel", run)).status_code == 403
+    assert admin_client.get(run_url("cancel", run)).status_code == 405
+    run.refresh_from_db()
+    assert run.status == Run.Status.QUEUED
+
+
+def test_cancel_button_cancels_a_queued_run_at_once(run_only_client, make_job):
+    run = make_run(make_job(), Run.Status.QUEUED)
+
+    page = run_only_client.get(run_url("change", run)).content.decode()
+    assert f'method="post" action="{run_url("cancel", run)}"' in page
+    response = run_only_client.post(run_url("cancel", run))
+
+    run.refresh_from_db()
+    assert run.status == Run.Status.CANCELLED
+    assert run.cancelled_by.username == "analyst"
+    assert response.status_code == 302
+    assert response.url == run_url("change", run)
+    assert messages_of(response) == [f"Run #{run.pk} cancelled."]
+
+
+def test_cancel_button_on_a_running_run_asks_its_worker_to_stop_it(admin_client, make_job):
+    run = running_run(make_job())
+
+    response = admin_client.post(run_url("cancel", run))
+
+    run.refresh_from_db()
+    assert run.status == Run.Status.RUNNING  # until its worker has killed the group
+    assert run.cancel_requested_at is not None
+    assert run.cancelled_by.username == "boss"
+    assert messages_of(response) == [
+        f"Cancelling run #{run.pk}: its process group is being stopped."
+    ]
+    page = admin_client.get(run_url("change", run)).content.decode()
+    assert run_url("cancel", run) not in page  # asked once is enough
+    assert "Cancel requested at" in page
+
+
+def test_cancel_button_is_hidden_for_finished_runs(admin_client, make_job):
+    job = make_job()
+    for status in Run.FINISHED:
+        run = make_run(job, status)
+        page = admin_client.get(run_url("change", run)).content.decode()
+        assert run_url("cancel", run) not in page, status
+        assert run_url("rerun", run) in page
+
+
+def test_cancel_of_a_run_that_finished_meanwhile_says_so(admin_client, make_job):
+    run = make_run(make_job(), Run.Status.SUCCEEDED)
+
+    response = admin_client.post(run_url("cancel", run))
+
+    run.refresh_from_db()
+    assert run.status == Run.Status.SUCCEEDED
+    assert run.cancelled_by is None
+    assert messages_of(response) == [f"Run #{run.pk} had already finished."]
+
+
+def test_bulk_cancel_cancels_each_selected_run(admin_client, make_job):
+    queued = make_run(make_job(), Run.Status.QUEUED)
+    running = running_run(make_job())
+    finished = make_run(make_job(), Run.Status.FAILED)
+    untouched = make_run(make_job(), Run.Status.QUEUED)
+
+    response = admin_client.post(
+        reverse("admin:jobs_run_changelist"),
+        {"action": "cancel", "_selected_action": [queued.pk, running.pk, finished.pk]},
+    )
+
+    for run in (queued, running, finished, untouched):
+        run.refresh_from_db()
+    assert queued.status == Run.Status.CANCELLED
+    assert running.cancel_requested_at is not None
+    assert finished.status == Run.Status.FAILED
+    assert untouched.status == Run.Status.QUEUED
+    assert messages_of(response) == [
+        f"Run #{queued.pk} cancelled.",
+        f"Cancelling run #{running.pk}: its process group is being stopped.",
+        f"Run #{finished.pk} had already finished.",
+    ]
+
+
+def test_bulk_cancel_is_not_offered_without_the_run_permission(view_only_client, make_job):
+    run = make_run(make_job(), Run.Status.QUEUED)
+    changelist = reverse("admin:jobs_run_changelist")
+
+    page = view_only_client.get(changelist)
+    view_only_client.post(changelist, {"action": "cancel", "_selected_action": [run.pk]})
+
+    assert 'value="cancel"' not in page.content.decode()
+    run.refresh_from_db()
+    assert run.status == Run.Status.QUEUED
+
+
+def test_run_list_shows_who_cancelled(admin_client, make_job, make_user):
+    run = make_run(make_job(), Run.Status.QUEUED)
+    services.run_cancel(run=run, by=make_user("night-shift"))
+
+    text = admin_client.get(reverse("admin:jobs_run_changelist")).content.decode()
+
+    assert "Cancelled by" in text
+    assert "night-shift" in text
+
+
+def test_retry_page_links_the_first_attempt_and_says_when_it_is_due(admin_client, make_job):
+    job = make_job()
+    first = make_run(job, Run.Status.FAILED)
+    due = datetime(2031, 5, 6, 7, 8, tzinfo=UTC)
+    retry = make_run(
+        job,
+        Run.Status.QUEUED,
+        trigger=Run.Trigger.RETRY,
+        retry_of=first,
+        attempt=2,
+        not_before=due,
+    )
+
+    text = admin_client.get(run_url("change", retry)).content.decode()
+
+    assert f'href="{run_url("change", first)}"' in text
+    assert "(waiting until then)" in text
+    assert "2031" in text
+
+
+# --- Missed fires -------------------------------------------------------------------------
+
+
+def make_missed(job: Job, count: int = 3, policy: str = Job.Catchup.NONE) -> MissedFires:
+    return MissedFires.objects.create(
+        job=job,
+        first=datetime(2030, 1, 1, 2, 0, tzinfo=UTC),
+        last=datetime(2030, 1, 1, 4, 0, tzinfo=UTC),
+        count=count,
+        policy=policy,
+        recorded_at=datetime(2030, 1, 1, 4, 30, tzinfo=UTC),
+    )
+
+
+def test_missed_fires_admin_lists_gaps_and_filters_by_job(admin_client, make_job):
+    nightly, hourly = make_job(name="nightly"), make_job(name="hourly")
+    make_missed(nightly, count=3)
+    make_missed(hourly, count=17)
+    changelist = reverse("admin:jobs_missedfires_changelist")
+
+    every = admin_client.get(changelist)
+    filtered = admin_client.get(changelist, {"job__id__exact": hourly.pk})
+
+    assert every.status_code == 200
+    assert {(m.job.name, m.count) for m in every.context["cl"].result_list} == {
+        ("nightly", 3),
+        ("hourly", 17),
+    }
+    assert [m.count for m in filtered.context["cl"].result_list] == [17]
+    assert "None: record missed fires, run nothing" in every.content.decode()
+
+
+def test_missed_fires_are_read_only(admin_client, make_job):
+    missed = make_missed(make_job())
+    change = reverse("admin:jobs_missedfires_change", args=[missed.pk])
+
+    assert admin_client.get(reverse("admin:jobs_missedfires_add")).status_code == 403
+    assert admin_client.post(change, {"count": "0"}).status_code == 403
+    missed.refresh_from_db()
+    assert missed.count == 3
+
+
+def test_job_page_links_its_missed_fires(admin_client, make_job):
+    job = make_job()
+    make_missed(job)
+
+    text = admin_client.get(job_url("change", job)).content.decode()
+
+    assert "1 gap(s) recorded" in text
+    assert f"?job__id__exact={job.pk}" in text
+
+
+def test_superuser_can_still_delete_a_job_with_missed_fires(admin_client, make_job):
+    job = make_job()
+    make_missed(job)
+
+    response = admin_client.post(job_url("delete", job), {"post": "yes"})
+
+    assert response.status_code == 302
+    assert not Job.objects.exists()
+    assert not MissedFires.objects.exists()
