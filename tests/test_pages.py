@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import time_machine
+from django.db import connections
 from django.test import override_settings
 from django.urls import reverse
 from django.utils import timezone
@@ -501,6 +502,10 @@ def test_browser_tails_a_running_log_and_reloads_when_it_ends(
         expect(page.locator("#run-status .badge")).to_have_text("Succeeded", timeout=5000)
         expect(page.locator("#run-log")).not_to_have_attribute("data-tail-url", re.compile(".*"))
         browser.close()
+        # ORM calls under Playwright's event loop get their own connection
+        # (asgiref locals are per context): close it, or dropping the test
+        # database fails.
+        connections.close_all()
 
 
 # --- Formatting -------------------------------------------------------------------------
