@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import codecs
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 
 from django.conf import settings
+from django.db import DatabaseError, connection, transaction
 from django.db.models import F
 
 from jobs.models import SECRET_MASK, Run, RunLogChunk
+
+log = logging.getLogger(__name__)
 
 
 def _cut_utf8(data: bytes, limit: int) -> int:
@@ -55,6 +59,8 @@ class RunLogWriter:
         self.tail: deque[tuple[int, int]] = deque()  # (seq, size) of stored tail chunks
         self.tail_size = 0
         self.last_flush = time.monotonic()
+        self.unsaved_dropped = 0
+        self.closing = False
 
     def feed(self, data: bytes) -> None:
         self.produced += len(data)
@@ -69,6 +75,7 @@ class RunLogWriter:
             self.flush()
 
     def close(self, note: str = "") -> None:
+        self.closing = True
         text = self.decoder.decode(b"", final=True)
         if text:
             self._add(text)
@@ -88,7 +95,42 @@ class RunLogWriter:
         self.pending_size += len(text)
 
     def flush(self) -> None:
+        """Store what is pending. If the database is away (a restart), keep
+        the output and try again at the next flush; raise only from close()."""
         self.last_flush = time.monotonic()
+        saved = (
+            list(self.pending),
+            self.pending_size,
+            self.head_used,
+            self.seq,
+            deque(self.tail),
+            self.tail_size,
+        )
+        try:
+            self._flush()
+        except DatabaseError:
+            (pending, self.pending_size, self.head_used, self.seq, self.tail, self.tail_size) = (
+                saved
+            )
+            self.pending = pending
+            self._bound_pending()
+            if not connection.in_atomic_block:
+                connection.close()  # reconnect at the next try
+            if self.closing:
+                raise
+            log.warning("run %s: database unavailable, log kept in memory", self.run_id)
+
+    def _bound_pending(self) -> None:
+        """While the database is away, keep at most the tail cap in memory."""
+        if self.pending_size <= self.tail_cap:
+            return
+        data = "".join(self.pending)
+        excess = len(data) - self.tail_cap
+        self.unsaved_dropped += len(data[:excess].encode())
+        self.pending = [data[excess:]]
+        self.pending_size = len(self.pending[0])
+
+    def _flush(self) -> None:
         if not self.pending:
             self._save_counts(0)
             return
@@ -112,9 +154,10 @@ class RunLogWriter:
             rows.append(self._chunk(data, is_head=False))
             self.tail.append((self.seq, len(data)))
             self.tail_size += len(data)
-        RunLogChunk.objects.bulk_create(rows)
-        dropped += self._trim_tail()
-        self._save_counts(dropped)
+        with transaction.atomic():
+            RunLogChunk.objects.bulk_create(rows)
+            dropped += self._trim_tail()
+            self._save_counts(dropped)
 
     def _chunk(self, data: bytes, *, is_head: bool) -> RunLogChunk:
         self.seq += 1
@@ -139,9 +182,11 @@ class RunLogWriter:
         return dropped
 
     def _save_counts(self, dropped: int) -> None:
+        dropped += self.unsaved_dropped
         Run.objects.filter(pk=self.run_id).update(
             log_bytes=self.produced, log_dropped_bytes=F("log_dropped_bytes") + dropped
         )
+        self.unsaved_dropped = 0
 
 
 def dropped_marker(dropped: int) -> str:

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -365,9 +365,29 @@ def run_execute(run: Run, *, echo: Callable[[str], None] | None = None) -> Run:
         run_finish(run=run, status=Run.Status.FAILED, summary=f"Jobsite error: {exc}")
         return _reload(run)
     status, summary = _judge(outcome, job, watch)
-    writer.close(f"[jobsite] {summary}" if status != Run.Status.SUCCEEDED else "")
-    run_finish(run=run, status=status, exit_code=outcome.returncode, summary=summary)
+    _retrying_database(
+        lambda: writer.close(f"[jobsite] {summary}" if status != Run.Status.SUCCEEDED else "")
+    )
+    _retrying_database(
+        lambda: run_finish(run=run, status=status, exit_code=outcome.returncode, summary=summary)
+    )
     return _reload(run)
+
+
+def _retrying_database(action: Callable[[], object], *, seconds: float = 120.0) -> None:
+    """Do `action`, retrying while the database is away (a restart), so a
+    finished run's outcome is not lost to a short outage."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            action()
+            return
+        except DatabaseError as exc:
+            if time.monotonic() > deadline or connection.in_atomic_block:
+                raise
+            log.warning("database unavailable, retrying: %s", exc)
+            connection.close()
+            time.sleep(1.0)
 
 
 class _Watch:
@@ -386,6 +406,18 @@ class _Watch:
         if now - self.last_check < self.CHECK_SECONDS:
             return False
         self.last_check = now
+        try:
+            return self._check(now)
+        except DatabaseError as exc:
+            # Keep the job running through a database restart; if the outage
+            # outlasts the lease the sweeper will have marked the run lost,
+            # and the next check stops it.
+            log.warning("run %s: database unavailable: %s", self.run_id, exc)
+            if not connection.in_atomic_block:
+                connection.close()
+            return False
+
+    def _check(self, now: float) -> bool:
         if now - self.last_beat >= settings.JOBSITE_HEARTBEAT_SECONDS:
             self.last_beat = now
             Run.objects.filter(pk=self.run_id, status=Run.Status.RUNNING).update(
