@@ -156,3 +156,30 @@ def test_two_schedulers_and_two_clusters_fire_every_job_exactly_once(make_job, p
         assert len(runs) == 1, f"{job.name}: {len(runs)} runs for one fire"
         assert runs[0].status == Run.Status.SUCCEEDED
     assert not Run.objects.filter(status=Run.Status.SKIPPED).exists()
+
+
+@pytest.mark.skipif(
+    os.environ.get("DATABASE_URL", "").startswith("postgres"), reason="SQLite-specific load test"
+)
+def test_sqlite_under_load_loses_no_run_and_shows_no_lock_error(make_job, processes, admin_client):
+    jobs = [
+        make_job(name=f"load-{i}", command="echo $JOBSITE_RUN_ID; sleep 0.1", overlap="allow")
+        for i in range(6)
+    ]
+    processes.start("qcluster", Q_WORKERS="4", **FAST)
+    processes.start("scheduler", **FAST)
+    created = [
+        services.run_create(job=job, trigger=Run.Trigger.MANUAL) for _ in range(10) for job in jobs
+    ]
+    # The web, meanwhile: every page a user would look at must answer.
+    pages = 0
+    while Run.objects.filter(status__in=Run.ACTIVE).exists():
+        for url in ["/", f"/jobs/{jobs[pages % 6].slug}/", f"/runs/{created[pages % 60].pk}/"]:
+            assert admin_client.get(url).status_code == 200
+        pages += 1
+        assert pages < 2000, processes.output()
+    statuses = {r.status for r in Run.objects.filter(pk__in=[r.pk for r in created])}
+    assert statuses == {Run.Status.SUCCEEDED}
+    assert "database is locked" not in processes.output()
+    for run in created:
+        assert runlog.read_log(Run.objects.get(pk=run.pk)) == f"{run.pk}\n"
