@@ -11,8 +11,10 @@ the user can find the line to fix.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import tomllib
+from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +39,15 @@ KEYS = (
     "command",
     "schedule",
     "timezone",
+    "catchup",
+    "depends_on",
+    "trigger",
     "timeout",
     "overlap",
+    "retries",
+    "retry_delay",
+    "retry_backoff",
+    "retry_max_delay",
     "queue",
     "env",
     "secret_env",
@@ -46,15 +55,22 @@ KEYS = (
 )
 STRING_KEYS = frozenset(
     {"name", "slug", "description", "owner", "kind", "command", "schedule", "timezone"}
-    | {"overlap", "queue"}
+    | {"overlap", "queue", "catchup", "trigger"}
 )
 # Model field -> TOML key, where they differ.
-KEY_FOR_FIELD = {"environment": "env", "secret_keys": "secret_env"}
+KEY_FOR_FIELD = {
+    "environment": "env",
+    "secret_keys": "secret_env",
+    "trigger_on_upstream": "trigger",
+    "upstreams": "depends_on",
+}
 FIELD_FOR_KEY = {key: name for name, key in KEY_FOR_FIELD.items()}
 
 # Values that later versions will accept: say "not supported yet", not "wrong".
 FUTURE_KINDS = ("python", "sql")
-FUTURE_OVERLAPS = ("queue", "allow", "replace")
+# `trigger` values: only "upstream" (the clock is `schedule`).
+TRIGGER_UPSTREAM = "upstream"
+MAX_RETRIES = 20
 
 _DURATION = re.compile(r"\s*(\d+)\s*([smh]?)\s*")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
@@ -163,6 +179,7 @@ def entry_fields(entry: Any, label: str) -> tuple[dict[str, Any], list[tuple[str
     """Model field values for one [[job]] table, and its problems as
     (model field, message) pairs; no fields when the table is unreadable.
 
+    `upstreams` holds the depends_on names (resolved to jobs by _plan_jobs).
     Keys left out take their default value: the file is the whole truth
     about a job, so deleting a line resets that setting.
     """
@@ -175,12 +192,10 @@ def entry_fields(entry: Any, label: str) -> tuple[dict[str, Any], list[tuple[str
     for required in ("name", "command"):
         if not entry.get(required, "").strip():
             problems.append((required, f'{label}: missing required key "{required}"'))
-    problems += _future_value_errors(entry, label)
-    try:
-        timeout = parse_duration(entry.get("timeout", settings.JOBSITE_DEFAULT_TIMEOUT))
-    except ValueError as exc:
-        problems.append(("timeout", f"{label}: timeout: {exc}"))
-        timeout = settings.JOBSITE_DEFAULT_TIMEOUT
+    problems += _choice_errors(entry, label)
+    durations, duration_problems = _durations(entry, label)
+    problems += duration_problems
+    problems += _retry_errors(entry, label)
     env = entry.get("env", {})
     secret_env = entry.get("secret_env", [])
     problems += [
@@ -198,6 +213,8 @@ def entry_fields(entry: Any, label: str) -> tuple[dict[str, Any], list[tuple[str
     if "slug" not in entry and not slug:
         message = f'{label}: cannot derive a slug from the name; set "slug"'
         problems.append(("slug", message if name else ""))
+    upstreams = [upstream.strip() for upstream in entry.get("depends_on", [])]
+    problems += _depends_on_errors(entry, label, name, upstreams)
     fields = {
         "name": name,
         "slug": slug,
@@ -208,14 +225,23 @@ def entry_fields(entry: Any, label: str) -> tuple[dict[str, Any], list[tuple[str
         "command": entry.get("command", ""),
         "schedule": entry.get("schedule", "").strip(),
         "timezone": entry.get("timezone", "UTC"),
-        "timeout": timeout,
+        "catchup": entry.get("catchup", _default("catchup")),
+        "trigger_on_upstream": entry.get("trigger") == TRIGGER_UPSTREAM,
         "overlap": entry.get("overlap", Job.Overlap.SKIP),
+        "retries": entry.get("retries", _default("retries")),
+        "retry_backoff": entry.get("retry_backoff", _default("retry_backoff")),
+        **durations,
         "queue": entry.get("queue", ""),
         "environment": dict(env),
         "secret_keys": list(secret_env),
         "enabled": entry.get("enabled", True),
+        "upstreams": upstreams,
     }
     return fields, problems
+
+
+def _default(field_name: str) -> Any:
+    return Job._meta.get_field(field_name).get_default()
 
 
 def _unknown_key_message(label: str, key: str) -> str:
@@ -224,12 +250,16 @@ def _unknown_key_message(label: str, key: str) -> str:
     return f'{label}: unknown key "{key}"{hint}'
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _type_errors(entry: dict[str, Any], label: str) -> list[str]:
     errors = []
     for key, value in entry.items():
         if key in STRING_KEYS and not isinstance(value, str):
             errors.append(f'{label}: "{key}" must be a string')
-    for key in ("tags", "secret_env"):
+    for key in ("tags", "secret_env", "depends_on"):
         value = entry.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             errors.append(f'{label}: "{key}" must be a list of strings')
@@ -244,22 +274,100 @@ def _type_errors(entry: dict[str, Any], label: str) -> list[str]:
         ]
     if not isinstance(entry.get("enabled", True), bool):
         errors.append(f'{label}: "enabled" must be true or false')
+    if "retries" in entry and not _is_int(entry["retries"]):
+        errors.append(f'{label}: "retries" must be a whole number, e.g. retries = 2')
+    backoff = entry.get("retry_backoff", 2)
+    if not (_is_int(backoff) or isinstance(backoff, float)):
+        errors.append(f'{label}: "retry_backoff" must be a number, e.g. retry_backoff = 2')
     return errors
 
 
-def _future_value_errors(entry: dict[str, Any], label: str) -> list[tuple[str, str]]:
+def _choice_errors(entry: dict[str, Any], label: str) -> list[tuple[str, str]]:
     problems = []
     kind = entry.get("kind", Job.Kind.SHELL)
     if kind in FUTURE_KINDS:
         problems.append(("kind", f'{label}: kind "{kind}" is not supported yet (only "shell")'))
     elif kind not in Job.Kind.values:
         problems.append(("kind", f'{label}: unknown kind "{kind}"; use "shell"'))
-    overlap = entry.get("overlap", Job.Overlap.SKIP)
-    if overlap in FUTURE_OVERLAPS:
-        message = f'{label}: overlap "{overlap}" is not supported yet (only "skip")'
-        problems.append(("overlap", message))
-    elif overlap not in Job.Overlap.values:
-        problems.append(("overlap", f'{label}: unknown overlap "{overlap}"; use "skip"'))
+    for key, choices in (("overlap", Job.Overlap.values), ("catchup", Job.Catchup.values)):
+        value = entry.get(key, choices[0])
+        if value not in choices:
+            allowed = ", ".join(f'"{choice}"' for choice in choices)
+            problems.append((key, f'{label}: unknown {key} "{value}"; use one of {allowed}'))
+    trigger = entry.get("trigger")
+    if trigger is not None and trigger != TRIGGER_UPSTREAM:
+        problems.append(
+            (
+                "trigger_on_upstream",
+                f'{label}: unknown trigger "{trigger}"; the only trigger is "upstream" '
+                '(a clock is set with "schedule")',
+            )
+        )
+    return problems
+
+
+def _durations(entry: dict[str, Any], label: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """timeout, retry_delay and retry_max_delay in seconds, and their problems."""
+    defaults = {
+        "timeout": settings.JOBSITE_DEFAULT_TIMEOUT,
+        "retry_delay": _default("retry_delay"),
+        "retry_max_delay": _default("retry_max_delay"),
+    }
+    values, problems = {}, []
+    for key, default in defaults.items():
+        try:
+            values[key] = parse_duration(entry.get(key, default))
+        except ValueError as exc:
+            problems.append((key, f"{label}: {key}: {exc}"))
+            values[key] = default
+    for key in ("retry_delay", "retry_max_delay"):
+        if values[key] < 0:
+            problems.append((key, f"{label}: {key}: must not be negative"))
+            values[key] = defaults[key]
+    return values, problems
+
+
+def _retry_errors(entry: dict[str, Any], label: str) -> list[tuple[str, str]]:
+    problems = []
+    retries = entry.get("retries", 0)
+    if not 0 <= retries <= MAX_RETRIES:
+        problems.append(
+            ("retries", f"{label}: retries: use a whole number from 0 to {MAX_RETRIES}")
+        )
+    backoff = entry.get("retry_backoff", 2)
+    if not math.isfinite(backoff) or backoff < 1:
+        problems.append(
+            (
+                "retry_backoff",
+                f"{label}: retry_backoff: must be at least 1 "
+                "(1 waits retry_delay every time; 2 doubles it each attempt)",
+            )
+        )
+    return problems
+
+
+def _depends_on_errors(
+    entry: dict[str, Any], label: str, name: str, upstreams: list[str]
+) -> list[tuple[str, str]]:
+    """Problems a job's depends_on has on its own (names are resolved later)."""
+    problems = []
+    seen: set[str] = set()
+    for upstream in upstreams:
+        if not upstream:
+            problems.append(("upstreams", f"{label}: depends_on: a job name is empty"))
+        elif upstream == name:
+            problems.append(("upstreams", f"{label}: depends_on: a job cannot depend on itself"))
+        elif upstream in seen:
+            problems.append(("upstreams", f'{label}: depends_on names "{upstream}" twice'))
+        seen.add(upstream)
+    if entry.get("trigger") == TRIGGER_UPSTREAM and not upstreams:
+        problems.append(
+            (
+                "trigger_on_upstream",
+                f'{label}: trigger = "upstream" needs depends_on: the jobs whose '
+                "success starts this one",
+            )
+        )
     return problems
 
 
@@ -287,7 +395,8 @@ def clean_messages(job: Job, label: str, *, reported: Collection[str] = ()) -> l
 class _Plan:
     job: Job
     created: bool
-    changed: list[str]  # model field names
+    changed: list[str]  # model field names ("upstreams" when depends_on changed)
+    upstreams: list[str] = field(default_factory=list)  # names, as the file gives them
 
 
 def _same(field_name: str, old: Any, new: Any) -> bool:
@@ -298,7 +407,7 @@ def _same(field_name: str, old: Any, new: Any) -> bool:
     return old == new
 
 
-def _plan_jobs(entries: list[Any], source: str) -> list[_Plan]:
+def _plan_jobs(entries: list[Any], source: str, *, prune: bool = False) -> list[_Plan]:
     """Check every entry and work out what to write; JobFileError lists all problems."""
     errors: list[str] = []
     checked: list[tuple[str, dict[str, Any], set[str]]] = []
@@ -314,6 +423,7 @@ def _plan_jobs(entries: list[Any], source: str) -> list[_Plan]:
     slug_owners = dict(
         Job.objects.filter(slug__in=[f["slug"] for f in named]).values_list("slug", "name")
     )
+    graph = _DependencyGraph.from_database()
     plans = []
     for label, fields, reported in checked:
         owner = slug_owners.get(fields["slug"])
@@ -322,12 +432,17 @@ def _plan_jobs(entries: list[Any], source: str) -> list[_Plan]:
                 f'{label}: slug "{fields["slug"]}" is already used by job "{owner}"; '
                 'set another "slug"'
             )
+        upstreams = fields.pop("upstreams")
         plan = _plan_one(fields | {"source": source}, existing.get(fields["name"]))
+        plan.upstreams = upstreams
+        if not plan.created and set(upstreams) != graph.upstreams_of(plan.job.name):
+            plan.changed.append("upstreams")
         errors += clean_messages(plan.job, label, reported=reported)
-        plans.append(plan)
+        plans.append((label, plan))
+    errors += _dependency_errors(plans, graph, source=source, prune=prune)
     if errors:
         raise JobFileError(errors)
-    return plans
+    return [plan for _label, plan in plans]
 
 
 def _duplicate_errors(all_fields: list[dict[str, Any]]) -> list[str]:
@@ -354,15 +469,123 @@ def _plan_one(fields: dict[str, Any], job: Job | None) -> _Plan:
     return _Plan(job, created=False, changed=changed)
 
 
+# --- Dependencies -----------------------------------------------------------------
+
+
+class _DependencyGraph:
+    """Upstream edges by job name: "a depends on b" is the edge a -> b."""
+
+    def __init__(self, edges: dict[str, list[str]]) -> None:
+        self.edges = edges
+
+    @classmethod
+    def from_database(cls) -> _DependencyGraph:
+        edges: dict[str, list[str]] = {}
+        rows = Job.upstreams.through.objects.values_list("from_job__name", "to_job__name")
+        for down, up in rows.order_by("from_job__name", "to_job__name"):
+            edges.setdefault(down, []).append(up)
+        return cls(edges)
+
+    def upstreams_of(self, name: str) -> set[str]:
+        return set(self.edges.get(name, []))
+
+    def downstreams_of(self, name: str) -> list[str]:
+        return sorted(down for down, ups in self.edges.items() if name in ups)
+
+    def replaced(self, new_edges: dict[str, list[str]], removed: set[str]) -> _DependencyGraph:
+        """The graph once the file's jobs have `new_edges` and `removed` jobs are gone."""
+        edges = {
+            down: [up for up in ups if up not in removed]
+            for down, ups in self.edges.items()
+            if down not in removed and down not in new_edges
+        }
+        return _DependencyGraph(edges | new_edges)
+
+    def cycle_through(self, start: str) -> list[str] | None:
+        """The shortest path start -> ... -> start (breadth first), or None."""
+        parent: dict[str, str | None] = {start: None}
+        queue = deque([start])
+        while queue:
+            node = queue.popleft()
+            for up in self.edges.get(node, []):
+                if up == start:
+                    path = [node]
+                    while (previous := parent[path[-1]]) is not None:
+                        path.append(previous)
+                    return [*reversed(path), start]
+                if up not in parent:
+                    parent[up] = node
+                    queue.append(up)
+        return None
+
+
+def _dependency_errors(
+    plans: list[tuple[str, _Plan]], graph: _DependencyGraph, *, source: str, prune: bool
+) -> list[str]:
+    """Unknown upstreams, and cycles in the graph the file would make
+    (its own edges plus those of the database's other jobs)."""
+    in_file = {plan.job.name for _label, plan in plans}
+    referenced = {name for _label, plan in plans for name in plan.upstreams}
+    known = in_file | set(Job.objects.filter(name__in=referenced).values_list("name", flat=True))
+    pruned: set[str] = set()
+    if prune:
+        pruned = set(
+            Job.objects.filter(source=source)
+            .exclude(name__in=in_file)
+            .values_list("name", flat=True)
+        )
+    errors = []
+    for label, plan in plans:
+        for upstream in plan.upstreams:
+            if upstream in pruned:
+                errors.append(
+                    f'{label}: depends_on names "{upstream}", which --prune would delete '
+                    "(it is no longer in this file)"
+                )
+            elif upstream not in known:
+                errors.append(
+                    f'{label}: depends_on names "{upstream}", which is neither in this file '
+                    "nor an existing job"
+                )
+    # A job naming itself is reported by entry_fields: leave that edge out.
+    new_edges = {
+        plan.job.name: [up for up in plan.upstreams if up != plan.job.name] for _l, plan in plans
+    }
+    proposed = graph.replaced(new_edges, pruned)
+    for name in sorted(pruned):
+        errors += [
+            f'--prune would delete job "{name}", which job "{down}" depends on'
+            for down in graph.downstreams_of(name)
+            if down not in pruned and down not in in_file
+        ]
+    return errors + _cycle_errors([plan.job.name for _label, plan in plans], proposed)
+
+
+def _cycle_errors(names: list[str], graph: _DependencyGraph) -> list[str]:
+    errors = []
+    seen: list[set[str]] = []
+    for name in names:
+        cycle = graph.cycle_through(name)
+        if cycle is None or set(cycle) in seen:
+            continue
+        seen.append(set(cycle))
+        errors.append(
+            f"dependency cycle: {' -> '.join(cycle)} (each job depends on the next; "
+            "remove one of these depends_on entries)"
+        )
+    return errors
+
+
 def jobs_load(*, path: str | Path, prune: bool = False) -> LoadReport:
     """Create or update the jobs a TOML file defines; all or nothing.
 
-    1. Read and check every [[job]] (types, keys, Job.full_clean()); any
-       problem raises JobFileError and nothing is written.
+    1. Read and check every [[job]] (types, keys, Job.full_clean(), unknown
+       upstreams, dependency cycles); any problem raises JobFileError and
+       nothing is written.
     2. In one transaction: create new jobs, save only the changed fields of
        changed ones (unchanged jobs keep updated_at and the scheduler's
-       next_fire_at), and with `prune` delete the jobs this same file created
-       earlier that it no longer names.
+       next_fire_at), set changed upstream sets, and with `prune` delete the
+       jobs this same file created earlier that it no longer names.
 
     Jobs remember the file's absolute path in Job.source; the scheduler picks
     up new and changed schedules at its next tick.
@@ -371,21 +594,10 @@ def jobs_load(*, path: str | Path, prune: bool = False) -> LoadReport:
     source = str(source_path)
     report = LoadReport(path=source)
     with transaction.atomic():
-        plans = _plan_jobs(read_entries(source_path), source)
+        plans = _plan_jobs(read_entries(source_path), source, prune=prune)
         for plan in plans:
-            if plan.created:
-                plan.job.save()
-                report.created.append(plan.job.name)
-            elif set(plan.changed) - {"source"}:
-                plan.job.save(update_fields=[*plan.changed, "updated_at"])
-                keys = [KEY_FOR_FIELD.get(name, name) for name in plan.changed]
-                report.updated.append((plan.job.name, keys))
-            else:
-                report.unchanged.append(plan.job.name)
-                if plan.changed:
-                    # Bookkeeping, not a definition change: updated_at stays.
-                    Job.objects.filter(pk=plan.job.pk).update(source=source)
-                    report.adopted.append(plan.job.name)
+            _save_plan(plan, report, source=source)
+        _save_upstreams(plans)
         if prune:
             doomed = Job.objects.filter(source=source).exclude(
                 name__in=[plan.job.name for plan in plans]
@@ -393,6 +605,33 @@ def jobs_load(*, path: str | Path, prune: bool = False) -> LoadReport:
             report.pruned = sorted(doomed.values_list("name", flat=True))
             doomed.delete()
     return report
+
+
+def _save_plan(plan: _Plan, report: LoadReport, *, source: str) -> None:
+    definition = [name for name in plan.changed if name not in ("source", "upstreams")]
+    if plan.created:
+        plan.job.save()
+        report.created.append(plan.job.name)
+    elif set(plan.changed) - {"source"}:
+        plan.job.save(update_fields=[*definition, "source", "updated_at"])
+        keys = [KEY_FOR_FIELD.get(name, name) for name in plan.changed if name != "source"]
+        report.updated.append((plan.job.name, keys))
+    else:
+        report.unchanged.append(plan.job.name)
+        if plan.changed:
+            # Bookkeeping, not a definition change: updated_at stays.
+            Job.objects.filter(pk=plan.job.pk).update(source=source)
+            report.adopted.append(plan.job.name)
+
+
+def _save_upstreams(plans: list[_Plan]) -> None:
+    """Set the upstream sets that changed (after every job of the file exists)."""
+    changed = [plan for plan in plans if "upstreams" in plan.changed or plan.created]
+    names = {name for plan in changed for name in plan.upstreams}
+    ids = dict(Job.objects.filter(name__in=names).values_list("name", "pk"))
+    for plan in changed:
+        if plan.upstreams or not plan.created:
+            plan.job.upstreams.set([ids[name] for name in plan.upstreams])
 
 
 # --- Dumping -----------------------------------------------------------------------
@@ -413,6 +652,13 @@ def job_entry(job: Job) -> tuple[dict[str, Any], list[str]]:
                 f'job "{job.name}": the value of secret {key} was not exported; '
                 f"written as ${{{key}}}, so set {key} in the server's environment"
             )
+    # Sorted by name so a dump diffs cleanly (uses prefetch_related("upstreams")).
+    upstreams = sorted(upstream.name for upstream in job.upstreams.all())
+    if job.trigger_on_upstream and not upstreams:
+        warnings.append(
+            f'job "{job.name}": trigger on upstream success is set but the job has no '
+            'upstreams, so it can never trigger; trigger = "upstream" was not written'
+        )
     values: dict[str, Any] = {
         "name": job.name,
         "slug": job.slug if job.slug != slugify(job.name) else None,
@@ -423,10 +669,19 @@ def job_entry(job: Job) -> tuple[dict[str, Any], list[str]]:
         "command": job.command,
         "schedule": job.schedule,
         "timezone": job.timezone if job.timezone != "UTC" else None,
+        "catchup": _unless_default(job, "catchup"),
+        "depends_on": upstreams,
+        "trigger": TRIGGER_UPSTREAM if job.trigger_on_upstream and upstreams else None,
         "timeout": format_duration(job.timeout)
         if job.timeout != settings.JOBSITE_DEFAULT_TIMEOUT
         else None,
         "overlap": job.overlap if job.overlap != Job.Overlap.SKIP else None,
+        "retries": job.retries or None,
+        "retry_delay": _duration_unless_default(job, "retry_delay"),
+        "retry_backoff": _number(job.retry_backoff)
+        if job.retry_backoff != _default("retry_backoff")
+        else None,
+        "retry_max_delay": _duration_unless_default(job, "retry_max_delay"),
         "queue": job.queue,
         "env": env,
         "secret_env": list(job.secret_keys),
@@ -434,6 +689,21 @@ def job_entry(job: Job) -> tuple[dict[str, Any], list[str]]:
     }
     entry = {key: value for key, value in values.items() if value not in (None, "", [], {})}
     return entry, warnings
+
+
+def _unless_default(job: Job, field_name: str) -> Any:
+    value = getattr(job, field_name)
+    return None if value == _default(field_name) else value
+
+
+def _duration_unless_default(job: Job, field_name: str) -> str | None:
+    value = _unless_default(job, field_name)
+    return None if value is None else format_duration(value)
+
+
+def _number(value: float) -> int | float:
+    """3.0 as 3: what a person would write."""
+    return int(value) if float(value).is_integer() else value
 
 
 def jobs_dumps(jobs: list[Job]) -> tuple[str, list[str]]:

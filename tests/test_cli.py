@@ -14,6 +14,7 @@ from django.contrib.auth.models import User
 from django.core.management import call_command
 from django_q.models import OrmQ
 
+from jobs import services
 from jobs.models import Job, Run
 from tests.conftest import database_url_for_children
 
@@ -152,6 +153,70 @@ def test_runjob_while_a_run_is_active_is_skipped_with_exit_75(make_job):
     assert (skipped.status, skipped.trigger) == (Run.Status.SKIPPED, Run.Trigger.CLI)
 
 
+def running_run(job: Job) -> Run:
+    """A run of `job` that a worker elsewhere is executing."""
+    run = services.run_create(job=job, trigger=Run.Trigger.SCHEDULE, here=True)
+    return services.run_claim(run_id=run.pk, worker="elsewhere:1")
+
+
+def test_runjob_under_overlap_queue_waits_behind_the_running_run_with_exit_75(make_job):
+    job = make_job(name="nightly", overlap=Job.Overlap.QUEUE)
+    blocker = running_run(job)
+
+    code, out, err = runjob("nightly")
+
+    assert code == 75
+    assert out == ""
+    waiting = Run.objects.exclude(pk=blocker.pk).get()
+    assert (waiting.status, waiting.trigger) == (Run.Status.QUEUED, Run.Trigger.CLI)
+    assert err == (
+        f"waiting: queued behind run #{blocker.pk}; the workers will start it when that "
+        f"run ends ({settings.SITE_URL}/runs/{waiting.pk}/)\n"
+    )
+    assert "Traceback" not in err
+    # The promise holds: when the running run ends, the waiting one is sent.
+    services.run_finish(run=blocker, status=Run.Status.SUCCEEDED, exit_code=0)
+    assert Run.objects.get(pk=waiting.pk).enqueued_at is not None
+
+
+def test_runjob_under_overlap_queue_with_one_already_waiting_is_skipped(make_job):
+    job = make_job(name="nightly", overlap=Job.Overlap.QUEUE)
+    running_run(job)
+    runjob("nightly")
+    waiting = Run.objects.get(status=Run.Status.QUEUED)
+
+    code, _out, err = runjob("nightly")
+
+    assert code == 75
+    assert f"skipped: run #{waiting.pk} is already waiting" in err
+
+
+def test_runjob_under_overlap_replace_cancels_the_running_run_and_waits(make_job):
+    job = make_job(name="nightly", overlap=Job.Overlap.REPLACE)
+    blocker = running_run(job)
+
+    code, out, err = runjob("nightly")
+
+    assert code == 75
+    assert out == ""
+    blocker.refresh_from_db()
+    assert blocker.cancel_requested_at is not None
+    assert f"waiting: replacing run #{blocker.pk}, which is being cancelled" in err
+    assert Run.objects.exclude(pk=blocker.pk).get().status == Run.Status.QUEUED
+
+
+def test_runjob_enqueue_under_overlap_queue_says_it_waits(make_job):
+    job = make_job(name="nightly", overlap=Job.Overlap.QUEUE)
+    blocker = running_run(job)
+    out, err = io.StringIO(), io.StringIO()
+
+    call_command("runjob", "nightly", "--enqueue", stdout=out, stderr=err)
+
+    waiting = Run.objects.exclude(pk=blocker.pk).get()
+    assert out.getvalue().strip() == f"{settings.SITE_URL}/runs/{waiting.pk}/"
+    assert f"waiting: queued behind run #{blocker.pk}" in err.getvalue()
+
+
 def test_runjob_enqueue_prints_the_run_url_and_hands_a_queued_cli_run_to_the_broker(
     make_job, django_capture_on_commit_callbacks
 ):
@@ -182,11 +247,20 @@ def test_seed_demo_creates_the_login_and_demo_jobs_once(db, monkeypatch):
     assert "username: admin" in first.getvalue()
     assert "password: jobsite-demo" in first.getvalue()
     assert User.objects.get(username="admin").check_password("jobsite-demo")
-    assert set(updated_at) == {"heartbeat", "flaky-export", "slow-report", "say-hello"}
+    assert set(updated_at) == {
+        "heartbeat",
+        "flaky-export",
+        "slow-report",
+        "publish-report",
+        "say-hello",
+    }
     assert Job.objects.get(slug="say-hello").schedule == ""
+    assert [j.slug for j in Job.objects.get(slug="publish-report").upstreams.all()] == [
+        "slow-report"
+    ]
     assert "already exists" in second.getvalue()
     assert "jobsite-demo" not in second.getvalue()
-    assert "0 created, 0 updated, 4 unchanged" in second.getvalue()
+    assert "0 created, 0 updated, 5 unchanged" in second.getvalue()
     assert dict(Job.objects.values_list("slug", "updated_at")) == updated_at
     assert User.objects.count() == 1
 
@@ -207,3 +281,5 @@ def test_demo_failing_job_fails_with_its_exit_code(db):
 
     assert code == 3
     assert "error: table orders is locked" in out
+    retry = Run.objects.get(trigger=Run.Trigger.RETRY)
+    assert (retry.status, retry.attempt) == (Run.Status.QUEUED, 2)

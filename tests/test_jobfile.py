@@ -132,13 +132,13 @@ def test_removing_a_key_resets_it_to_its_default(db, tmp_path):
 
 def test_unknown_key_names_the_key_and_the_job_and_writes_nothing(db, tmp_path):
     path = write(
-        tmp_path, WAREHOUSE + '\n[[job]]\nname = "nightly"\ncommand = "true"\nretries = 2\n'
+        tmp_path, WAREHOUSE + '\n[[job]]\nname = "nightly"\ncommand = "true"\nnotify = 2\n'
     )
 
     code, out, err = loadjobs(path)
 
     assert code == 2
-    assert 'job "nightly": unknown key "retries"' in err
+    assert 'job "nightly": unknown key "notify"' in err
     assert "Nothing was loaded" in err
     assert out == ""
     assert not Job.objects.exists()
@@ -170,7 +170,32 @@ def test_misspelt_key_suggests_the_right_one(db, tmp_path):
         ("env = { PORT = 5432 }", 'job "nightly": env PORT must be a string'),
         ('kind = "python"', 'job "nightly": kind "python" is not supported yet'),
         ('kind = "perl"', 'job "nightly": unknown kind "perl"'),
-        ('overlap = "queue"', 'job "nightly": overlap "queue" is not supported yet'),
+        (
+            'overlap = "never"',
+            'job "nightly": unknown overlap "never"; use one of "skip", "queue", "allow", '
+            '"replace"',
+        ),
+        (
+            'catchup = "some"',
+            'job "nightly": unknown catchup "some"; use one of "none", "latest", "all"',
+        ),
+        ("retries = -1", 'job "nightly": retries: use a whole number from 0 to 20'),
+        ("retries = 21", 'job "nightly": retries: use a whole number from 0 to 20'),
+        ("retries = 2.5", 'job "nightly": "retries" must be a whole number'),
+        ('retries = "2"', 'job "nightly": "retries" must be a whole number'),
+        ('retry_delay = "5 min"', "job \"nightly\": retry_delay: '5 min' is not a duration"),
+        ("retry_delay = -5", 'job "nightly": retry_delay: must not be negative'),
+        ('retry_max_delay = "1d"', "job \"nightly\": retry_max_delay: '1d' is not a duration"),
+        ("retry_backoff = 0.5", 'job "nightly": retry_backoff: must be at least 1'),
+        ("retry_backoff = inf", 'job "nightly": retry_backoff: must be at least 1'),
+        ('retry_backoff = "2"', 'job "nightly": "retry_backoff" must be a number'),
+        ('depends_on = "fine"', 'job "nightly": "depends_on" must be a list of strings'),
+        ('depends_on = ["fine", "fine"]', 'job "nightly": depends_on names "fine" twice'),
+        ('trigger = "upstream"', 'job "nightly": trigger = "upstream" needs depends_on'),
+        (
+            'depends_on = ["fine"]\ntrigger = "schedule"',
+            'job "nightly": unknown trigger "schedule"; the only trigger is "upstream"',
+        ),
         ('secret_env = ["TOKEN"]', 'job "nightly": secret_env names "TOKEN", which is not in env'),
     ],
 )
@@ -280,6 +305,226 @@ def test_loading_a_hand_made_job_takes_it_over_without_changing_it(make_job, tmp
     assert refreshed.updated_at == job.updated_at
 
 
+# --- Retries, overlap, catch-up and dependencies -----------------------------------
+
+
+def job_toml(name: str, *lines: str) -> str:
+    body = "".join(f"{line}\n" for line in lines)
+    return f'\n[[job]]\nname = "{name}"\ncommand = "true"\n{body}'
+
+
+def upstream_names(name: str) -> list[str]:
+    return sorted(Job.objects.get(name=name).upstreams.values_list("name", flat=True))
+
+
+def test_loadjobs_sets_retries_overlap_and_catchup(db, tmp_path):
+    path = write(
+        tmp_path,
+        job_toml(
+            "nightly",
+            'overlap = "queue"',
+            "retries = 3",
+            'retry_delay = "1m"',
+            "retry_backoff = 1.5",
+            'retry_max_delay = "2h"',
+            'catchup = "all"',
+        ),
+    )
+
+    code, out, _err = loadjobs(path)
+
+    assert code == 0, out
+    job = Job.objects.get()
+    assert (job.overlap, job.catchup) == (Job.Overlap.QUEUE, Job.Catchup.ALL)
+    assert (job.retries, job.retry_delay, job.retry_backoff, job.retry_max_delay) == (
+        3,
+        60,
+        1.5,
+        7200,
+    )
+
+
+def test_left_out_reliability_keys_take_the_defaults(db, tmp_path):
+    path = write(tmp_path, job_toml("nightly", "retries = 3", 'catchup = "none"'))
+    loadjobs(path)
+    write(tmp_path, job_toml("nightly"))
+
+    code, out, _err = loadjobs(path)
+
+    assert code == 0
+    assert "nightly (catchup, retries)" in out
+    job = Job.objects.get()
+    assert (job.overlap, job.catchup, job.retries) == ("skip", "latest", 0)
+    assert (job.retry_delay, job.retry_backoff, job.retry_max_delay) == (30, 2.0, 3600)
+
+
+@pytest.mark.parametrize("overlap", ["skip", "queue", "allow", "replace"])
+def test_every_overlap_policy_loads(db, tmp_path, overlap):
+    path = write(tmp_path, job_toml("nightly", f'overlap = "{overlap}"'))
+
+    code, _out, err = loadjobs(path)
+
+    assert code == 0, err
+    assert Job.objects.get().overlap == overlap
+
+
+def test_depends_on_names_jobs_in_the_file_and_in_the_database(make_job, tmp_path):
+    make_job(name="warehouse-load")
+    path = write(
+        tmp_path,
+        job_toml("report", 'depends_on = ["extract", "warehouse-load"]', 'trigger = "upstream"')
+        + job_toml("extract"),
+    )
+
+    code, out, err = loadjobs(path)
+
+    assert code == 0, err
+    assert "2 created" in out
+    assert upstream_names("report") == ["extract", "warehouse-load"]
+    assert Job.objects.get(name="report").trigger_on_upstream is True
+    assert Job.objects.get(name="extract").trigger_on_upstream is False
+    assert [j.name for j in Job.objects.get(name="extract").downstreams.all()] == ["report"]
+
+
+def test_loading_a_file_with_upstreams_twice_changes_nothing(db, tmp_path):
+    path = write(
+        tmp_path,
+        job_toml("report", 'depends_on = ["load", "extract"]', 'trigger = "upstream"')
+        + job_toml("extract", 'depends_on = ["load"]')
+        + job_toml("load"),
+    )
+    loadjobs(path)
+    before = dict(Job.objects.values_list("name", "updated_at"))
+
+    with time_machine.travel(timezone.now() + timedelta(hours=1)):
+        code, out, _err = loadjobs(path)
+
+    assert code == 0
+    assert "0 created, 0 updated, 3 unchanged, 0 pruned" in out
+    assert dict(Job.objects.values_list("name", "updated_at")) == before
+    assert upstream_names("report") == ["extract", "load"]
+
+
+def test_changing_depends_on_updates_the_upstreams_and_says_so(db, tmp_path):
+    jobs = job_toml("extract") + job_toml("load")
+    path = write(tmp_path, jobs + job_toml("report", 'depends_on = ["extract"]'))
+    loadjobs(path)
+
+    write(tmp_path, jobs + job_toml("report", 'depends_on = ["load"]'))
+    code, out, _err = loadjobs(path)
+
+    assert code == 0
+    assert "0 created, 1 updated, 2 unchanged" in out
+    assert "report (depends_on)" in out
+    assert upstream_names("report") == ["load"]
+
+    write(tmp_path, jobs + job_toml("report"))
+    loadjobs(path)
+
+    assert upstream_names("report") == []
+
+
+def test_an_unknown_upstream_is_an_error_naming_the_job_and_the_upstream(db, tmp_path):
+    path = write(tmp_path, job_toml("extract") + job_toml("report", 'depends_on = ["extrct"]'))
+
+    code, _out, err = loadjobs(path)
+
+    assert code == 2
+    assert (
+        'job "report": depends_on names "extrct", which is neither in this file nor an '
+        "existing job" in err
+    )
+    assert "Nothing was loaded" in err
+    assert not Job.objects.exists()
+
+
+def test_a_job_that_depends_on_itself_is_an_error(db, tmp_path):
+    path = write(tmp_path, job_toml("report", 'depends_on = ["report"]'))
+
+    code, _out, err = loadjobs(path)
+
+    assert code == 2
+    assert 'job "report": depends_on: a job cannot depend on itself' in err
+    assert "dependency cycle" not in err  # said once, plainly
+    assert not Job.objects.exists()
+
+
+def test_a_dependency_cycle_is_an_error_naming_the_cycle_and_writes_nothing(db, tmp_path):
+    path = write(
+        tmp_path,
+        job_toml("a", 'depends_on = ["b"]') + job_toml("b", 'depends_on = ["c"]') + job_toml("c"),
+    )
+    loadjobs(path)
+    write(
+        tmp_path,
+        job_toml("a", 'depends_on = ["b"]')
+        + job_toml("b", 'depends_on = ["c"]')
+        + job_toml("c", 'depends_on = ["a"]', "retries = 2")
+        + job_toml("d"),
+    )
+
+    code, out, err = loadjobs(path)
+
+    assert code == 2
+    assert out == ""
+    assert "dependency cycle: a -> b -> c -> a" in err
+    assert err.count("dependency cycle") == 1
+    assert upstream_names("c") == []
+    assert Job.objects.get(name="c").retries == 0
+    assert not Job.objects.filter(name="d").exists()
+
+
+def test_a_cycle_through_an_existing_job_is_an_error(make_job, tmp_path):
+    upstream = make_job(name="a")
+    hand_made = make_job(name="hand-made")
+    hand_made.upstreams.set([upstream])
+    path = write(tmp_path, job_toml("a", 'depends_on = ["hand-made"]'))
+
+    code, _out, err = loadjobs(path)
+
+    assert code == 2
+    assert "dependency cycle: a -> hand-made -> a" in err
+    assert upstream_names("a") == []
+
+
+def test_the_files_own_edges_replace_a_loaded_jobs_old_ones_when_looking_for_cycles(db, tmp_path):
+    path = write(tmp_path, job_toml("a", 'depends_on = ["b"]') + job_toml("b"))
+    loadjobs(path)
+    # Turned around: b now depends on a, and a no longer on b. No cycle.
+    write(tmp_path, job_toml("a") + job_toml("b", 'depends_on = ["a"]'))
+
+    code, _out, err = loadjobs(path)
+
+    assert code == 0, err
+    assert (upstream_names("a"), upstream_names("b")) == ([], ["a"])
+
+
+def test_prune_may_not_delete_an_upstream_the_file_still_needs(db, tmp_path):
+    path = write(tmp_path, job_toml("load") + job_toml("report", 'depends_on = ["load"]'))
+    loadjobs(path)
+    write(tmp_path, job_toml("report", 'depends_on = ["load"]'))
+
+    code, _out, err = loadjobs(path, "--prune")
+
+    assert code == 2
+    assert 'job "report": depends_on names "load", which --prune would delete' in err
+    assert Job.objects.filter(name="load").exists()
+
+
+def test_prune_may_not_delete_an_upstream_of_a_job_from_elsewhere(make_job, tmp_path):
+    path = write(tmp_path, job_toml("load") + job_toml("other"))
+    loadjobs(path)
+    hand_made = make_job(name="hand-made")
+    hand_made.upstreams.set([Job.objects.get(name="load")])
+    write(tmp_path, job_toml("other"))
+
+    code, _out, err = loadjobs(path, "--prune")
+
+    assert code == 2
+    assert '--prune would delete job "load", which job "hand-made" depends on' in err
+    assert upstream_names("hand-made") == ["load"]
+
+
 # --- Dumping --------------------------------------------------------------------------
 
 
@@ -352,6 +597,67 @@ def test_dumpjobs_never_prints_a_secret_value(make_job):
     assert env == {"TOKEN": "${TOKEN}", "FTP": "${FTP_PASSWORD}", "TARGET": "x"}
     assert "secret TOKEN was not exported" in err
     assert "FTP" not in err
+
+
+def test_dumpjobs_writes_reliability_settings_and_sorted_upstreams(make_job):
+    zeta, alpha = make_job(name="zeta"), make_job(name="alpha")
+    job = make_job(
+        name="report",
+        command="true",
+        timeout=3600,
+        overlap="replace",
+        retries=2,
+        retry_delay=300,
+        retry_backoff=3.0,
+        retry_max_delay=5400,
+        catchup="none",
+        trigger_on_upstream=True,
+    )
+    job.upstreams.set([zeta, alpha])
+
+    out, _err = dumpjobs("report")
+
+    assert tomllib.loads(out)["job"] == [
+        {
+            "name": "report",
+            "command": "true",
+            "catchup": "none",
+            "depends_on": ["alpha", "zeta"],
+            "trigger": "upstream",
+            "overlap": "replace",
+            "retries": 2,
+            "retry_delay": "5m",
+            "retry_backoff": 3,
+            "retry_max_delay": "90m",
+        }
+    ]
+
+
+def test_dumpjobs_then_loadjobs_with_upstreams_and_retries_changes_nothing(make_job, tmp_path):
+    load = make_job(name="load", retries=1, retry_backoff=1.5, catchup="all", overlap="queue")
+    extract = make_job(name="extract", retry_delay=45, retry_max_delay=600, overlap="allow")
+    extract.upstreams.set([load])
+    report = make_job(name="report", trigger_on_upstream=True)
+    report.upstreams.set([load, extract])
+    before = dict(Job.objects.values_list("name", "updated_at"))
+    path = tmp_path / "dump.toml"
+
+    dumpjobs("--output", path)
+    code, out, _err = loadjobs(path)
+
+    assert code == 0
+    assert "0 created, 0 updated, 3 unchanged, 0 pruned" in out
+    assert dict(Job.objects.values_list("name", "updated_at")) == before
+    assert upstream_names("report") == ["extract", "load"]
+
+
+def test_dumpjobs_warns_about_an_upstream_trigger_without_upstreams(make_job):
+    make_job(name="orphan", trigger_on_upstream=True)
+
+    out, err = dumpjobs()
+
+    assert "trigger" not in tomllib.loads(out)["job"][0]
+    assert 'job "orphan": trigger on upstream success is set but the job has no upstreams' in err
 
 
 # --- Durations -----------------------------------------------------------------------

@@ -23,7 +23,7 @@ class Command(BaseCommand):
         parser.add_argument("--output", "-o", help="Write to this file instead of stdout.")
 
     def handle(self, *args, slugs: list[str], output: str | None, **options) -> None:
-        jobs = Job.objects.order_by("name")
+        jobs = Job.objects.order_by("name").prefetch_related("upstreams")
         if slugs:
             jobs = jobs.filter(slug__in=slugs)
             missing = sorted(set(slugs) - {job.slug for job in jobs})

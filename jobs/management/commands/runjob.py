@@ -73,9 +73,17 @@ class Command(BaseCommand):
             if run.status == Run.Status.SKIPPED:
                 self.stderr.write(f"skipped: {run.error_summary} ({self.run_url(run)})")
                 sys.exit(EXIT_SKIPPED)
+            run.refresh_from_db()
+            if run.enqueued_at is None:
+                self.stderr.write(self.waiting_message(run))
             self.stdout.write(self.run_url(run))
             return
         run = self.run_in_foreground(job)
+        if run.status == Run.Status.QUEUED:
+            # overlap=queue or replace: it waits for the running run to end,
+            # and the workers (not this process) will start it then.
+            self.stderr.write(self.waiting_message(run))
+            sys.exit(EXIT_SKIPPED)
         self.stderr.write(self.summary(run))
         sys.exit(exit_code_for(run))
 
@@ -117,6 +125,26 @@ class Command(BaseCommand):
 
     def run_url(self, run: Run) -> str:
         return settings.SITE_URL + run.get_absolute_url()
+
+    def waiting_message(self, run: Run) -> str:
+        url = self.run_url(run)
+        blocker = (
+            Run.objects.filter(job_id=run.job_id, status=Run.Status.RUNNING)
+            .exclude(pk=run.pk)
+            .order_by("id")
+            .first()
+        )
+        if blocker is None:
+            return f"waiting: queued; the workers will start it ({url})"
+        if blocker.cancel_requested_at is not None:
+            return (
+                f"waiting: replacing run #{blocker.pk}, which is being cancelled; "
+                f"the workers will start this run when it ends ({url})"
+            )
+        return (
+            f"waiting: queued behind run #{blocker.pk}; the workers will start it "
+            f"when that run ends ({url})"
+        )
 
     def summary(self, run: Run) -> str:
         url = self.run_url(run)
