@@ -10,12 +10,10 @@ from django.db.models import QuerySet
 from jobs import services
 from jobs.models import Job
 
-MAX_RETRIES = 20
-
 
 class JobAdminForm(forms.ModelForm):
-    """Job.clean() checks schedule, zone, timeout and environment; this adds
-    what needs the form's data: retry bounds and the dependency graph."""
+    """Job.clean() checks schedule, zone, timeout, environment and retries;
+    this adds what needs the form's data: the dependency graph."""
 
     class Meta:
         model = Job
@@ -27,23 +25,6 @@ class JobAdminForm(forms.ModelForm):
             *["overlap", "retries", "retry_delay", "retry_backoff", "retry_max_delay", "catchup"],
             *["upstreams", "trigger_on_upstream"],
         ]
-
-    def clean_retries(self) -> int:
-        retries = self.cleaned_data["retries"]
-        if retries > MAX_RETRIES:
-            raise forms.ValidationError(
-                f"At most {MAX_RETRIES} retries; a job failing more often than that needs "
-                "fixing, not retrying."
-            )
-        return retries
-
-    def clean_retry_backoff(self) -> float:
-        backoff = self.cleaned_data["retry_backoff"]
-        if backoff < 1:
-            raise forms.ValidationError(
-                "The backoff factor must be at least 1 (1 keeps the same delay for every retry)."
-            )
-        return backoff
 
     def clean_upstreams(self) -> QuerySet[Job]:
         upstreams = self.cleaned_data["upstreams"]
@@ -64,11 +45,5 @@ class JobAdminForm(forms.ModelForm):
         if cleaned.get("trigger_on_upstream") and upstreams is not None and not upstreams.exists():
             self.add_error(
                 "trigger_on_upstream", "Choose at least one upstream job to be triggered by."
-            )
-        delay, longest = cleaned.get("retry_delay"), cleaned.get("retry_max_delay")
-        if delay is not None and longest is not None and longest < delay:
-            self.add_error(
-                "retry_max_delay",
-                f"The longest retry delay must be at least the first delay ({delay} s).",
             )
         return cleaned

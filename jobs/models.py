@@ -17,6 +17,7 @@ from django.urls import reverse
 from jobs import scheduling
 
 SECRET_MASK = "••••••"
+MAX_RETRIES = 20
 
 
 class Job(models.Model):
@@ -158,6 +159,23 @@ class Job(models.Model):
             errors["secret_keys"] = 'Use a JSON list of key names, e.g. ["TOKEN"].'
         if not self.command.strip():
             errors["command"] = "The command is empty."
+        if self.retries is not None and self.retries > MAX_RETRIES:
+            errors["retries"] = (
+                f"At most {MAX_RETRIES} retries; a job failing more often than that needs "
+                "fixing, not retrying."
+            )
+        if self.retry_backoff is not None and self.retry_backoff < 1:
+            errors["retry_backoff"] = (
+                "The backoff factor must be at least 1 (1 keeps the same delay for every retry)."
+            )
+        if (
+            self.retry_delay is not None
+            and self.retry_max_delay is not None
+            and self.retry_max_delay < self.retry_delay
+        ):
+            errors["retry_max_delay"] = (
+                f"The longest retry delay must be at least the first delay ({self.retry_delay} s)."
+            )
         if errors:
             raise ValidationError(errors)
 
@@ -287,6 +305,8 @@ class Run(models.Model):
                 condition=Q(status__in=["queued", "running"]),
                 name="run_active_idx",
             ),
+            # Job page history filtered by status: WHERE job_id=? AND status=? ORDER BY id DESC.
+            models.Index(fields=["job", "status", "-id"], name="run_job_status_recent_idx"),
             # Upstream gating: a job's run that finished last.
             models.Index(fields=["job", "-finished_at"], name="run_job_finished_idx"),
             # Sweeper: "running runs whose heartbeat is older than the lease".
