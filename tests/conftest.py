@@ -198,3 +198,43 @@ def _state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return ""
+
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+def browser(monkeypatch):
+    """Headless Debian Chromium driven by Playwright (skips when missing)."""
+    path = chromium_path()
+    if path is None:
+        pytest.skip("no Chromium found (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API runs an event loop; ORM calls in the test are plain sync code.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    with sync_playwright() as pw:
+        instance = pw.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+    # ORM calls made under Playwright's loop get their own connection: close
+    # it, or PostgreSQL cannot drop the test database.
+    from django.db import connections
+
+    connections.close_all()
+
+
+def browser_login(page, live_server, username: str, next_url: str = "/") -> None:
+    page.goto(f"{live_server.url}/accounts/login/?next={next_url}")
+    page.fill("#id_username", username)
+    page.fill("#id_password", "pw-secret-1")
+    page.click("button[type=submit]")
