@@ -140,8 +140,19 @@ def iter_fires(expr: str, tz_name: str, after: datetime) -> Iterator[Fire]:
     heap: list[tuple[datetime, int, Fire]] = []
     last: datetime | None = None
     order = itertools.count()
+    skipped = 0  # wildcard fire times lost in a spring-forward gap
     for naive in CronSim(cron, start):
-        for fire in _instants(naive, tz, fixed):
+        fires = _instants(naive, tz, fixed)
+        if not fires:
+            if naive.replace(tzinfo=tz).astimezone(UTC) > after:
+                skipped += 1
+            continue
+        if skipped:
+            times = "time" if skipped == 1 else "times"
+            note = f"{skipped} fire {times} inside the DST gap before this were skipped"
+            fires[0] = Fire(fires[0].at, note)
+            skipped = 0
+        for fire in fires:
             # Compare in UTC: aware datetimes sharing a tzinfo compare by
             # wall clock and ignore `fold`, which would merge a repeated hour.
             instant = fire.at.astimezone(UTC)

@@ -94,6 +94,8 @@ def test_wildcard_minutes_inside_a_spring_forward_gap_are_skipped():
         "2027-03-28T03:00:00+02:00",
         "2027-03-28T03:30:00+02:00",
     ]
+    # The job page's next-fires list says what was skipped.
+    assert fires[1].note == "2 fire times inside the DST gap before this were skipped"
 
 
 @pytest.mark.parametrize(
