@@ -158,9 +158,14 @@ def _catch_up(job: Job, fires: list[datetime], now: datetime) -> list[Run]:
 
 
 def next_due() -> datetime | None:
-    return Job.objects.filter(enabled=True, next_fire_at__isnull=False).aggregate(
+    """The next moment the clock has work: a fire or a waiting retry."""
+    fire = Job.objects.filter(enabled=True, next_fire_at__isnull=False).aggregate(
         due=Min("next_fire_at")
     )["due"]
+    retry = Run.objects.filter(
+        status=Run.Status.QUEUED, enqueued_at__isnull=True, not_before__isnull=False
+    ).aggregate(due=Min("not_before"))["due"]
+    return min((d for d in (fire, retry) if d is not None), default=None)
 
 
 def tick(*, now: datetime | None = None) -> list[Run]:
@@ -169,6 +174,7 @@ def tick(*, now: datetime | None = None) -> list[Run]:
     now = now or timezone.now()
     sync(now=now)
     runs = fire_due(now=now)
+    services.dispatch_waiting(now=now)  # retries whose delay has passed start on time
     last_sweep = cache.get(SWEEP_KEY)
     if last_sweep is None or (now.timestamp() - last_sweep) >= settings.JOBSITE_SWEEP_SECONDS:
         cache.set(SWEEP_KEY, now.timestamp(), timeout=None)

@@ -32,6 +32,7 @@ from jobs.models import Job, Run, RunLogChunk
 
 STRIP_LENGTH = 20  # recent runs per job on the overview
 HISTORY_PAGE_SIZE = 25
+MISSED_SHOWN = 10
 NEXT_FIRES = 5
 # The stored log is already bounded (head + tail caps); this only guards the
 # page against a cap configured far larger.
@@ -226,14 +227,24 @@ def job_detail(request: HttpRequest, slug: str) -> HttpResponse:
         "environment": sorted(job.masked_environment().items()),
         "next_fires": job.next_fire_times(now, NEXT_FIRES) if job.enabled else [],
         "upcoming_if_resumed": [] if job.enabled else job.next_fire_times(now, NEXT_FIRES),
-        "upstreams": list(job.upstreams.order_by("name")),
-        "downstreams": list(job.downstreams.order_by("name")),
+        "upstreams": _with_last_status(job.upstreams.order_by("name")),
+        "downstreams": _with_last_status(job.downstreams.order_by("name")),
+        "missed_fires": list(job.missed_fires.all()[:MISSED_SHOWN]),
         "history": _history_page(runs, before=before, after=after),
         "status": status,
         "statuses": Run.Status.choices,
         "now": now,
     }
     return render(request, "jobs/job_detail.html", context)
+
+
+def _with_last_status(jobs) -> list[Job]:
+    """Each related job with `.last_run` (the run that finished last), for the
+    dependency lists: one small query per related job, of which there are few."""
+    related = list(jobs)
+    for other in related:
+        other.last_run = services.latest_finished(other)
+    return related
 
 
 @login_required

@@ -319,15 +319,40 @@ def test_cancel_stops_a_queued_run_and_needs_the_run_permission(client, make_job
     assert f"cancelled by {user.username}" in html and "Cancel</button>" not in html
 
 
-def test_job_page_links_its_upstreams_and_downstreams(admin_client, make_job):
-    load, export, report = make_job(name="load"), make_job(name="export"), make_job(name="report")
+def test_job_page_shows_upstreams_and_downstreams_with_their_status(admin_client, make_job):
+    load = make_job(name="load", command="exit 2")
+    export, report = make_job(name="export"), make_job(name="report")
     export.upstreams.add(load)
     report.upstreams.add(export)
+    services.run_foreground(job=load, echo=lambda text: None)
 
     html = admin_client.get(export.get_absolute_url()).content.decode()
 
-    assert '<dt>Runs after</dt><dd><a href="/jobs/load/">load</a>' in html
-    assert '<dt>Feeds</dt><dd><a href="/jobs/report/">report</a>' in html
+    runs_after = html.split("<dt>Runs after</dt>")[1].split("</dd>")[0]
+    assert '<a href="/jobs/load/">load</a>' in runs_after and "Failed" in runs_after
+    feeds = html.split("<dt>Feeds</dt>")[1].split("</dd>")[0]
+    assert '<a href="/jobs/report/">report</a>' in feeds and "never ran" in feeds
+
+
+def test_job_page_says_which_fires_were_missed_and_why(admin_client, make_job):
+    from jobs.models import MissedFires
+
+    job = make_job(name="nightly", schedule="0 2 * * *", catchup="none", retries=2)
+    MissedFires.objects.create(
+        job=job,
+        first=datetime(2027, 1, 1, 2, tzinfo=UTC),
+        last=datetime(2027, 1, 3, 2, tzinfo=UTC),
+        count=3,
+        policy="none",
+        recorded_at=timezone.now(),
+    )
+
+    html = admin_client.get(job.get_absolute_url()).content.decode()
+
+    assert "Missed while no scheduler ran" in html
+    assert "<strong>3</strong> fires from" in html
+    assert "catch-up “none”" in html
+    assert "2 (first after 30 s" in html
 
 
 # --- Run page -------------------------------------------------------------------------

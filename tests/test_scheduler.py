@@ -156,3 +156,16 @@ def test_sleep_is_until_the_next_due_fire_but_never_longer_than_the_maximum(make
     assert clock.sleep_seconds(now=T0, max_sleep=1.0) == 1.0
     almost = datetime(2026, 6, 1, 12, 0, 59, 750000, tzinfo=UTC)
     assert clock.sleep_seconds(now=almost, max_sleep=1.0) == pytest.approx(0.25)
+
+
+def test_the_clock_wakes_up_for_a_waiting_retry(make_job):
+    job = make_job(schedule="0 3 * * *", retries=1)
+    clock.sync(now=T0)
+    run = services.run_create(job=job, trigger="manual", here=True, now=T0)
+    services.run_claim(run_id=run.pk, worker="w:1", now=T0)
+    services.run_finish(run=run, status=Run.Status.FAILED, now=T0)
+    retry = Run.objects.get(retry_of=run)
+    assert clock.next_due() == retry.not_before
+    clock.tick(now=retry.not_before)
+    retry.refresh_from_db()
+    assert retry.enqueued_at == retry.not_before
