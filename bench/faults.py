@@ -282,7 +282,7 @@ def report(*, args, began, stopped, kills, restart_seconds, orphans, Job, Run, M
     )
     print(
         f"faults      {kills} worker SIGKILLs, PostgreSQL restart: "
-        f"{'%.1f s' % restart_seconds if restart_seconds else 'none'}"
+        + (f"{restart_seconds:.1f} s" if restart_seconds else "none")
     )
     print()
     rows = [
