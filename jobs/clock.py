@@ -19,7 +19,7 @@ from django.db.models import Min, Q, Value
 from django.db.models.functions import Concat
 from django.utils import timezone
 
-from jobs import scheduling, services
+from jobs import alerts, scheduling, services
 from jobs.models import Job, MissedFires, Run
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,8 @@ def tick(*, now: datetime | None = None) -> list[Run]:
     if last_sweep is None or (now.timestamp() - last_sweep) >= settings.JOBSITE_SWEEP_SECONDS:
         cache.set(SWEEP_KEY, now.timestamp(), timeout=None)
         swept = services.sweep(now=now)
+        swept["stale flips"] = alerts.check_stale(now=now)
+        swept["notifications resent"] = alerts.resend_unnotified(now=now)
         if any(swept.values()):
             log.info("sweep: %s", swept)
     cache.set(TICK_KEY, now.isoformat(), timeout=None)

@@ -6,6 +6,7 @@ side effects live in services.py.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -18,6 +19,13 @@ from jobs import scheduling
 
 SECRET_MASK = "••••••"
 MAX_RETRIES = 20
+
+
+@dataclass(frozen=True)
+class Stale:
+    due: datetime  # the fire that did not happen (or did not succeed)
+    overdue: timedelta  # how long past its grace
+    reason: str
 
 
 class Job(models.Model):
@@ -96,6 +104,38 @@ class Job(models.Model):
     source = models.CharField(
         max_length=500, blank=True, editable=False, help_text="Job file this job was loaded from."
     )
+
+    # Being told.
+    grace = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Seconds after a fire before the job counts as stale; "
+        "empty = half the interval, between 1 minute and 1 hour.",
+    )
+    alert_emails = models.JSONField(
+        default=list, blank=True, help_text='Who is told when it fails or goes stale: ["a@b.c"].'
+    )
+    alert_after = models.PositiveSmallIntegerField(
+        default=1, help_text="Alert after this many consecutive failures."
+    )
+    webhook_url = models.URLField(
+        blank=True, help_text="Also POST alerts here as JSON (Slack-compatible 'text')."
+    )
+
+    # Alert state, flipped by services with conditional UPDATEs (alerts.py).
+    class AlertState(models.TextChoices):
+        OK = "ok", "OK"
+        FAILING = "failing", "Failing"
+        STALE = "stale", "Stale"
+
+    alert_state = models.CharField(
+        max_length=10, choices=AlertState.choices, default=AlertState.OK, editable=False
+    )
+    alert_state_since = models.DateTimeField(null=True, blank=True, editable=False)
+    consecutive_failures = models.PositiveIntegerField(default=0, editable=False)
+    # Kept by services so staleness needs no scan of the run history.
+    last_scheduled_for = models.DateTimeField(null=True, blank=True, editable=False)
+    last_success_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     # The scheduler's state. `fire_basis` is the "schedule|timezone" that
     # next_fire_at was computed from: when it differs from the current
@@ -200,6 +240,53 @@ class Job(models.Model):
     def masked_environment(self) -> dict[str, str]:
         secret = set(self.secret_keys)
         return {k: (SECRET_MASK if k in secret else v) for k, v in self.environment.items()}
+
+    def effective_grace(self, now: datetime) -> timedelta:
+        """The job's grace, or half its interval clamped to [1 min, 1 h]."""
+        if self.grace is not None:
+            return timedelta(seconds=self.grace)
+        fires = scheduling.previous_fires(self.schedule, self.timezone, now, 2)
+        if len(fires) < 2:
+            return timedelta(minutes=1)
+        half = (fires[0] - fires[1]) / 2
+        return min(max(half, timedelta(minutes=1)), timedelta(hours=1))
+
+    def stale_reason(self, now: datetime) -> Stale | None:
+        """Why the job is stale at `now`, or None. Pure: reads `now` once.
+
+        Stale means it should have started (its previous fire + grace has
+        passed) and no run exists for that fire - which also catches a
+        scheduler that is not running - or runs exist but none succeeded
+        since the fire before that (e.g. every run skipped, waiting on an
+        upstream).
+        """
+        if not self.enabled or not self.schedule:
+            return None
+        try:
+            grace = self.effective_grace(now)
+            fires = scheduling.previous_fires(self.schedule, self.timezone, now - grace, 2)
+        except scheduling.ScheduleError:
+            return None
+        if not fires or fires[0] < self.created_at:
+            return None
+        due = fires[0]
+        if self.last_scheduled_for is None or self.last_scheduled_for < due:
+            return Stale(
+                due=due,
+                overdue=now - (due + grace),
+                reason=f"no run for the fire at {due:%Y-%m-%d %H:%M %Z}",
+            )
+        if len(fires) > 1 and fires[1] >= self.created_at:
+            since = self.last_success_at
+            if since is None or since < fires[1]:
+                last = f"{since:%Y-%m-%d %H:%M %Z}" if since else "never"
+                return Stale(
+                    due=fires[1],
+                    overdue=now - (fires[1] + grace),
+                    reason=f"no success since the fire at {fires[1]:%Y-%m-%d %H:%M %Z} "
+                    f"(last success: {last})",
+                )
+        return None
 
 
 class Run(models.Model):
@@ -366,6 +453,122 @@ class MissedFires(models.Model):
 
     def __str__(self) -> str:
         return f"{self.job.name}: {self.count} missed from {self.first:%Y-%m-%d %H:%M}"
+
+
+class AlertFlip(models.Model):
+    """A change of a job's alert state: recorded once, notified once."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="flips")
+    old_state = models.CharField(max_length=10, choices=Job.AlertState.choices)
+    new_state = models.CharField(max_length=10, choices=Job.AlertState.choices)
+    at = models.DateTimeField()
+    run = models.ForeignKey(Run, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    reason = models.TextField(blank=True)
+    # Claimed (NULL -> now) by whoever sends its notifications: at most once.
+    notified_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        indexes = [
+            # Job page: a job's recent flips; sweeper: flips not yet notified.
+            models.Index(fields=["job", "-at"], name="flip_job_recent_idx"),
+            models.Index(fields=["at"], condition=Q(notified_at=None), name="flip_unsent_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job.name}: {self.old_state} → {self.new_state}"
+
+
+class Notification(models.Model):
+    """Every notification sent (or tried): when, to whom, what came of it."""
+
+    class Kind(models.TextChoices):
+        ALERT = "alert", "Alert"
+        RECOVERY = "recovery", "Recovery"
+        DIGEST = "digest", "Digest"
+
+    class Channel(models.TextChoices):
+        EMAIL = "email", "Email"
+        WEBHOOK = "webhook", "Webhook"
+
+    job = models.ForeignKey(
+        Job, null=True, blank=True, on_delete=models.CASCADE, related_name="notifications"
+    )
+    flip = models.ForeignKey(
+        AlertFlip, null=True, blank=True, on_delete=models.SET_NULL, related_name="notifications"
+    )
+    kind = models.CharField(max_length=10, choices=Kind.choices)
+    channel = models.CharField(max_length=10, choices=Channel.choices)
+    target = models.CharField(max_length=500, help_text="Email address or webhook URL.")
+    subject = models.CharField(max_length=300, blank=True)
+    sent_at = models.DateTimeField()
+    ok = models.BooleanField(default=False)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-sent_at", "-id"]
+        indexes = [models.Index(fields=["job", "-sent_at"], name="notification_job_recent_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} via {self.channel} to {self.target}"
+
+
+class DigestSent(models.Model):
+    """One row per (recipient, period): a digest is sent at most once."""
+
+    recipient = models.CharField(max_length=300)
+    period_start = models.DateTimeField()
+    period_end = models.DateTimeField()
+    sent_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["recipient", "period_start", "period_end"], name="one_digest_per_period"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"digest to {self.recipient} for {self.period_start:%Y-%m-%d %H:%M}"
+
+
+class JobDailyStats(models.Model):
+    """Per job and day (in TIME_ZONE): counts and timings of finished runs,
+    kept up to date as runs finish, so rates and charts never scan history."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="daily_stats")
+    day = models.DateField()
+    succeeded = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    timed_out = models.PositiveIntegerField(default=0)
+    lost = models.PositiveIntegerField(default=0)
+    cancelled = models.PositiveIntegerField(default=0)
+    skipped = models.PositiveIntegerField(default=0)
+    executed = models.PositiveIntegerField(default=0, help_text="Runs that started.")
+    duration_total = models.FloatField(default=0.0, help_text="Seconds, over executed runs.")
+    duration_max = models.FloatField(default=0.0)
+    lateness_total = models.FloatField(default=0.0, help_text="Seconds, over executed runs.")
+    lateness_max = models.FloatField(default=0.0)
+
+    class Meta:
+        ordering = ["job", "day"]
+        verbose_name_plural = "job daily stats"
+        constraints = [
+            # Also the index for "a job's last N days".
+            models.UniqueConstraint(fields=["job", "day"], name="one_stats_row_per_job_day")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} {self.day}"
+
+    @property
+    def failures(self) -> int:
+        return self.failed + self.timed_out + self.lost
+
+    @property
+    def finished(self) -> int:
+        """Runs that count for the success rate: succeeded or failed."""
+        return self.succeeded + self.failures
 
 
 class RunLogChunk(models.Model):

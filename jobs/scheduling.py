@@ -171,6 +171,35 @@ def iter_fires(expr: str, tz_name: str, after: datetime) -> Iterator[Fire]:
             yield fire
 
 
+def _transition_near(moment: datetime, tz: ZoneInfo) -> bool:
+    """Does the zone's UTC offset change within four hours of `moment`?"""
+    window = timedelta(hours=4)
+    return (moment - window).astimezone(tz).utcoffset() != (moment + window).astimezone(
+        tz
+    ).utcoffset()
+
+
+def previous_fires(expr: str, tz_name: str, before: datetime, count: int = 1) -> list[datetime]:
+    """The latest `count` fires at or before the instant `before`, newest first."""
+    cron = expand(expr)
+    tz = zone(tz_name)
+    fixed = _fixed_time(cron)
+    local = before.astimezone(tz).replace(tzinfo=None, microsecond=0)
+    shifting = _transition_near(before, tz)
+    start = local + LOOKAHEAD if shifting else local + timedelta(minutes=1)
+    kept: list[datetime] = []
+    for naive in CronSim(cron, start, reverse=True):
+        for fire in _instants(naive, tz, fixed):
+            instant = fire.at.astimezone(UTC)
+            if instant <= before and instant not in kept:
+                kept.append(instant)
+        # Near a fall-back instants come out of order: walk on a little.
+        if len(kept) >= count and (not shifting or naive < local - LOOKAHEAD):
+            break
+    kept.sort(reverse=True)
+    return [moment.astimezone(tz) for moment in kept[:count]]
+
+
 def next_fires(expr: str, tz_name: str, after: datetime, count: int = 1) -> list[Fire]:
     """The next `count` fires strictly after the instant `after`."""
     return list(itertools.islice(iter_fires(expr, tz_name, after), count))

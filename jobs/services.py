@@ -29,7 +29,7 @@ from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from jobs import execution
+from jobs import alerts, execution, stats
 from jobs.models import SECRET_MASK, Job, Run
 from jobs.runlog import RunLogWriter
 
@@ -78,16 +78,26 @@ def run_create(
         reason = upstream_blocker(job, now=now)
         if reason is None:
             reason, wait = _apply_overlap(job, now=now)
+        _note_scheduled_for(job, fields["scheduled_for"])
         if reason is not None:
-            return Run.objects.create(
+            skipped = Run.objects.create(
                 **fields, status=Run.Status.SKIPPED, finished_at=now, error_summary=reason
             )
+            stats.record_finished(skipped)
+            return skipped
         run = Run.objects.create(**fields, status=Run.Status.QUEUED)
         if job.overlap == Job.Overlap.REPLACE:
             _replace_others(job, run, now=now)
         if not wait:
             _dispatch(run, now=now, send=not here)
     return run
+
+
+def _note_scheduled_for(job: Job, scheduled_for: datetime) -> None:
+    """Keep Job.last_scheduled_for (staleness reads it instead of the history)."""
+    Job.objects.filter(pk=job.pk).filter(
+        Q(last_scheduled_for__isnull=True) | Q(last_scheduled_for__lt=scheduled_for)
+    ).update(last_scheduled_for=scheduled_for)
 
 
 def _apply_overlap(job: Job, *, now: datetime) -> tuple[str | None, bool]:
@@ -300,6 +310,8 @@ def run_claim(*, run_id: int, worker: str, now: datetime | None = None) -> Run |
                 finished_at=now,
                 error_summary=f"run #{holder} still running",
             )
+            run.refresh_from_db()
+            stats.record_finished(run)
         else:
             Run.objects.filter(pk=run_id).update(
                 status=Run.Status.QUEUED, started_at=None, heartbeat_at=None, enqueued_at=None
@@ -467,16 +479,19 @@ def run_finish(
             status=status, finished_at=now, exit_code=exit_code, error_summary=summary[:2000]
         )
         if done:
-            run.status = status
+            run.status, run.finished_at, run.exit_code = status, now, exit_code
+            run.error_summary = summary[:2000]
             _after_finish(run, now=now)
     return bool(done)
 
 
 def _after_finish(run: Run, *, now: datetime) -> None:
-    """Free the job's slot, retry a failure, start what waits on this run."""
+    """Free the job's slot, count the run, retry a failure, alert, start
+    what waits on this run."""
     Job.objects.filter(pk=run.job_id, active_run_id=run.pk).update(active_run=None)
-    if run.status in Run.FAILURES:
-        _schedule_retry(run, now=now)
+    stats.record_finished(run)
+    retry = _schedule_retry(run, now=now) if run.status in Run.FAILURES else None
+    alerts.on_run_finished(run, now=now, retrying=retry is not None)
     dispatch_waiting(now=now, job=run.job)
     if run.status == Run.Status.SUCCEEDED:
         _trigger_downstreams(run, now=now)
@@ -527,6 +542,7 @@ def run_cancel(
             cancelled_by=who,
             error_summary=summary,
         ):
+            stats.record_finished(_reload(run))
             dispatch_waiting(now=now, job=run.job)
             return "cancelled"
         if Run.objects.filter(
@@ -593,7 +609,7 @@ def sweep_lost(*, now: datetime) -> int:
                 pk=run.pk, status=Run.Status.RUNNING, heartbeat_at=run.heartbeat_at
             ).update(status=status, finished_at=now, error_summary=summary):
                 continue
-            run.status = status
+            run.status, run.finished_at, run.error_summary = status, now, summary
             _after_finish(run, now=now)
         _kill_if_local(run)
         count += 1
@@ -623,7 +639,7 @@ def sweep_queued(*, now: datetime) -> int:
                         f"Lost: no worker picked it up after {run.enqueue_count} deliveries"
                     ),
                 ):
-                    run.status = Run.Status.LOST
+                    run.refresh_from_db()
                     _after_finish(run, now=now)
             continue
         if Run.objects.filter(

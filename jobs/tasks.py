@@ -10,3 +10,9 @@ def execute_run(run_id: int) -> str:
     if run is None:
         return "nothing to claim"
     return services.run_execute(run).status
+
+
+def notify_flip(flip_id: int) -> str:
+    from jobs import notify
+
+    return notify.notify_flip(flip_id=flip_id)

@@ -134,6 +134,20 @@ JOBSITE_SWEEP_SECONDS = env.float("JOBSITE_SWEEP_SECONDS", default=5.0)
 # scheduler was running); the job's catch-up policy decides what happens.
 JOBSITE_MISFIRE_GRACE = env.int("JOBSITE_MISFIRE_GRACE", default=60)
 JOBSITE_CATCHUP_MAX = env.int("JOBSITE_CATCHUP_MAX", default=100)
+# --- Being told: alerts, digests, health, metrics -----------------------------
+# A global webhook for every alert (in addition to each job's own), JSON POST
+# with a Slack-compatible "text" field.
+JOBSITE_WEBHOOK_URL = env.str("JOBSITE_WEBHOOK_URL", default="")
+JOBSITE_WEBHOOK_TIMEOUT = env.float("JOBSITE_WEBHOOK_TIMEOUT", default=5.0)
+JOBSITE_WEBHOOK_TRIES = env.int("JOBSITE_WEBHOOK_TRIES", default=3)
+# The daily digest: when (HH:MM in TIME_ZONE; empty = no built-in digest),
+# and whether to send "all good" when nothing happened.
+JOBSITE_DIGEST_TIME = env.str("JOBSITE_DIGEST_TIME", default="08:00")
+JOBSITE_DIGEST_SKIP_EMPTY = env.bool("JOBSITE_DIGEST_SKIP_EMPTY", default=False)
+# /health/ says the scheduler is down when its last tick is older than this.
+JOBSITE_SCHEDULER_STALE_SECONDS = env.int("JOBSITE_SCHEDULER_STALE_SECONDS", default=30)
+# /metrics needs "Authorization: Bearer <token>" when set (else a login).
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 # The scheduler never sleeps longer than this, so edits take effect quickly.
 JOBSITE_SCHEDULER_MAX_SLEEP = env.float("JOBSITE_SCHEDULER_MAX_SLEEP", default=1.0)
 

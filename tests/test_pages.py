@@ -179,7 +179,7 @@ def test_job_history_pages_by_id_without_counting(
     def shown(html: str) -> list[int]:
         return [int(n) for n in re.findall(r'<td><a href="/runs/\d+/">#(\d+)</a></td>', html)]
 
-    with django_assert_max_num_queries(6) as queries:
+    with django_assert_max_num_queries(7) as queries:
         first = admin_client.get(job.get_absolute_url()).content.decode()
     assert not any("COUNT(" in q["sql"].upper() for q in queries.captured_queries)
     assert shown(first) == ids[:25]

@@ -1,0 +1,125 @@
+"""A job's alert state: ok -> failing -> ok and ok -> stale -> ok.
+
+Each flip is a conditional UPDATE on the job's state (of several processes
+exactly one wins), recorded as an AlertFlip row, and notified once: the
+notifier claims the flip's `notified_at` before sending (notify.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from django.db import transaction
+from django.db.models import F, Q
+
+from jobs.models import AlertFlip, Job, Run
+
+log = logging.getLogger(__name__)
+
+State = Job.AlertState
+
+
+def flip(
+    *, job: Job, old: str, new: str, now: datetime, reason: str = "", run: Run | None = None
+) -> AlertFlip | None:
+    """Move the job from `old` to `new`; None when it was not in `old`."""
+    with transaction.atomic():
+        changed = Job.objects.filter(pk=job.pk, alert_state=old).update(
+            alert_state=new, alert_state_since=now
+        )
+        if not changed:
+            return None
+        record = AlertFlip.objects.create(
+            job=job, old_state=old, new_state=new, at=now, run=run, reason=reason[:2000]
+        )
+        transaction.on_commit(lambda: _send(record))
+    job.alert_state, job.alert_state_since = new, now
+    return record
+
+
+def _send(record: AlertFlip) -> None:
+    from django_q.tasks import async_task
+
+    async_task("jobs.tasks.notify_flip", record.pk, q_options={"task_name": f"flip#{record.pk}"})
+
+
+def on_run_finished(run: Run, *, now: datetime, retrying: bool) -> None:
+    """Count the run towards the job's alert state.
+
+    A failure that will be retried does not count yet: only the outcome of
+    the last attempt does, so a job that recovers on its retry stays quiet.
+    """
+    job = run.job
+    if run.status == Run.Status.SUCCEEDED:
+        Job.objects.filter(pk=job.pk).update(
+            consecutive_failures=0, last_success_at=run.finished_at or now
+        )
+        job.refresh_from_db(fields=["alert_state", "alert_state_since"])
+        if job.alert_state != State.OK:
+            broken_for = now - job.alert_state_since if job.alert_state_since else None
+            flip(
+                job=job,
+                old=job.alert_state,
+                new=State.OK,
+                now=now,
+                run=run,
+                reason=f"succeeded again after {_words(broken_for)}" if broken_for else "",
+            )
+        return
+    if run.status not in Run.FAILURES or retrying:
+        return
+    Job.objects.filter(pk=job.pk).update(consecutive_failures=F("consecutive_failures") + 1)
+    job.refresh_from_db(fields=["consecutive_failures", "alert_state", "alert_after"])
+    if job.consecutive_failures >= max(1, job.alert_after) and job.alert_state != State.FAILING:
+        flip(
+            job=job,
+            old=job.alert_state,
+            new=State.FAILING,
+            now=now,
+            run=run,
+            reason=run.error_summary or run.get_status_display(),
+        )
+
+
+def check_stale(*, now: datetime) -> int:
+    """Flip jobs that went stale (ok -> stale) or came back (stale -> ok).
+    Returns how many flipped. A failing job stays failing."""
+    flipped = 0
+    candidates = Job.objects.filter(
+        Q(alert_state=State.STALE) | Q(alert_state=State.OK, enabled=True) & ~Q(schedule="")
+    )
+    for job in candidates:
+        stale = job.stale_reason(now)
+        if stale and job.alert_state == State.OK:
+            flipped += bool(
+                flip(job=job, old=State.OK, new=State.STALE, now=now, reason=stale.reason)
+            )
+        elif not stale and job.alert_state == State.STALE:
+            reason = "paused" if not job.enabled else "runs again"
+            flipped += bool(flip(job=job, old=State.STALE, new=State.OK, now=now, reason=reason))
+    return flipped
+
+
+def resend_unnotified(*, now: datetime) -> int:
+    """Flips whose notification task never ran (a broker lost it)."""
+    cutoff = now - timedelta(minutes=2)
+    pending = AlertFlip.objects.filter(
+        notified_at__isnull=True, at__lt=cutoff, at__gt=now - timedelta(days=1)
+    )
+    count = 0
+    for record in pending[:100]:
+        _send(record)
+        count += 1
+    return count
+
+
+def _words(span: timedelta) -> str:
+    seconds = int(span.total_seconds())
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 86400} days"

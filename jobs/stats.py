@@ -1,0 +1,138 @@
+"""Daily rollups per job, kept as runs reach a final state, and the numbers
+pages and digests read from them (never a scan of the run history)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+
+from django.db import IntegrityError, transaction
+from django.db.models import F, Sum, Value
+from django.db.models.functions import Greatest
+from django.utils import timezone
+
+from jobs.models import Job, JobDailyStats, Run
+
+COUNTED = {
+    Run.Status.SUCCEEDED,
+    Run.Status.FAILED,
+    Run.Status.TIMED_OUT,
+    Run.Status.LOST,
+    Run.Status.CANCELLED,
+    Run.Status.SKIPPED,
+}
+
+
+def record_finished(run: Run) -> None:
+    """Add a run that reached a final state to its job's row for that day."""
+    if run.status not in COUNTED or run.finished_at is None:
+        return
+    day = timezone.localdate(run.finished_at)
+    updates: dict = {run.status: F(run.status) + 1}
+    if run.started_at is not None:
+        duration = max(0.0, (run.finished_at - run.started_at).total_seconds())
+        lateness = max(0.0, (run.started_at - run.scheduled_for).total_seconds())
+        updates.update(
+            executed=F("executed") + 1,
+            duration_total=F("duration_total") + duration,
+            duration_max=Greatest(F("duration_max"), Value(duration)),
+            lateness_total=F("lateness_total") + lateness,
+            lateness_max=Greatest(F("lateness_max"), Value(lateness)),
+        )
+    with transaction.atomic():
+        if not JobDailyStats.objects.filter(job_id=run.job_id, day=day).update(**updates):
+            try:
+                with transaction.atomic():
+                    JobDailyStats.objects.create(job_id=run.job_id, day=day)
+            except IntegrityError:
+                pass  # created meanwhile by another process
+            JobDailyStats.objects.filter(job_id=run.job_id, day=day).update(**updates)
+
+
+@dataclass(frozen=True)
+class Rate:
+    succeeded: int
+    failures: int
+
+    @property
+    def total(self) -> int:
+        return self.succeeded + self.failures
+
+    @property
+    def percent(self) -> float | None:
+        """Success rate in percent, None when nothing ran."""
+        return None if not self.total else 100.0 * self.succeeded / self.total
+
+
+def _rate_from_rows(rows) -> Rate:
+    agg = rows.aggregate(s=Sum("succeeded"), f=Sum("failed"), t=Sum("timed_out"), lost=Sum("lost"))
+    return Rate(agg["s"] or 0, (agg["f"] or 0) + (agg["t"] or 0) + (agg["lost"] or 0))
+
+
+def success_rates(job: Job, now: datetime) -> dict[str, Rate]:
+    """Success rate over the last 24 h (from runs: at most a day of them) and
+    over 7 and 30 days (from rollups)."""
+    today = timezone.localdate(now)
+    recent = Run.objects.filter(job=job, finished_at__gte=now - timedelta(hours=24))
+    counts = {s: 0 for s in Run.FAILURES}
+    counts[Run.Status.SUCCEEDED] = 0
+    for status in recent.filter(status__in=[Run.Status.SUCCEEDED, *Run.FAILURES]).values_list(
+        "status", flat=True
+    ):
+        counts[status] += 1
+    day_rate = Rate(counts[Run.Status.SUCCEEDED], sum(counts[s] for s in Run.FAILURES))
+    rows = JobDailyStats.objects.filter(job=job)
+    return {
+        "24h": day_rate,
+        "7d": _rate_from_rows(rows.filter(day__gt=today - timedelta(days=7))),
+        "30d": _rate_from_rows(rows.filter(day__gt=today - timedelta(days=30))),
+    }
+
+
+def rates_by_job(jobs: list[Job], now: datetime, days: int = 7) -> dict[int, Rate]:
+    """One query: each job's success rate over the last `days` days."""
+    since = timezone.localdate(now) - timedelta(days=days)
+    rows = (
+        JobDailyStats.objects.filter(job__in=jobs, day__gt=since)
+        .values("job_id")
+        .annotate(s=Sum("succeeded"), f=Sum("failed"), t=Sum("timed_out"), lost=Sum("lost"))
+    )
+    return {r["job_id"]: Rate(r["s"], r["f"] + r["t"] + r["lost"]) for r in rows}
+
+
+def daily_failure_rates(job: Job, now: datetime, days: int = 30) -> list[tuple[date, Rate]]:
+    """(day, rate) for each of the last `days` days, oldest first, zeros included."""
+    today = timezone.localdate(now)
+    first = today - timedelta(days=days - 1)
+    rows = {
+        row.day: row
+        for row in JobDailyStats.objects.filter(job=job, day__gte=first, day__lte=today)
+    }
+    result = []
+    for offset in range(days):
+        day = first + timedelta(days=offset)
+        row = rows.get(day)
+        result.append((day, Rate(row.succeeded, row.failures) if row else Rate(0, 0)))
+    return result
+
+
+def recent_durations(job: Job, count: int = 100) -> list[Run]:
+    """The last `count` runs that started and finished, oldest first."""
+    runs = list(
+        Run.objects.filter(job=job, started_at__isnull=False, finished_at__isnull=False)
+        .only("id", "status", "started_at", "finished_at", "scheduled_for")
+        .order_by("-id")[:count]
+    )
+    runs.reverse()
+    return runs
+
+
+def recount(job: Job) -> dict[date, dict[str, int]]:
+    """Full recount from the run history (for tests and repairs)."""
+    result: dict[date, dict[str, int]] = {}
+    for run in Run.objects.filter(job=job, status__in=COUNTED, finished_at__isnull=False):
+        day = timezone.localdate(run.finished_at)
+        counts = result.setdefault(day, {s: 0 for s in COUNTED} | {"executed": 0})
+        counts[run.status] += 1
+        counts["executed"] += run.started_at is not None
+    return result
