@@ -1,0 +1,201 @@
+"""Staleness maths, rollups and alert flips (in process)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import time_machine
+from django.utils import timezone
+
+from jobs import alerts, clock, services, stats
+from jobs.models import AlertFlip, Job, JobDailyStats
+
+quiet = {"echo": lambda text: None}
+T0 = datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def job_created_at(job: Job, when: datetime) -> Job:
+    Job.objects.filter(pk=job.pk).update(created_at=when)
+    job.refresh_from_db()
+    return job
+
+
+# --- Staleness: pure, plain datetimes -------------------------------------------------
+
+
+def test_a_job_with_a_run_for_its_last_fire_is_not_stale(make_job):
+    job = job_created_at(make_job(schedule="*/10 * * * *"), T0 - timedelta(days=1))
+    job.last_scheduled_for = datetime(2026, 6, 1, 11, 50, tzinfo=UTC)
+    job.last_success_at = datetime(2026, 6, 1, 11, 50, 5, tzinfo=UTC)
+    # 12:00 fire, grace = half the interval (5 min): not due until 12:05.
+    assert job.stale_reason(T0 + timedelta(minutes=4)) is None
+
+
+def test_no_run_for_the_last_fire_after_its_grace_is_stale_with_how_overdue(make_job):
+    job = job_created_at(make_job(schedule="*/10 * * * *"), T0 - timedelta(days=1))
+    job.last_scheduled_for = datetime(2026, 6, 1, 11, 50, tzinfo=UTC)
+    job.last_success_at = datetime(2026, 6, 1, 11, 50, 5, tzinfo=UTC)
+    stale = job.stale_reason(T0 + timedelta(minutes=7))
+    assert stale is not None
+    assert stale.due == T0
+    assert stale.overdue == timedelta(minutes=2)
+    assert "no run for the fire at 2026-06-01 12:00" in stale.reason
+
+
+def test_a_scheduler_that_is_down_makes_every_scheduled_job_stale(make_job):
+    # Nothing creates runs: last_scheduled_for stays where the scheduler died.
+    jobs = [
+        job_created_at(make_job(schedule=s), T0 - timedelta(days=3))
+        for s in ("* * * * *", "0 * * * *", "30 2 * * *")
+    ]
+    for job in jobs:
+        job.last_scheduled_for = job.last_success_at = T0 - timedelta(days=2)
+    later = T0 + timedelta(hours=2)
+    assert all(job.stale_reason(later) for job in jobs)
+
+
+def test_runs_that_never_succeed_make_the_job_stale(make_job):
+    job = job_created_at(make_job(schedule="0 * * * *"), T0 - timedelta(days=1))
+    job.last_scheduled_for = T0  # runs exist (e.g. skipped: waiting on an upstream)
+    job.last_success_at = T0 - timedelta(hours=5)
+    stale = job.stale_reason(T0 + timedelta(minutes=45))
+    assert stale is not None and "no success since the fire at 2026-06-01 11:00" in stale.reason
+
+
+def test_paused_manual_and_brand_new_jobs_are_never_stale(make_job):
+    paused = job_created_at(make_job(schedule="* * * * *", enabled=False), T0 - timedelta(days=1))
+    manual = job_created_at(make_job(), T0 - timedelta(days=1))
+    new = job_created_at(make_job(schedule="0 3 * * *"), T0 - timedelta(hours=1))
+    later = T0 + timedelta(hours=1)
+    assert paused.stale_reason(later) is None
+    assert manual.stale_reason(later) is None
+    assert new.stale_reason(later) is None
+
+
+def test_explicit_grace_overrides_the_derived_one(make_job):
+    job = job_created_at(make_job(schedule="0 * * * *", grace=3600), T0 - timedelta(days=1))
+    job.last_scheduled_for = job.last_success_at = T0 - timedelta(hours=1)
+    assert job.stale_reason(T0 + timedelta(minutes=59)) is None
+    assert job.stale_reason(T0 + timedelta(minutes=61)) is not None
+
+
+def test_scheduler_down_is_caught_end_to_end_with_frozen_time(make_job):
+    with time_machine.travel(T0 - timedelta(days=1), tick=False):
+        job = make_job(schedule="*/5 * * * *")
+    # The scheduler ran until now: the 12:00 fire had its run, and it succeeded.
+    Job.objects.filter(pk=job.pk).update(last_scheduled_for=T0, last_success_at=T0)
+    with time_machine.travel(T0, tick=False):
+        clock.tick()
+        assert alerts.check_stale(now=timezone.now()) == 0
+    # The scheduler dies; half an hour later the sweep (in a surviving
+    # scheduler, or /stale/ when none survives) sees the job stale.
+    later = T0 + timedelta(minutes=30)
+    assert alerts.check_stale(now=later) == 1
+    job.refresh_from_db()
+    assert job.alert_state == Job.AlertState.STALE
+    flip = AlertFlip.objects.get(job=job)
+    assert "no run for the fire at 2026-06-01 12:25" in flip.reason
+
+
+# --- Rollups ------------------------------------------------------------------------------
+
+
+def test_rollups_equal_a_full_recount(make_job):
+    job = make_job(command='[ "$JOBSITE_RUN_ID" -ge 0 ] && exit $((JOBSITE_RUN_ID % 3))')
+    for _ in range(9):
+        services.run_foreground(job=job, **quiet)
+    slow = make_job(command="sleep 5", timeout=1)
+    services.run_foreground(job=slow, **quiet)
+    queued = services.run_create(job=job, trigger="manual", here=True)
+    services.run_cancel(run=queued, by=None)
+    blocker = services.run_create(job=job, trigger="manual", here=True)
+    services.run_create(job=job, trigger="schedule")  # skipped: blocker is queued
+    services.run_cancel(run=blocker, by=None)
+
+    for j in (job, slow):
+        expected = stats.recount(j)
+        rows = {row.day: row for row in JobDailyStats.objects.filter(job=j)}
+        assert set(rows) == set(expected)
+        for day, counts in expected.items():
+            row = rows[day]
+            for field, value in counts.items():
+                assert getattr(row, field) == value, (j.name, field)
+    row = JobDailyStats.objects.get(job=slow)
+    assert row.timed_out == 1 and row.duration_max >= 1.0
+
+
+def test_rates_come_from_rollups(make_job):
+    job = make_job()
+    today = timezone.localdate()
+    JobDailyStats.objects.create(job=job, day=today, succeeded=3, failed=1)
+    JobDailyStats.objects.create(job=job, day=today - timedelta(days=10), succeeded=0, lost=4)
+    rates = stats.success_rates(job, timezone.now())
+    assert rates["7d"].percent == 75.0
+    assert rates["30d"].succeeded == 3 and rates["30d"].failures == 5
+    assert stats.rates_by_job([job], timezone.now())[job.pk].total == 4
+
+
+# --- Flips ------------------------------------------------------------------------------
+
+
+def failing(make_job, **kw) -> Job:
+    return make_job(command="echo boom; exit 2", **kw)
+
+
+def test_first_failure_flips_to_failing_once_and_not_again(make_job):
+    job = failing(make_job)
+    services.run_foreground(job=job, **quiet)
+    services.run_foreground(job=job, **quiet)
+    job.refresh_from_db()
+    assert job.alert_state == Job.AlertState.FAILING
+    assert job.consecutive_failures == 2
+    [flip] = AlertFlip.objects.filter(job=job)
+    assert (flip.old_state, flip.new_state) == ("ok", "failing")
+    assert flip.reason == "Exit code 2"
+
+
+def test_threshold_alerts_only_after_n_consecutive_failures(make_job):
+    job = failing(make_job, alert_after=3)
+    for expected_flips in (0, 0, 1, 1):
+        services.run_foreground(job=job, **quiet)
+        assert AlertFlip.objects.filter(job=job).count() == expected_flips
+
+
+def test_success_flips_back_to_ok_saying_how_long_it_was_broken(make_job):
+    job = failing(make_job)
+    with time_machine.travel(T0, tick=False):
+        services.run_foreground(job=job, **quiet)
+    Job.objects.filter(pk=job.pk).update(command="echo fixed")
+    job.refresh_from_db()
+    with time_machine.travel(T0 + timedelta(minutes=42), tick=False):
+        services.run_foreground(job=job, **quiet)
+    job.refresh_from_db()
+    assert job.alert_state == Job.AlertState.OK and job.consecutive_failures == 0
+    recovery = AlertFlip.objects.filter(job=job).first()
+    assert (recovery.old_state, recovery.new_state) == ("failing", "ok")
+    assert recovery.reason == "succeeded again after 42 min"
+
+
+def test_a_failure_that_will_be_retried_does_not_alert_yet(make_job):
+    job = failing(make_job, retries=1)
+    services.run_foreground(job=job, **quiet)
+    assert not AlertFlip.objects.filter(job=job).exists()
+
+
+def test_two_processes_flipping_at_once_record_one_flip(make_job):
+    job = make_job()
+    stale_copy = Job.objects.get(pk=job.pk)
+    assert alerts.flip(job=job, old="ok", new="failing", now=T0) is not None
+    assert alerts.flip(job=stale_copy, old="ok", new="failing", now=T0) is None
+    assert AlertFlip.objects.filter(job=job).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_flip_is_notified_once_by_email(make_job, q_sync, mailoutbox):
+    job = failing(make_job, alert_emails=["oncall@example.com"])
+    services.run_foreground(job=job, **quiet)
+    services.run_foreground(job=job, **quiet)
+    assert len(mailoutbox) == 1
+    assert mailoutbox[0].to == ["oncall@example.com"]
+    assert job.name in mailoutbox[0].subject
