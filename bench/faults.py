@@ -186,19 +186,18 @@ def main() -> None:
 
     stop([procs["scheduler-a"], procs["scheduler-b"]])
     stopped = datetime.now(UTC)
+    # Drain: no more fires (jobs disabled), but a scheduler keeps sweeping so
+    # runs killed at the very end are marked lost and retried.
+    Job.objects.update(enabled=False)
+    finisher = start(env, "scheduler-drain", log_dir)
     print("schedulers stopped; draining …", flush=True)
-    drain_deadline = time.monotonic() + 120
+    drain_deadline = time.monotonic() + 180
     while time.monotonic() < drain_deadline:
         try:
             if not Run.objects.filter(status__in=Run.ACTIVE).exists():
                 break
         except Exception:
             connections.close_all()
-        time.sleep(2)
-    # Retries may be waiting for the sweeper, which lives in the scheduler:
-    # one short-lived scheduler finishes them.
-    finisher = start(env, "scheduler-drain", log_dir)
-    while time.monotonic() < drain_deadline and Run.objects.filter(status__in=Run.ACTIVE).exists():
         time.sleep(2)
     stop([finisher, procs["qcluster-a"], procs["qcluster-b"]])
     time.sleep(1)
