@@ -1,0 +1,363 @@
+"""Being watched: /health/ for load balancers, /metrics for Prometheus.
+
+Both are cheap whatever the run history holds: active runs are counted via
+the active-runs partial index, run totals come from the daily rollups, and
+the only run rows read are the last 24 h of finished runs (per job, via the
+(job, finished_at) index) for the duration and lateness histograms.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.views import redirect_to_login
+from django.core.cache import cache
+from django.db import connection
+from django.db.models import Count, Sum
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils import timezone
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_safe
+from django_q.brokers import get_broker
+from django_q.conf import Conf
+from django_q.status import Stat
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from jobs.clock import TICK_KEY
+from jobs.models import Job, JobDailyStats, Run
+
+log = logging.getLogger(__name__)
+
+# --- Shared reads ------------------------------------------------------------------------
+
+
+def active_run_counts(job_ids: list[int]) -> dict[tuple[int, str], int]:
+    """{(job_id, status): count} of the jobs' queued and running runs, one query.
+
+    The explicit `job_id IN (...)` makes this a few index seeks per job:
+    SQLite does not use the partial run_active_idx when the statuses are
+    bound parameters (as Django passes them) and would scan an index over
+    every run instead; with the job ids it seeks (job, status) in
+    run_job_status_recent_idx.
+    """
+    rows = (
+        Run.objects.filter(job_id__in=job_ids, status__in=Run.ACTIVE)
+        .order_by()
+        .values_list("job_id", "status")
+        .annotate(n=Count("id"))
+    )
+    return {(job_id, status): n for job_id, status, n in rows}
+
+
+def last_tick() -> datetime | None:
+    """When the scheduler last ticked (it writes this into the shared cache)."""
+    value = cache.get(TICK_KEY)
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# --- /health/ ----------------------------------------------------------------------------
+
+# Each check and the field that says it passed; all must pass for a 200.
+CHECKS = (("database", "reachable"), ("scheduler", "alive"), ("workers", "alive"))
+
+
+def check_database() -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+    except Exception as exc:
+        log.warning("health: database unreachable: %s", exc)
+        # The class only: /health/ is public and driver messages name hosts.
+        return {"reachable": False, "error": type(exc).__name__}
+    return {"reachable": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+
+
+def check_scheduler(now: datetime) -> dict[str, Any]:
+    stale_after = settings.JOBSITE_SCHEDULER_STALE_SECONDS
+    try:
+        tick = last_tick()
+    except Exception as exc:  # a DatabaseCache whose database is down
+        log.warning("health: cannot read the scheduler tick: %s", exc)
+        return {"alive": False, "last_tick": None, "age_seconds": None, "error": type(exc).__name__}
+    age = (now - tick).total_seconds() if tick else None
+    return {
+        "alive": age is not None and age < stale_after,
+        "last_tick": tick.isoformat() if tick else None,
+        "age_seconds": round(age, 3) if age is not None else None,
+        "stale_after_seconds": stale_after,
+    }
+
+
+def check_workers() -> dict[str, Any]:
+    """django-q2 clusters seen in the shared cache (each refreshes its
+    status every guard cycle with a 3 s expiry, so a dead one vanishes)."""
+    try:
+        stats = Stat.get_all()
+    except Exception as exc:
+        log.warning("health: cannot read cluster status: %s", exc)
+        return {"alive": False, "clusters": [], "error": type(exc).__name__}
+    clusters = [
+        {
+            "id": str(stat.cluster_id),
+            "host": stat.host,
+            "pid": stat.pid,
+            "status": str(stat.status),
+            "workers": len(stat.workers),
+        }
+        for stat in stats
+    ]
+    serving = {str(Conf.WORKING), str(Conf.IDLE)}
+    alive = any(c["status"] in serving and c["workers"] > 0 for c in clusters)
+    return {"alive": alive, "clusters": clusters}
+
+
+def broker_queue_size() -> int | None:
+    """Tasks waiting in django-q2's broker: a count on the small OrmQ table
+    or a Redis LLEN. None for other brokers (their size can be a slow call)."""
+    if not (Conf.ORM or Conf.REDIS):
+        return None
+    try:
+        return get_broker().queue_size()
+    except Exception as exc:
+        log.warning("health: cannot read the broker queue size: %s", exc)
+        return None
+
+
+def counts() -> dict[str, int]:
+    jobs = dict(Job.objects.order_by().values_list("pk", "alert_state"))
+    active = active_run_counts(list(jobs))
+    states = Counter(jobs.values())
+    return {
+        "running": sum(n for (_, status), n in active.items() if status == Run.Status.RUNNING),
+        "queued": sum(n for (_, status), n in active.items() if status == Run.Status.QUEUED),
+        "failing": states[Job.AlertState.FAILING],
+        "stale": states[Job.AlertState.STALE],
+    }
+
+
+@require_safe
+@never_cache
+def health(request: HttpRequest) -> JsonResponse:
+    """200 when the database, the scheduler and the workers are alive, else 503.
+
+    "down": the database is unreachable (nothing works); "degraded": it is
+    reachable but the scheduler or the workers are not. The body always
+    says which checks failed.
+    """
+    now = timezone.now()
+    body: dict[str, Any] = {"database": check_database()}
+    body["scheduler"] = check_scheduler(now)
+    body["workers"] = check_workers()
+    failing = [name for name, key in CHECKS if not body[name][key]]
+    if body["database"]["reachable"]:
+        tally = counts()
+        body["queue"] = {"depth": tally["queued"], "django_q": broker_queue_size()}
+        body["counts"] = {k: tally[k] for k in ("running", "failing", "stale")}
+    else:
+        body["queue"] = body["counts"] = None
+    if not failing:
+        status = "ok"
+    elif "database" in failing:
+        status = "down"
+    else:
+        status = "degraded"
+    body = {"status": status, "failing": failing, "checked_at": now.isoformat(), **body}
+    return JsonResponse(body, status=200 if status == "ok" else 503)
+
+
+# --- /metrics ----------------------------------------------------------------------------
+
+RECENT_WINDOW = timedelta(hours=24)
+DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 3 * 3600, 6 * 3600)
+LATENESS_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
+ROLLUP_STATUSES = ("succeeded", "failed", "timed_out", "lost", "cancelled", "skipped")
+WINDOW_NOTE = (
+    "over runs that finished in the last 24 h (a sliding window, not a counter: "
+    "use the buckets directly, e.g. histogram_quantile(0.95, ...), not rate())"
+)
+
+
+@dataclass
+class Histogram:
+    buckets: tuple[float, ...]
+    counts: list[int]
+    total: float = 0.0
+
+    @classmethod
+    def empty(cls, buckets: tuple[float, ...]) -> Histogram:
+        return cls(buckets, [0] * len(buckets))
+
+    def observe(self, value: float) -> None:
+        self.total += value
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+
+    def family_buckets(self, observed: int) -> list[tuple[str, float]]:
+        bounds = [(str(float(b)), float(c)) for b, c in zip(self.buckets, self.counts, strict=True)]
+        return [*bounds, ("+Inf", float(observed))]
+
+
+class JobsiteCollector:
+    """Builds every metric family from the database at collect() time, so
+    any gunicorn worker answers a scrape with the same numbers."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = list(Job.objects.order_by("pk").values_list("pk", "slug", "alert_state"))
+        yield from self.run_totals(jobs)
+        yield from self.recent_histograms(jobs)
+        yield from self.active_gauges(jobs)
+        yield from self.alert_states(jobs)
+        yield from self.last_successes()
+        yield from self.scheduler_tick()
+
+    def run_totals(self, jobs: list[tuple[int, str, str]]) -> Iterator[Metric]:
+        """All-time totals per job and status, summed from the daily rollups
+        (a row per job and day: bounded by jobs x days, not by runs)."""
+        sums = {
+            row["job_id"]: row
+            for row in JobDailyStats.objects.order_by()
+            .values("job_id")
+            .annotate(**{s: Sum(s) for s in ROLLUP_STATUSES})
+        }
+        family = CounterMetricFamily(
+            "jobsite_runs",
+            "Runs that reached a final state, by job and status (from the daily rollups).",
+            labels=["job", "status"],
+        )
+        for pk, slug, _state in jobs:
+            row = sums.get(pk, {})
+            for status in ROLLUP_STATUSES:
+                family.add_metric([slug, status], row.get(status) or 0)
+        yield family
+
+    def recent_histograms(self, jobs: list[tuple[int, str, str]]) -> Iterator[Metric]:
+        # `job_id IN (...)` lets both SQLite and PostgreSQL read each job's
+        # slice of run_job_finished_idx (job, -finished_at) instead of
+        # scanning runs for a finished_at range.
+        slugs = {pk: slug for pk, slug, _ in jobs}
+        rows = Run.objects.filter(
+            job_id__in=list(slugs),
+            finished_at__gte=self.now - RECENT_WINDOW,
+            started_at__isnull=False,
+        ).values_list("job_id", "scheduled_for", "started_at", "finished_at")
+        durations: dict[int, Histogram] = {}
+        lateness: dict[int, Histogram] = {}
+        observed: dict[int, int] = {}
+        for job_id, scheduled_for, started_at, finished_at in rows.iterator(chunk_size=2000):
+            if job_id not in durations:
+                durations[job_id] = Histogram.empty(DURATION_BUCKETS)
+                lateness[job_id] = Histogram.empty(LATENESS_BUCKETS)
+                observed[job_id] = 0
+            durations[job_id].observe(max(0.0, (finished_at - started_at).total_seconds()))
+            lateness[job_id].observe(max(0.0, (started_at - scheduled_for).total_seconds()))
+            observed[job_id] += 1
+        for name, what, per_job in (
+            ("jobsite_run_duration_seconds", "Run duration (start to finish)", durations),
+            ("jobsite_run_lateness_seconds", "Start lateness (start - scheduled_for)", lateness),
+        ):
+            family = HistogramMetricFamily(name, f"{what}, {WINDOW_NOTE}.", labels=["job"])
+            for job_id, hist in sorted(per_job.items()):
+                family.add_metric(
+                    [slugs[job_id]], hist.family_buckets(observed[job_id]), sum_value=hist.total
+                )
+            yield family
+
+    def active_gauges(self, jobs: list[tuple[int, str, str]]) -> Iterator[Metric]:
+        active = active_run_counts([pk for pk, _slug, _state in jobs])
+        running = GaugeMetricFamily(
+            "jobsite_runs_running", "Runs running now, by job.", labels=["job"]
+        )
+        queued = GaugeMetricFamily(
+            "jobsite_runs_queued",
+            "Runs queued (waiting for a worker or their turn), by job.",
+            labels=["job"],
+        )
+        for pk, slug, _state in jobs:
+            running.add_metric([slug], active.get((pk, Run.Status.RUNNING), 0))
+            queued.add_metric([slug], active.get((pk, Run.Status.QUEUED), 0))
+        yield running
+        yield queued
+
+    def alert_states(self, jobs: list[tuple[int, str, str]]) -> Iterator[Metric]:
+        stale = GaugeMetricFamily("jobsite_jobs_stale", "Jobs whose alert state is stale.")
+        stale.add_metric([], sum(1 for *_, state in jobs if state == Job.AlertState.STALE))
+        yield stale
+        states = GaugeMetricFamily(
+            "jobsite_job_alert_state",
+            "A job's alert state: 1 for the current one, 0 for the others.",
+            labels=["job", "state"],
+        )
+        for _pk, slug, current in jobs:
+            for state in Job.AlertState.values:
+                states.add_metric([slug, state], 1 if state == current else 0)
+        yield states
+
+    def last_successes(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "jobsite_job_last_success_timestamp_seconds",
+            "When a job's last successful run finished (Unix time); absent if it never succeeded.",
+            labels=["job"],
+        )
+        rows = Job.objects.exclude(last_success_at=None).order_by("pk")
+        for slug, at in rows.values_list("slug", "last_success_at"):
+            family.add_metric([slug], at.timestamp())
+        yield family
+
+    def scheduler_tick(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "jobsite_scheduler_last_tick_timestamp_seconds",
+            "When a scheduler last ticked (Unix time); absent if none ever did.",
+        )
+        tick = last_tick()
+        if tick is not None:
+            family.add_metric([], tick.timestamp())
+        yield family
+
+
+def bearer_token_matches(request: HttpRequest, token: str) -> bool:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), token)
+
+
+@require_safe
+@never_cache
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus text format. With METRICS_TOKEN set, only a matching
+    `Authorization: Bearer <token>` gets in (no login); without it, a login."""
+    token = settings.METRICS_TOKEN
+    if token:
+        if not bearer_token_matches(request, token):
+            response = HttpResponse("A valid bearer token is required.\n", status=401)
+            response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+            return response
+    elif not request.user.is_authenticated:
+        return redirect_to_login(request.get_full_path())
+    # A registry per request: nothing is kept in one gunicorn worker's memory.
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(JobsiteCollector(timezone.now()))
+    return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
