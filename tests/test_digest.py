@@ -1,0 +1,267 @@
+"""Email digests: content per recipient, at most once per period, the daily
+schedule, and manage.py send_digest (also as a real process through SMTP)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+import time_machine
+from django.conf import settings
+from django.core.cache import cache
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+from django.test import override_settings
+from django.utils import timezone
+
+from jobs import digests, services
+from jobs.models import DigestSent, Job, Notification, Run
+from tests.conftest import BASE_DIR, database_url_for_children
+from tests.test_notify import SmtpServer, outbox_parts, parts
+
+quiet = {"echo": lambda text: None}
+DAY = timedelta(hours=24)
+
+
+def run_now(job: Job, *, scheduled_for: datetime | None = None) -> Run:
+    """A real run in this process; `scheduled_for` in the past makes it late."""
+    if scheduled_for is None:
+        return services.run_foreground(job=job, **quiet)
+    run = services.run_create(
+        job=job, trigger=Run.Trigger.MANUAL, scheduled_for=scheduled_for, here=True
+    )
+    claimed = services.run_claim(run_id=run.pk, worker=services.worker_name())
+    return services.run_execute(claimed, echo=quiet["echo"])
+
+
+def soon() -> datetime:
+    """A period end just after the runs a test makes."""
+    return timezone.now() + timedelta(minutes=1)
+
+
+def test_digest_for_a_follower_of_two_jobs_lists_failures_stale_rates_slowest_and_late(
+    make_job, mailoutbox
+):
+    export = make_job(
+        name="warehouse-export",
+        command="echo 'no space left' >&2; exit 4",
+        alert_emails=["Ana@example.com"],
+    )
+    load = make_job(name="warehouse-load", owner="ana@example.com", schedule="0 * * * *", grace=60)
+    Job.objects.filter(pk=load.pk).update(created_at=timezone.now() - 2 * DAY)  # never ran
+    other = make_job(name="partner-upload", command="exit 1", alert_emails=["bob@example.com"])
+    failed = run_now(export)
+    Job.objects.filter(pk=export.pk).update(command="sleep 1.2")
+    export.refresh_from_db()
+    run_now(export, scheduled_for=timezone.now() - timedelta(minutes=10))
+    run_now(other)
+
+    report = digests.send_digests(period_end=soon(), period=DAY)
+
+    assert sorted(report.sent) == ["ana@example.com", "bob@example.com"]
+    [digest] = [m for m in mailoutbox if m.to == ["ana@example.com"]]
+    assert digest.subject.endswith(": 1 failure, 1 stale job (2 jobs, 2 runs)")
+    text, html = outbox_parts(digest)
+    run_url = f"{settings.SITE_URL}/runs/{failed.pk}/"
+    assert f"warehouse-export #{failed.pk} failed: Exit code 4\n  {run_url}" in text
+    assert f'<a href="{run_url}">#{failed.pk}</a> failed' in html
+    assert "- warehouse-load: overdue by" in text
+    assert ">warehouse-load</a>: overdue by" in html
+    assert "no run for the fire at" in text and "no run for the fire at" in html
+    assert "- warehouse-export: 50% failed (1 of 2)" in text
+    assert "50%</td>" in html
+    assert "SLOWEST (longest run)\n- warehouse-export: 1 s\n" in text
+    assert ">warehouse-export</a>: 1 s</li>" in html
+    assert "- warehouse-export: 10 min late" in text
+    assert ">warehouse-export</a>: started 10 min late</li>" in html
+    for body in (text, html):
+        assert "partner-upload" not in body  # Ana does not follow it
+        assert "All good" not in body
+
+
+def test_quiet_period_is_one_all_good_line(make_job, mailoutbox):
+    job = make_job(name="refresh-stats", command="true", alert_emails=["ana@example.com"])
+    run_now(job)
+    run_now(job)
+    digests.send_digests(period_end=soon())
+    [digest] = mailoutbox
+    assert digest.subject.endswith(": All good: 1 job, 2 runs, no failures")
+    text, html = outbox_parts(digest)
+    assert "All good: 1 job, 2 runs, no failures" in text
+    assert "All good: 1 job, 2 runs, no failures" in html
+    assert "FAILURE RATES" not in text
+
+
+@override_settings(JOBSITE_DIGEST_SKIP_EMPTY=True)
+def test_skip_empty_sends_no_all_good_digest_but_still_sends_bad_news(make_job, mailoutbox):
+    calm = make_job(command="true", alert_emails=["calm@example.com"])
+    busy = make_job(command="exit 1", alert_emails=["busy@example.com"])
+    run_now(calm)
+    run_now(busy)
+    report = digests.send_digests(period_end=soon())
+    assert [m.to for m in mailoutbox] == [["busy@example.com"]]
+    assert report.skipped_empty == ["calm@example.com"]
+    assert not DigestSent.objects.filter(recipient="calm@example.com").exists()
+
+
+def test_a_period_is_sent_once_however_often_it_is_asked_for(make_job, mailoutbox):
+    job = make_job(command="exit 1", alert_emails=["ana@example.com"])
+    run_now(job)
+    end = soon()
+    first = digests.send_digests(period_end=end)
+    second = digests.send_digests(period_end=end)
+    assert len(mailoutbox) == 1
+    assert list(first.sent) == ["ana@example.com"]
+    assert (second.sent, second.already_sent) == ({}, ["ana@example.com"])
+    [record] = Notification.objects.filter(kind="digest")
+    assert (record.job, record.target, record.ok) == (None, "ana@example.com", True)
+
+    digests.send_digests(period_end=end + timedelta(hours=1))  # another period
+    assert len(mailoutbox) == 2
+
+
+def test_to_sends_every_job_to_those_addresses_only(make_job, mailoutbox):
+    followed = make_job(name="followed", command="exit 1", alert_emails=["ana@example.com"])
+    unfollowed = make_job(name="unfollowed", command="exit 1")
+    run_now(followed)
+    run_now(unfollowed)
+    digests.send_digests(period_end=soon(), to=["boss@example.com"])
+    [digest] = mailoutbox
+    assert digest.to == ["boss@example.com"]
+    text, html = outbox_parts(digest)
+    for body in (text, html):
+        assert "followed" in body and "unfollowed" in body
+    assert "2 failures" in digest.subject
+
+
+@override_settings(TIME_ZONE="Europe/Berlin")
+def test_a_week_counts_whole_days_and_the_partial_days_at_its_ends(make_job, mailoutbox):
+    berlin = ZoneInfo("Europe/Berlin")
+    end = datetime(2026, 6, 10, 12, 0, tzinfo=berlin)
+    job = make_job(name="weekly-check", command='test "$RESULT" = ok', alert_emails=["a@b.c"])
+
+    def run_at(when: datetime, result: str) -> Run:
+        Job.objects.filter(pk=job.pk).update(environment={"RESULT": result})
+        job.refresh_from_db()
+        with time_machine.travel(when, tick=False):
+            return run_now(job)
+
+    run_at(end - timedelta(days=8), "bad")  # before the period
+    run_at(end - timedelta(days=7, hours=3), "bad")  # same day as the start, before it
+    run_at(end - timedelta(days=7) + timedelta(hours=3), "ok")  # partial first day
+    inside = run_at(end - timedelta(days=5), "bad")  # whole days
+    run_at(end - timedelta(days=3), "ok")
+    run_at(end - timedelta(hours=3), "ok")  # partial last day
+
+    with time_machine.travel(end, tick=False):
+        report = digests.send_digests(period_end=end, period=timedelta(days=7))
+    assert report.sent == {"a@b.c": "1 failure (1 job, 4 runs)"}
+    text, html = outbox_parts(mailoutbox[0])
+    assert "- weekly-check: 25% failed (1 of 4)" in text
+    assert f"#{inside.pk} failed" in text
+    assert f"#{inside.pk}</a> failed" in html
+    assert text.count(" failed: ") == 1  # the runs before the period are not listed
+
+
+@override_settings(TIME_ZONE="Europe/Berlin", JOBSITE_DIGEST_TIME="08:00")
+def test_daily_digest_is_due_after_its_time_and_spans_a_local_day():
+    berlin = ZoneInfo("Europe/Berlin")
+    assert digests.digest_period_due(now=datetime(2026, 6, 10, 7, 59, tzinfo=berlin)) is None
+    start, end = digests.digest_period_due(now=datetime(2026, 6, 10, 8, 0, 5, tzinfo=berlin))
+    assert (start, end) == (
+        datetime(2026, 6, 9, 6, 0, tzinfo=UTC),
+        datetime(2026, 6, 10, 6, 0, tzinfo=UTC),
+    )
+    # The night clocks go forward the day is 23 hours long.
+    start, end = digests.digest_period_due(now=datetime(2026, 3, 29, 9, 0, tzinfo=berlin))
+    assert end - start == timedelta(hours=23)
+    with override_settings(JOBSITE_DIGEST_TIME=""):
+        assert digests.digest_period_due(now=datetime(2026, 6, 10, 9, 0, tzinfo=berlin)) is None
+    with override_settings(JOBSITE_DIGEST_TIME="8am"), pytest.raises(ImproperlyConfigured):
+        digests.digest_period_due(now=datetime(2026, 6, 10, 9, 0, tzinfo=berlin))
+
+
+@override_settings(JOBSITE_DIGEST_TIME="08:00")
+def test_scheduler_ticks_send_the_daily_digest_once(make_job, mailoutbox):
+    make_job(command="true", alert_emails=["ana@example.com"])
+    morning = datetime(2026, 6, 10, 8, 0, 1, tzinfo=UTC)
+    cache.delete(digests.done_mark(morning.replace(second=0)))  # a shared cache may keep it
+    assert digests.send_due_digests(now=morning - timedelta(minutes=1)) is None
+    first = digests.send_due_digests(now=morning)
+    for seconds in (1, 2, 3):
+        digests.send_due_digests(now=morning + timedelta(seconds=seconds))
+    assert list(first.sent) == ["ana@example.com"]
+    assert len(mailoutbox) == 1
+
+
+def test_send_digest_command_twice_sends_once_and_says_so(make_job, mailoutbox):
+    job = make_job(command="exit 1", alert_emails=["ana@example.com"])
+    run_now(job)
+    end = soon().isoformat()
+    first, second = io.StringIO(), io.StringIO()
+    call_command("send_digest", "--period", "24h", "--end", end, stdout=first)
+    call_command("send_digest", "--period", "24h", "--end", end, stdout=second)
+    assert "sent to ana@example.com: 1 failure (1 job, 1 run)" in first.getvalue()
+    assert "ana@example.com: already sent for this period, not sent again" in second.getvalue()
+    assert "Nothing sent." in second.getvalue()
+    assert len(mailoutbox) == 1
+
+
+def test_send_digest_command_names_the_same_period_without_end(make_job, mailoutbox):
+    make_job(command="true", alert_emails=["ana@example.com"])
+    first, second = io.StringIO(), io.StringIO()
+    call_command("send_digest", "--period", "7d", stdout=first)
+    call_command("send_digest", "--period", "7d", stdout=second)
+    assert "sent to ana@example.com" in first.getvalue()
+    assert "already sent" in second.getvalue()
+    assert first.getvalue().splitlines()[0] == second.getvalue().splitlines()[0]
+    assert len(mailoutbox) == 1
+
+
+def test_send_digest_rejects_a_period_it_cannot_read(db):
+    with pytest.raises(Exception, match='Period "a day" is not like 24h, 7d or 30m'):
+        call_command("send_digest", "--period", "a day", stdout=io.StringIO())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_send_digest_process_mails_through_the_smtp_server_in_email_url(make_job):
+    job = make_job(name="nightly-export", command="exit 5", alert_emails=["ana@example.com"])
+    failed = run_now(job)
+    server = SmtpServer()
+    server.controller.start()
+    try:
+        command = [
+            sys.executable,
+            str(BASE_DIR / "manage.py"),
+            "send_digest",
+            "--period",
+            "24h",
+            "--end",
+            soon().isoformat(),
+        ]
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "DATABASE_URL": database_url_for_children(),
+            "DJANGO_SETTINGS_MODULE": "jobsite.settings",
+            "EMAIL_URL": f"smtp://127.0.0.1:{server.port}",
+            "SITE_URL": "https://jobs.example.com",
+        }
+        first = subprocess.run(command, env=env, cwd=BASE_DIR, capture_output=True, text=True)
+        second = subprocess.run(command, env=env, cwd=BASE_DIR, capture_output=True, text=True)
+    finally:
+        server.controller.stop()
+
+    assert first.returncode == 0, first.stderr
+    assert "sent to ana@example.com: 1 failure (1 job, 1 run)" in first.stdout
+    assert second.returncode == 0, second.stderr
+    assert "already sent for this period" in second.stdout
+    [(recipients, message)] = server.received
+    assert recipients == ["ana@example.com"]
+    text, html = parts(message)
+    assert f"nightly-export #{failed.pk} failed: Exit code 5" in text
+    assert f"https://jobs.example.com/runs/{failed.pk}/" in text
+    assert f'href="https://jobs.example.com/runs/{failed.pk}/"' in html
