@@ -83,9 +83,11 @@ def redact(text: str, secrets: list[str]) -> str:
 
 
 def humanize(span: timedelta | None) -> str:
-    """'45 s', '12 min', '3 h 5 min', '2 days 4 h'."""
+    """'<1 s', '45 s', '12 min', '3 h 5 min', '2 days 4 h'."""
     if span is None:
         return "an unknown time"
+    if timedelta(0) < span < timedelta(seconds=0.5):
+        return "<1 s"
     seconds = max(0, round(span.total_seconds()))
     minutes = round(seconds / 60)
     if seconds < 120:
