@@ -7,6 +7,8 @@ from jobs import views
 urlpatterns = [
     path("", views.overview, name="jobs-overview"),
     path("health/", views.health, name="jobs-health"),
+    path("stale/", views.stale, name="jobs-stale"),
+    path("failures/", views.failures, name="jobs-failures"),
     path("jobs/<slug:slug>/", views.job_detail, name="jobs-job-detail"),
     path("jobs/<slug:slug>/run/", views.job_run, name="jobs-job-run"),
     path("runs/<int:pk>/", views.run_detail, name="jobs-run-detail"),

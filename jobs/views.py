@@ -1,8 +1,10 @@
-"""The dashboard pages: thin views over models, runlog and services.
+"""The dashboard pages: thin views over models, runlog, stats and services.
 
 Every page needs a login except /health/. Reads are bounded whatever the
 history holds: the overview reads a fixed number of recent runs per job, the
-job page pages its history by id (keyset) instead of COUNT(*) + OFFSET.
+job page and /failures/ page by id (keyset) instead of COUNT(*) + OFFSET,
+rates and charts come from the daily rollups, and staleness is pure maths
+on each job (Job.stale_reason), so /stale/ costs the same for any history.
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
-from jobs import runlog, services
-from jobs.models import Job, Run, RunLogChunk
+from jobs import charts, runlog, services, stats
+from jobs.models import Job, Run, RunLogChunk, Stale
 
 STRIP_LENGTH = 20  # recent runs per job on the overview
 HISTORY_PAGE_SIZE = 25
+FLIPS_SHOWN = 10
+NOTIFICATIONS_SHOWN = 20
+CHART_DAYS = 30
+CHART_RUNS = 100
 MISSED_SHOWN = 10
 NEXT_FIRES = 5
 # The stored log is already bounded (head + tail caps); this only guards the
@@ -58,6 +64,8 @@ class JobRow:
     job: Job
     recent: list[Run] = field(default_factory=list)
     next_fire: datetime | None = None
+    stale: Stale | None = None
+    rate: stats.Rate | None = None  # success over the last 7 days
 
     @property
     def last_run(self) -> Run | None:
@@ -138,13 +146,21 @@ def overview(request: HttpRequest) -> HttpResponse:
     now = timezone.now()
     jobs = list(Job.objects.order_by("name"))
     recent = _recent_runs([job.pk for job in jobs])
+    rates = stats.rates_by_job(jobs, now)
     rows = [
-        JobRow(job=job, recent=recent.get(job.pk, []), next_fire=_next_fire(job, now))
+        JobRow(
+            job=job,
+            recent=recent.get(job.pk, []),
+            next_fire=_next_fire(job, now),
+            stale=job.stale_reason(now),
+            rate=rates.get(job.pk),
+        )
         for job in jobs
     ]
     counts = {
         "running": sum(1 for r in rows if r.status == Run.Status.RUNNING),
         "failing": sum(1 for r in rows if r.is_failing),
+        "stale": sum(1 for r in rows if r.stale),
         "paused": sum(1 for r in rows if not r.job.enabled),
     }
     return render(request, "jobs/overview.html", {"rows": rows, "counts": counts, "now": now})
@@ -158,6 +174,72 @@ def _next_fire(job: Job, now: datetime) -> datetime | None:
         return job.next_fire_at
     fires = job.next_fire_times(now, 1)
     return fires[0].at if fires else None
+
+
+# --- What needs attention: stale jobs, recent failures -------------------------------
+
+
+@dataclass
+class StaleRow:
+    job: Job
+    stale: Stale
+    last_run: Run | None
+
+
+@login_required
+@require_GET
+def stale(request: HttpRequest) -> HttpResponse:
+    """Every stale job, most overdue first.
+
+    Two queries whatever the number of jobs or runs: the scheduled jobs, each
+    with the id of its latest run (a correlated subquery on
+    run_job_recent_idx), then those runs of the stale ones. Staleness itself
+    is pure maths per job on last_scheduled_for / last_success_at.
+    """
+    now = timezone.now()
+    latest = Run.objects.filter(job=OuterRef("pk")).order_by("-id").values("id")[:1]
+    jobs = (
+        Job.objects.filter(enabled=True)
+        .exclude(schedule="")
+        .annotate(latest_run_id=Subquery(latest))
+    )
+    found = [(job, reason) for job in jobs if (reason := job.stale_reason(now))]
+    found.sort(key=lambda pair: (-pair[1].overdue, pair[0].name))
+    run_ids = [job.latest_run_id for job, _ in found if job.latest_run_id]
+    runs = Run.objects.in_bulk(run_ids) if run_ids else {}
+    rows = [StaleRow(job, reason, runs.get(job.latest_run_id)) for job, reason in found]
+    return render(request, "jobs/stale.html", {"rows": rows, "now": now})
+
+
+@login_required
+@require_GET
+def failures(request: HttpRequest) -> HttpResponse:
+    """Recent failed, timed-out and lost runs across jobs, newest first.
+
+    WHERE status IN (failed, timed_out, lost) [AND job_id = ?] ORDER BY id
+    DESC LIMIT 26, paged by id (keyset), never counted. The partial index
+    run_failure_recent_idx (id DESC WHERE status IN failures) serves it
+    without a job, run_job_failure_recent_idx ((job, id DESC), same
+    condition) with one: a short range scan, however rare failures are among
+    millions of runs. Without them the database walks the primary key (or
+    run_job_recent_idx) backwards and skips the successes.
+    """
+    try:
+        before, after = _int_param(request, "before"), _int_param(request, "after")
+    except ValueError as exc:
+        return HttpResponseBadRequest(str(exc), content_type="text/plain")
+    runs = Run.objects.filter(status__in=Run.FAILURES).select_related("job")
+    job = None
+    if slug := request.GET.get("job", "").strip():
+        job = get_object_or_404(Job, slug=slug)
+        runs = runs.filter(job=job)
+    context = {
+        "history": _history_page(runs, before=before, after=after),
+        "job": job,
+        "jobs": Job.objects.order_by("name").values_list("slug", "name"),
+        "now": timezone.now(),
+    }
+    return render(request, "jobs/failures.html", context)
 
 
 # --- Job page ------------------------------------------------------------------
@@ -234,8 +316,38 @@ def job_detail(request: HttpRequest, slug: str) -> HttpResponse:
         "status": status,
         "statuses": Run.Status.choices,
         "now": now,
+        **_health_context(job, now),
     }
     return render(request, "jobs/job_detail.html", context)
+
+
+def _health_context(job: Job, now: datetime) -> dict:
+    """Rates, charts, alert state, flips and notifications: seven small
+    queries, on the rollups and on indexes that bound them (the latest 100
+    runs by run_job_recent_idx; flips and notifications by their job indexes)."""
+    rates = stats.success_rates(job, now)
+    durations = [
+        charts.RunPoint(
+            run_id=run.pk,
+            status=run.status,
+            seconds=max(0.0, (run.finished_at - run.started_at).total_seconds()),
+            started_at=timezone.localtime(run.started_at),
+            href=run.get_absolute_url(),
+        )
+        for run in stats.recent_durations(job, CHART_RUNS)
+    ]
+    return {
+        "rates": [(label, rates[key]) for key, label in RATE_WINDOWS],
+        "failure_chart": charts.failure_rate_chart(stats.daily_failure_rates(job, now, CHART_DAYS)),
+        "duration_chart": charts.duration_chart(durations),
+        "chart_runs": len(durations),
+        "stale_now": job.stale_reason(now),
+        "flips": list(job.flips.all()[:FLIPS_SHOWN]),
+        "notifications": list(job.notifications.all()[:NOTIFICATIONS_SHOWN]),
+    }
+
+
+RATE_WINDOWS = [("24h", "24 hours"), ("7d", "7 days"), ("30d", "30 days")]
 
 
 def _with_last_status(jobs) -> list[Job]:

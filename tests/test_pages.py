@@ -1,4 +1,5 @@
-"""The dashboard pages: overview, job page, run page, log tail and download."""
+"""The dashboard pages: overview, job page, run page, log tail and download,
+/stale/ and /failures/."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from django.urls import reverse
 from django.utils import timezone
 
 from jobs import services
-from jobs.models import Job, Run, RunLogChunk
+from jobs.models import AlertFlip, Job, JobDailyStats, Notification, Run, RunLogChunk
 from jobs.templatetags.jobs_tags import duration
-from tests.conftest import chromium_path
+from tests.conftest import browser_login, chromium_path
 
 
 def make_runs(job: Job, statuses: list[str], *, start: datetime | None = None) -> list[Run]:
@@ -39,6 +40,12 @@ def make_runs(job: Job, statuses: list[str], *, start: datetime | None = None) -
     return Run.objects.bulk_create(runs)
 
 
+# Session, user, job, upstreams, downstreams, missed fires, history page;
+# success rates (24 h from runs, 7 and 30 d from rollups), daily rollups,
+# last 100 durations, flips, notifications.
+JOB_PAGE_QUERIES = 14
+
+
 def text_of(response) -> str:
     return b"".join(response.streaming_content).decode()
 
@@ -47,7 +54,8 @@ def text_of(response) -> str:
 
 
 @pytest.mark.parametrize(
-    "path", ["/", "/jobs/x/", "/runs/1/", "/runs/1/log/", "/runs/1/log/download/"]
+    "path",
+    ["/", "/jobs/x/", "/runs/1/", "/runs/1/log/", "/runs/1/log/download/", "/stale/", "/failures/"],
 )
 def test_anonymous_visitor_is_sent_to_login(client, db, path):
     response = client.get(path)
@@ -179,7 +187,7 @@ def test_job_history_pages_by_id_without_counting(
     def shown(html: str) -> list[int]:
         return [int(n) for n in re.findall(r'<td><a href="/runs/\d+/">#(\d+)</a></td>', html)]
 
-    with django_assert_max_num_queries(7) as queries:
+    with django_assert_max_num_queries(JOB_PAGE_QUERIES) as queries:
         first = admin_client.get(job.get_absolute_url()).content.decode()
     assert not any("COUNT(" in q["sql"].upper() for q in queries.captured_queries)
     assert shown(first) == ids[:25]
@@ -531,6 +539,402 @@ def test_browser_tails_a_running_log_and_reloads_when_it_ends(
         # (asgiref locals are per context): close it, or dropping the test
         # database fails.
         connections.close_all()
+
+
+# --- Stale jobs --------------------------------------------------------------------------
+
+NOON = datetime(2027, 1, 5, 12, 4, tzinfo=UTC)  # 13:04 in Berlin
+
+
+def scheduled_job(make_job, *, created: datetime, **fields) -> Job:
+    """A scheduled job that has existed since `created` (created_at is auto_now_add)."""
+    job = make_job(**fields)
+    Job.objects.filter(pk=job.pk).update(created_at=created)
+    job.refresh_from_db()
+    return job
+
+
+def stale_rows(html: str) -> dict[str, str]:
+    return dict(re.findall(r'<tr data-job="([^"]+)">(.*?)</tr>', html, re.S))
+
+
+def test_stale_page_lists_a_job_without_a_run_for_its_last_fire(client, make_user, make_job):
+    scheduled_job(
+        make_job, name="every-five", schedule="*/5 * * * *", created=NOON - timedelta(days=1)
+    )
+    scheduled_job(make_job, name="by-hand", created=NOON - timedelta(days=1))
+    scheduled_job(
+        make_job,
+        name="paused",
+        schedule="*/5 * * * *",
+        enabled=False,
+        created=NOON - timedelta(days=1),
+    )
+    with time_machine.travel(NOON, tick=False):
+        client.force_login(make_user(superuser=True))
+        html = client.get("/stale/").content.decode()
+
+    rows = stale_rows(html)
+    assert list(rows) == ["every-five"]
+    # 12:00 fire + 2.5 min grace (half the interval) passed at 12:02:30.
+    assert "due <time" in rows["every-five"]
+    assert ">12:00 UTC</time>, <strong>1 min 30 s</strong> overdue" in rows["every-five"]
+    assert "no run for the fire at 2027-01-05 12:00 UTC" in rows["every-five"]
+    assert "never ran" in rows["every-five"]
+    assert '<a href="/jobs/every-five/">every-five</a>' in rows["every-five"]
+
+
+def test_job_that_ran_and_succeeded_for_its_last_fire_is_not_stale(client, make_user, make_job):
+    job = scheduled_job(
+        make_job, name="every-five", schedule="*/5 * * * *", created=NOON - timedelta(days=1)
+    )
+    with time_machine.travel(NOON, tick=True):
+        client.force_login(make_user(superuser=True))
+        assert "every-five" in stale_rows(client.get("/stale/").content.decode())
+
+        fire = datetime(2027, 1, 5, 12, 0, tzinfo=UTC)
+        run = services.run_create(
+            job=job, trigger=Run.Trigger.SCHEDULE, scheduled_for=fire, here=True
+        )
+        claimed = services.run_claim(run_id=run.pk, worker=services.worker_name())
+        assert services.run_execute(claimed, echo=lambda s: None).status == "succeeded"
+
+        stale_page = client.get("/stale/").content.decode()
+        overview = client.get("/").content.decode()
+
+    assert stale_rows(stale_page) == {}
+    assert "Nothing is stale" in stale_page
+    assert re.search(r"<strong>0</strong> stale", overview)
+    assert 'class="stale"' not in overview
+
+
+def test_stopped_scheduler_makes_jobs_stale_most_overdue_first(client, make_user, make_job):
+    # The scheduler last fired these three days ago, then stopped.
+    three_days_ago = NOON - timedelta(days=3)
+    nightly = scheduled_job(
+        make_job,
+        name="nightly",
+        schedule="0 2 * * *",
+        timezone="Europe/Berlin",
+        created=NOON - timedelta(days=30),
+    )
+    Job.objects.filter(pk=nightly.pk).update(
+        last_scheduled_for=three_days_ago, last_success_at=three_days_ago
+    )
+    last = make_runs(nightly, [Run.Status.SUCCEEDED], start=three_days_ago)[0]
+    scheduled_job(
+        make_job, name="every-five", schedule="*/5 * * * *", created=NOON - timedelta(days=1)
+    )
+
+    with time_machine.travel(NOON, tick=False):
+        client.force_login(make_user(superuser=True))
+        html = client.get("/stale/").content.decode()
+
+    rows = stale_rows(html)
+    assert list(rows) == ["nightly", "every-five"]
+    # 02:00 CET = 01:00 UTC, grace 1 h (half a day, capped): overdue since 02:00 UTC.
+    assert ">02:00 CET</time>, <strong>10 h 4 min</strong> overdue" in rows["nightly"]
+    assert "no run for the fire at 2027-01-05 02:00 CET" in rows["nightly"]
+    assert (
+        f'href="/runs/{last.pk}/"' in rows["nightly"]
+        and 'data-status="succeeded"' in rows["nightly"]
+    )
+    assert "3\xa0days ago" in rows["nightly"]
+
+
+def test_overview_counts_stale_jobs_and_marks_their_rows(client, make_user, make_job):
+    scheduled_job(
+        make_job, name="every-five", schedule="*/5 * * * *", created=NOON - timedelta(days=1)
+    )
+    scheduled_job(make_job, name="by-hand", created=NOON - timedelta(days=1))
+    with time_machine.travel(NOON, tick=False):
+        client.force_login(make_user(superuser=True))
+        html = client.get("/").content.decode()
+
+    assert re.search(r'<a href="/stale/"><strong>1</strong> stale</a>', html)
+    assert '<tr data-job="every-five" class="stale">' in html
+    assert '<tr data-job="by-hand">' in html
+    assert "Stale · 1 min 30 s overdue" in html
+
+
+def test_stale_page_query_count_does_not_grow_with_jobs(
+    client, make_user, make_job, django_assert_max_num_queries
+):
+    with time_machine.travel(NOON, tick=False):
+        client.force_login(make_user(superuser=True))
+        client.get("/stale/")
+        for i in range(50):
+            job = scheduled_job(
+                make_job, schedule=f"{i % 5}-59/5 * * * *", created=NOON - timedelta(days=2)
+            )
+            make_runs(
+                job, [Run.Status.SUCCEEDED, Run.Status.FAILED], start=NOON - timedelta(days=1)
+            )
+
+        with django_assert_max_num_queries(4):
+            html = client.get("/stale/").content.decode()
+
+    assert len(stale_rows(html)) == 50
+    assert html.count('data-status="failed"') == 50
+
+
+# --- Failures -----------------------------------------------------------------------------
+
+
+def failure_ids(html: str) -> list[int]:
+    return [int(n) for n in re.findall(r'<tr data-run="(\d+)">', html)]
+
+
+def test_failures_page_lists_failed_timed_out_and_lost_runs_across_jobs_newest_first(
+    admin_client, make_job
+):
+    load, export = make_job(name="load"), make_job(name="export")
+    mixed = make_runs(load, ["succeeded", "failed", "skipped", "timed_out", "cancelled"])
+    mixed += make_runs(export, ["lost", "succeeded", "failed"])
+    Run.objects.filter(pk=mixed[1].pk).update(error_summary="Exit code 3: <disk full>")
+
+    html = admin_client.get("/failures/").content.decode()
+
+    expected = [r.pk for r in reversed(mixed) if r.status in Run.FAILURES]
+    assert failure_ids(html) == expected
+    rows = dict(re.findall(r'<tr data-run="(\d+)">(.*?)</tr>', html, re.S))
+    first_failure = rows[str(mixed[1].pk)]
+    assert '<a href="/jobs/load/">load</a>' in first_failure
+    assert "Exit code 3: &lt;disk full&gt;" in first_failure
+    assert 'data-status="failed"' in first_failure
+    assert 'data-status="lost"' in rows[str(mixed[5].pk)]
+    assert '<a href="/jobs/export/">export</a>' in rows[str(mixed[5].pk)]
+
+
+def test_failures_page_filters_by_job(admin_client, make_job):
+    load, export = make_job(name="load"), make_job(name="export")
+    make_runs(load, ["failed"] * 3)
+    theirs = make_runs(export, ["failed", "timed_out"])
+
+    html = admin_client.get("/failures/?job=export").content.decode()
+
+    assert failure_ids(html) == [theirs[1].pk, theirs[0].pk]
+    assert '<option value="export" selected>' in html
+    assert "Failures of export" in html
+    assert admin_client.get("/failures/?job=nope").status_code == 404
+
+
+def test_failures_page_pages_by_id_without_counting(
+    admin_client, make_job, django_assert_max_num_queries
+):
+    job = make_job(name="flaky")
+    runs = make_runs(job, ["failed", "succeeded"] * 30)
+    ids = [r.pk for r in reversed(runs) if r.status == "failed"]  # 30, newest first
+    admin_client.get("/failures/")
+
+    with django_assert_max_num_queries(5) as queries:
+        first = admin_client.get("/failures/?job=flaky").content.decode()
+
+    assert not any("COUNT(" in q["sql"].upper() for q in queries.captured_queries)
+    assert failure_ids(first) == ids[:25]
+    assert f"?job=flaky&amp;before={ids[24]}" in first and "Newer" not in first
+    second = admin_client.get(f"/failures/?job=flaky&before={ids[24]}").content.decode()
+    assert failure_ids(second) == ids[25:]
+    assert "Older" not in second and f"after={ids[25]}" in second
+    assert admin_client.get("/failures/?before=abc").status_code == 400
+
+
+# --- Job page: rates, charts, alerts --------------------------------------------------------
+
+
+def chart(html: str, name: str) -> str:
+    match = re.search(rf'<svg [^>]*class="chart {name}".*?</svg>', html, re.S)
+    assert match, f"no {name} on the page"
+    return match.group(0)
+
+
+def rate_box(html: str, window: str) -> str:
+    return re.search(rf'data-window="{window}">(.*?)</li>', html, re.S).group(1)
+
+
+def test_job_page_shows_success_rates_and_daily_failure_chart(admin_client, make_job):
+    job = make_job(name="nightly", command="exit 0")
+    today = timezone.localdate()
+    JobDailyStats.objects.create(job=job, day=today - timedelta(days=1), succeeded=9, failed=1)
+    JobDailyStats.objects.create(job=job, day=today - timedelta(days=10), timed_out=10)
+    JobDailyStats.objects.create(job=job, day=today - timedelta(days=40), failed=50)
+    services.run_foreground(job=job, echo=lambda s: None)
+    Job.objects.filter(pk=job.pk).update(command="exit 3")
+    job.refresh_from_db()
+    services.run_foreground(job=job, echo=lambda s: None)
+
+    html = admin_client.get(job.get_absolute_url()).content.decode()
+
+    assert "<strong>50%</strong> succeeded in 24 hours" in rate_box(html, "24 hours")
+    assert "1 of 2 runs, 1 failed" in rate_box(html, "24 hours")
+    assert "<strong>83%</strong>" in rate_box(html, "7 days")  # 10 of 12
+    assert "10 of 12 runs, 2 failed" in rate_box(html, "7 days")
+    assert "10 of 22 runs, 12 failed" in rate_box(html, "30 days")  # day -40 is outside
+    failures = chart(html, "failure-chart")
+    assert failures.count('<g class="day"') == 30
+    assert failures.count('class="bar fail"') == 3
+    assert f"{today - timedelta(days=10):%a %Y-%m-%d}: 10 of 10 runs failed (100%)" in failures
+    assert f"{today - timedelta(days=1):%a %Y-%m-%d}: 1 of 10 runs failed (10%)" in failures
+    assert f"{today - timedelta(days=2):%a %Y-%m-%d}: no runs" in failures
+
+
+def test_job_page_duration_chart_has_a_bar_per_run_and_marks_timeouts(admin_client, make_job):
+    job = make_job(name="slowpoke")
+    runs = make_runs(job, ["succeeded"] * 4 + ["timed_out", "failed", "skipped"])
+    Run.objects.filter(pk=runs[4].pk).update(finished_at=runs[4].started_at + timedelta(minutes=5))
+    Run.objects.filter(pk=runs[6].pk).update(started_at=None)  # skipped runs never start
+
+    html = admin_client.get(job.get_absolute_url()).content.decode()
+
+    durations = chart(html, "duration-chart")
+    assert durations.count('<g class="run"') == 6
+    assert durations.count('class="marker timeout"') == 1
+    timed_out = re.search(r'<g class="run" data-status="timed_out"[^>]*>(.*?)</g>', durations)
+    assert f'href="/runs/{runs[4].pk}/"' in timed_out.group(1)
+    assert "timed out · 5 min 0 s" in timed_out.group(1)
+    assert ">5 min 0 s</text>" in durations  # the y axis: the longest run
+    assert ">timed out</text>" in durations  # the legend
+    assert "Duration of the last 6 runs" in html
+
+
+def test_job_page_shows_alert_state_flips_and_notifications(admin_client, make_job):
+    job = make_job(name="fragile", command="echo 'no disk' >&2; exit 3")
+    run = services.run_foreground(job=job, echo=lambda s: None)
+    for i in range(25):
+        Notification.objects.create(
+            job=job,
+            kind="alert",
+            channel="email" if i % 2 else "webhook",
+            target=f"ops{i}@example.com" if i % 2 else "https://hooks.example.com/x",
+            subject=f"fragile failed #{i}",
+            sent_at=timezone.now() - timedelta(minutes=30 - i),
+            ok=i != 24,
+            error="" if i != 24 else "Connection refused <smtp>",
+        )
+
+    html = admin_client.get(job.get_absolute_url()).content.decode()
+
+    health = html.split('id="health"')[1].split("<h2>Runs</h2>")[0]
+    assert 'data-alert="failing"' in health
+    assert re.search(r"Failing since <span[^>]*>\d+\xa0(seconds?|minutes?) ago", health)
+    flip = AlertFlip.objects.get(job=job)
+    assert (flip.old_state, flip.new_state) == ("ok", "failing")
+    flips = health.split('class="flips"')[1].split("</table>")[0]
+    assert 'data-alert="ok"' in flips and 'data-alert="failing"' in flips
+    assert f'<a href="/runs/{run.pk}/">#{run.pk}</a>' in flips and "Exit code 3" in flips
+    notes = health.split('class="notifications"')[1].split("</table>")[0]
+    assert notes.count("<tr>") == 1 + 20  # header + the latest 20
+    assert "fragile failed #24" in notes and "fragile failed #4" not in notes
+    assert "failed: Connection refused &lt;smtp&gt;" in notes
+    assert "Alert by email" in notes and "ops23@example.com" in notes
+    assert "Alert by webhook" in notes and "sent" in notes
+
+
+def test_stale_job_page_says_so(client, make_user, make_job):
+    job = scheduled_job(
+        make_job, name="every-five", schedule="*/5 * * * *", created=NOON - timedelta(days=1)
+    )
+    with time_machine.travel(NOON, tick=False):
+        client.force_login(make_user(superuser=True))
+        html = client.get(job.get_absolute_url()).content.decode()
+
+    assert (
+        "Stale now: no run for the fire at 2027-01-05 12:00 UTC; due 12:00 UTC, 1 min 30 s" in html
+    )
+
+
+def test_job_page_query_count_does_not_grow_with_history(
+    admin_client, make_job, django_assert_max_num_queries
+):
+    job = make_job()
+    admin_client.get(job.get_absolute_url())
+    make_runs(job, ["succeeded", "failed", "timed_out"] * 70)
+    today = timezone.localdate()
+    JobDailyStats.objects.bulk_create(
+        JobDailyStats(job=job, day=today - timedelta(days=d), succeeded=5, failed=d % 3)
+        for d in range(60)
+    )
+    for i in range(15):
+        AlertFlip.objects.create(job=job, old_state="ok", new_state="failing", at=timezone.now())
+        Notification.objects.create(
+            job=job, kind="alert", channel="email", target=f"a{i}@example.com",
+            sent_at=timezone.now(), ok=True,
+        )  # fmt: skip
+
+    with django_assert_max_num_queries(JOB_PAGE_QUERIES) as queries:
+        html = admin_client.get(job.get_absolute_url()).content.decode()
+
+    assert not any("COUNT(" in q["sql"].upper() for q in queries.captured_queries)
+    assert chart(html, "duration-chart").count('<g class="run"') == 100
+    assert chart(html, "failure-chart").count('class="bar fail"') == 20
+
+
+# --- Overview: 7-day rate ---------------------------------------------------------------------
+
+
+def test_overview_shows_each_jobs_seven_day_success_rate(admin_client, make_job):
+    steady, shaky, idle = make_job(name="steady"), make_job(name="shaky"), make_job(name="idle")
+    today = timezone.localdate()
+    JobDailyStats.objects.create(job=steady, day=today, succeeded=1000)
+    JobDailyStats.objects.create(job=shaky, day=today, succeeded=3, failed=1)
+    JobDailyStats.objects.create(job=shaky, day=today - timedelta(days=6), succeeded=2, lost=4)
+    JobDailyStats.objects.create(job=shaky, day=today - timedelta(days=8), failed=100)
+    JobDailyStats.objects.create(job=idle, day=today - timedelta(days=8), succeeded=1)
+
+    html = admin_client.get("/").content.decode()
+
+    rows = dict(re.findall(r'<tr data-job="([^"]+)"[^>]*>(.*?)</tr>', html, re.S))
+    assert re.search(r'class="rate tone-text-ok"[^>]*>100%</td>', rows["steady"])
+    assert "5 of 10 finished runs succeeded in 7 days" in rows["shaky"]
+    assert re.search(r'class="rate tone-text-bad"[^>]*>50%</td>', rows["shaky"])
+    assert re.search(r'class="rate tone-text-idle">—</td>', rows["idle"])
+
+
+# --- Browser: the charts and the stale page render ----------------------------------------------
+
+
+@pytest.mark.browser
+def test_browser_shows_both_charts_and_the_stale_page(
+    live_server, browser, make_user, make_job, tmp_path
+):
+    from playwright.sync_api import expect
+
+    make_user("oncall", perms=("jobs.view_job",))
+    job = scheduled_job(
+        make_job,
+        name="every-five",
+        schedule="*/5 * * * *",
+        created=timezone.now() - timedelta(days=2),
+    )
+    make_runs(
+        job, ["succeeded"] * 8 + ["timed_out", "failed"], start=timezone.now() - timedelta(hours=3)
+    )
+    JobDailyStats.objects.create(
+        job=job, day=timezone.localdate(), succeeded=8, failed=1, timed_out=1
+    )
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    browser_login(page, live_server, "oncall", next_url=job.get_absolute_url())
+
+    failure_chart = page.locator("svg.failure-chart")
+    duration_chart = page.locator("svg.duration-chart")
+    expect(failure_chart).to_be_visible()
+    expect(duration_chart).to_be_visible()
+    assert failure_chart.locator("g.day").count() == 30
+    expect(failure_chart.locator("rect.bar.fail")).to_be_visible()
+    assert duration_chart.locator("g.run").count() == 10
+    expect(duration_chart.locator("path.marker.timeout")).to_be_visible()
+    box = duration_chart.bounding_box()
+    assert box["width"] > 300 and box["height"] > 80  # laid out, not collapsed
+    page.screenshot(path=str(tmp_path / "job-charts.png"), full_page=True)
+    assert (tmp_path / "job-charts.png").stat().st_size > 0
+
+    page.get_by_role("link", name="Stale").first.click()
+    expect(page).to_have_url(f"{live_server.url}/stale/")
+    row = page.locator('tr[data-job="every-five"]')
+    expect(row).to_be_visible()
+    expect(row).to_contain_text("overdue")
+    expect(row).to_contain_text("no run for the fire at")
+    page.screenshot(path=str(tmp_path / "stale.png"), full_page=True)
 
 
 # --- Formatting -------------------------------------------------------------------------

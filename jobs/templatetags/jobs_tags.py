@@ -1,4 +1,4 @@
-"""Small formatting helpers for the dashboard: durations, times, status badges."""
+"""Small formatting helpers for the dashboard: durations, times, rates, badges."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from jobs import scheduling
-from jobs.models import Run
+from jobs.models import Job, Run
 
 register = template.Library()
 
@@ -25,6 +25,9 @@ STATUS_TONES = {
     Run.Status.SKIPPED: "warn",
     Run.Status.CANCELLED: "warn",
 }
+
+
+ALERT_TONES = {Job.AlertState.OK: "ok", Job.AlertState.FAILING: "bad", Job.AlertState.STALE: "warn"}
 
 
 def status_label(status: str) -> str:
@@ -104,3 +107,47 @@ def strip_square(run: Run) -> SafeString:
         status_label(run.status),
         stamp(when),
     )
+
+
+@register.simple_tag
+def alert_badge(state: str) -> SafeString:
+    label = Job.AlertState(state).label if state in Job.AlertState.values else state
+    return format_html(
+        '<span class="badge tone-{}" data-alert="{}">{}</span>',
+        ALERT_TONES.get(state, "idle"),
+        state,
+        label,
+    )
+
+
+@register.filter
+def short_in_zone(value: datetime | None, zone_name: str) -> str:
+    """'02:15 CET' when it is today in the job's zone, else 'Mon 01-04 02:15 CET'."""
+    if value is None:
+        return ""
+    local = value.astimezone(scheduling.zone(zone_name))
+    today = timezone.now().astimezone(local.tzinfo).date()
+    if local.date() == today:
+        return f"{local:%H:%M} {local.tzname()}"
+    return f"{local:%a %m-%d %H:%M} {local.tzname()}"
+
+
+@register.filter
+def percent(rate) -> str:
+    """A stats.Rate's success share: '100%', '99.9%' (never rounded up to
+    100), '67%'; an em dash when nothing ran."""
+    value = rate.percent if rate is not None else None
+    if value is None:
+        return "—"
+    if value == 100 or value < 99:
+        return f"{value:.0f}%"
+    return f"{int(value * 10) / 10:.1f}%"
+
+
+@register.filter
+def rate_tone(rate) -> str:
+    """ok at 100 %, warn from 90 %, bad below; idle when nothing ran."""
+    value = rate.percent if rate is not None else None
+    if value is None:
+        return "idle"
+    return "ok" if value == 100 else "warn" if value >= 90 else "bad"
