@@ -7,7 +7,8 @@ permission. Editing a job's definition needs `jobs.change_job`: a run-only
 user can view, run, pause, resume and rerun, but a POST to the change form
 is refused by Django's own permission check.
 
-Runs and missed fires are read-only history.
+Runs, missed fires, alert flips, notifications and daily stats are
+read-only history: services write them, the admin only shows them.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from django.utils import formats, timezone
 from django.utils.html import format_html, format_html_join
 from django.views.decorators.http import require_POST
 
-from jobs import runlog, services
+from jobs import runlog, scheduling, services
 from jobs.forms import JobAdminForm
-from jobs.models import Job, MissedFires, Run
+from jobs.models import AlertFlip, Job, JobDailyStats, MissedFires, Notification, Run
 
 RUN_PERMISSION = "jobs.run_job"
 
@@ -60,6 +61,23 @@ def _local(value: datetime) -> str:
 def _pre(text: str) -> str:
     """Escaped (unless already safe), in a <pre> that wraps long lines."""
     return format_html('<pre style="white-space: pre-wrap; margin: 0">{}</pre>', text)
+
+
+# Failing and stale must stand out in a long list; OK stays quiet.
+_ALERT_STATE_STYLE = {
+    Job.AlertState.FAILING: "color: #fff; background: #ba2121",
+    Job.AlertState.STALE: "color: #000; background: #f0b400",
+}
+
+
+def _alert_state_badge(state: str) -> str:
+    label = Job.AlertState(state).label
+    style = _ALERT_STATE_STYLE.get(state)
+    if style is None:
+        return label
+    return format_html(
+        '<strong style="{}; padding: 1px 6px; border-radius: 3px">{}</strong>', style, label
+    )
 
 
 def _environment_block(environment: dict[str, str]) -> str:
@@ -126,13 +144,22 @@ class JobAdmin(RunPermissionMixin, admin.ModelAdmin):
     list_display = [
         "name",
         "enabled",
+        "alert_state_badge",
         "schedule_in_words",
         "last_status",
         "last_run_at",
         "next_run",
         "owner",
     ]
-    list_filter = ["enabled", LastStatusFilter, "kind", "overlap", "catchup", "timezone"]
+    list_filter = [
+        "alert_state",
+        "enabled",
+        LastStatusFilter,
+        "kind",
+        "overlap",
+        "catchup",
+        "timezone",
+    ]
     search_fields = ["name", "slug", "description", "owner", "tags", "command"]
     prepopulated_fields = {"slug": ("name",)}
     form = JobAdminForm
@@ -145,6 +172,11 @@ class JobAdmin(RunPermissionMixin, admin.ModelAdmin):
         "environment_masked",
         "missed_fires_note",
         "downstream_jobs",
+        "alert_state_note",
+        "consecutive_failures",
+        "last_success_at",
+        "grace_in_effect",
+        "alert_history",
     ]
     fieldsets = [
         (None, {"fields": ["name", "slug", "description", "owner", "tags", "source_note"]}),
@@ -178,6 +210,22 @@ class JobAdmin(RunPermissionMixin, admin.ModelAdmin):
             },
         ),
         ("Dependencies", {"fields": ["upstreams", "trigger_on_upstream", "downstream_jobs"]}),
+        (
+            "Alerts",
+            {
+                "fields": [
+                    "alert_state_note",
+                    "consecutive_failures",
+                    "last_success_at",
+                    "alert_emails",
+                    "alert_after",
+                    "webhook_url",
+                    "grace",
+                    "grace_in_effect",
+                    "alert_history",
+                ]
+            },
+        ),
     ]
     actions = ["run_now", "pause", "resume"]
 
@@ -256,6 +304,43 @@ class JobAdmin(RunPermissionMixin, admin.ModelAdmin):
     @admin.display(description="Environment")
     def environment_masked(self, obj: Job) -> str:
         return _environment_block(obj.masked_environment())
+
+    @admin.display(description="Alert state", ordering="alert_state")
+    def alert_state_badge(self, obj: Job) -> str:
+        return _alert_state_badge(obj.alert_state)
+
+    @admin.display(description="Alert state")
+    def alert_state_note(self, obj: Job) -> str:
+        if obj.pk is None:
+            return "OK (new job)."
+        if obj.alert_state_since is None:
+            return _alert_state_badge(obj.alert_state)
+        return format_html(
+            "{} since {}", _alert_state_badge(obj.alert_state), _local(obj.alert_state_since)
+        )
+
+    @admin.display(description="Grace in effect")
+    def grace_in_effect(self, obj: Job) -> str:
+        """What staleness uses: the set grace, or the one derived from the schedule."""
+        if not obj.schedule:
+            return "None: a job without a schedule never goes stale."
+        try:
+            grace = obj.effective_grace(timezone.now())
+        except scheduling.ScheduleError:  # a refused edit: its error is on the field
+            return "-"
+        how = "set above" if obj.grace is not None else "derived: half the interval"
+        return f"{_format_duration(grace)} ({how})"
+
+    @admin.display(description="Alert history")
+    def alert_history(self, obj: Job) -> str:
+        if obj.pk is None:
+            return "None yet."
+        query = f"?job__id__exact={obj.pk}"
+        return format_html(
+            '<a href="{}">state changes</a> · <a href="{}">notifications sent</a>',
+            reverse("admin:jobs_alertflip_changelist") + query,
+            reverse("admin:jobs_notification_changelist") + query,
+        )
 
     @admin.display(description="Downstream jobs")
     def downstream_jobs(self, obj: Job) -> str:
@@ -539,22 +624,110 @@ class RunAdmin(RunPermissionMixin, admin.ModelAdmin):
         return redirect("admin:jobs_run_change", run.pk)
 
 
-@admin.register(MissedFires)
-class MissedFiresAdmin(admin.ModelAdmin):
-    """Fires missed while no scheduler ran: answers "why didn't it run?"."""
+class HistoryAdmin(admin.ModelAdmin):
+    """Read-only history written by services: view it, never add or edit it."""
 
-    list_display = ["job", "first", "last", "count", "policy", "recorded_at"]
     list_select_related = ["job"]
-    list_filter = ["job", "policy"]
     search_fields = ["job__name"]
-    date_hierarchy = "recorded_at"
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj: MissedFires | None = None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: object | None = None) -> bool:
         return False
 
-    def has_delete_permission(self, request: HttpRequest, obj: MissedFires | None = None) -> bool:
+    def has_delete_permission(self, request: HttpRequest, obj: object | None = None) -> bool:
         # As for runs: deleting a job deletes its history, so a superuser may.
         return request.user.is_superuser
+
+
+@admin.register(MissedFires)
+class MissedFiresAdmin(HistoryAdmin):
+    """Fires missed while no scheduler ran: answers "why didn't it run?"."""
+
+    list_display = ["job", "first", "last", "count", "policy", "recorded_at"]
+    list_filter = ["job", "policy"]
+    date_hierarchy = "recorded_at"
+
+
+@admin.register(AlertFlip)
+class AlertFlipAdmin(HistoryAdmin):
+    """Each change of a job's alert state, and whether it was notified."""
+
+    list_display = ["job", "transition", "at", "reason", "run_link", "notified_at"]
+    list_filter = ["new_state", "old_state", "job"]
+    date_hierarchy = "at"
+    # Grows with every flip: no COUNT(*) of the whole table per page view.
+    show_full_result_count = False
+
+    @admin.display(description="Change", ordering="new_state")
+    def transition(self, obj: AlertFlip) -> str:
+        return format_html(
+            "{} → {}", Job.AlertState(obj.old_state).label, _alert_state_badge(obj.new_state)
+        )
+
+    @admin.display(description="Run")
+    def run_link(self, obj: AlertFlip) -> str | None:
+        if obj.run_id is None:
+            return None
+        url = reverse("admin:jobs_run_change", args=[obj.run_id])
+        return format_html('<a href="{}">#{}</a>', url, obj.run_id)
+
+
+@admin.register(Notification)
+class NotificationAdmin(HistoryAdmin):
+    """Every email and webhook sent (or tried): when, to whom, what came of it."""
+
+    list_display = ["sent_at", "job", "kind", "channel", "target", "ok", "error_short"]
+    list_filter = ["ok", "kind", "channel", "job"]
+    search_fields = ["job__name", "target", "subject"]
+    date_hierarchy = "sent_at"
+    show_full_result_count = False
+
+    @admin.display(description="Error")
+    def error_short(self, obj: Notification) -> str:
+        return obj.error if len(obj.error) <= 120 else obj.error[:119] + "…"
+
+
+@admin.register(JobDailyStats)
+class JobDailyStatsAdmin(HistoryAdmin):
+    """The per-day rollups behind success rates and charts."""
+
+    list_display = [
+        "job",
+        "day",
+        "succeeded",
+        "failures",
+        "failed",
+        "timed_out",
+        "lost",
+        "cancelled",
+        "skipped",
+        "mean_duration",
+        "max_duration",
+        "mean_lateness",
+    ]
+    list_filter = ["job"]
+    date_hierarchy = "day"
+    ordering = ["-day", "job__name"]
+    show_full_result_count = False
+
+    @admin.display(description="Failures")
+    def failures(self, obj: JobDailyStats) -> int:
+        return obj.failures
+
+    @admin.display(description="Mean duration")
+    def mean_duration(self, obj: JobDailyStats) -> str | None:
+        if not obj.executed:
+            return None
+        return _format_duration(timedelta(seconds=obj.duration_total / obj.executed))
+
+    @admin.display(description="Max duration", ordering="duration_max")
+    def max_duration(self, obj: JobDailyStats) -> str | None:
+        return _format_duration(timedelta(seconds=obj.duration_max)) if obj.executed else None
+
+    @admin.display(description="Mean lateness")
+    def mean_lateness(self, obj: JobDailyStats) -> str | None:
+        if not obj.executed:
+            return None
+        return _format_duration(timedelta(seconds=obj.lateness_total / obj.executed))

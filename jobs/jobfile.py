@@ -23,6 +23,7 @@ from typing import Any
 import tomli_w
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.validators import EmailValidator, URLValidator
 from django.db import transaction
 from django.utils.text import slugify
 
@@ -49,13 +50,17 @@ KEYS = (
     "retry_backoff",
     "retry_max_delay",
     "queue",
+    "grace",
+    "alert_emails",
+    "alert_after",
+    "webhook_url",
     "env",
     "secret_env",
     "enabled",
 )
 STRING_KEYS = frozenset(
     {"name", "slug", "description", "owner", "kind", "command", "schedule", "timezone"}
-    | {"overlap", "queue", "catchup", "trigger"}
+    | {"overlap", "queue", "catchup", "trigger", "webhook_url"}
 )
 # Model field -> TOML key, where they differ.
 KEY_FOR_FIELD = {
@@ -76,6 +81,12 @@ _DURATION = re.compile(r"\s*(\d+)\s*([smh]?)\s*")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
 _REFERENCE_ONLY = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+# Shared with the admin form, so both accept and refuse the same addresses and URLs.
+validate_email = EmailValidator()
+# Alerts are POSTed as JSON: ftp:// (which URLField allows) cannot take them.
+validate_webhook_url = URLValidator(
+    schemes=["http", "https"], message="Enter an http:// or https:// URL."
+)
 
 
 class JobFileError(Exception):
@@ -196,6 +207,7 @@ def entry_fields(entry: Any, label: str) -> tuple[dict[str, Any], list[tuple[str
     durations, duration_problems = _durations(entry, label)
     problems += duration_problems
     problems += _retry_errors(entry, label)
+    problems += _alert_errors(entry, label)
     env = entry.get("env", {})
     secret_env = entry.get("secret_env", [])
     problems += [
@@ -232,6 +244,9 @@ def entry_fields(entry: Any, label: str) -> tuple[dict[str, Any], list[tuple[str
         "retry_backoff": entry.get("retry_backoff", _default("retry_backoff")),
         **durations,
         "queue": entry.get("queue", ""),
+        "alert_emails": [address.strip() for address in entry.get("alert_emails", [])],
+        "alert_after": entry.get("alert_after", _default("alert_after")),
+        "webhook_url": entry.get("webhook_url", "").strip(),
         "environment": dict(env),
         "secret_keys": list(secret_env),
         "enabled": entry.get("enabled", True),
@@ -259,7 +274,7 @@ def _type_errors(entry: dict[str, Any], label: str) -> list[str]:
     for key, value in entry.items():
         if key in STRING_KEYS and not isinstance(value, str):
             errors.append(f'{label}: "{key}" must be a string')
-    for key in ("tags", "secret_env", "depends_on"):
+    for key in ("tags", "secret_env", "depends_on", "alert_emails"):
         value = entry.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             errors.append(f'{label}: "{key}" must be a list of strings')
@@ -276,6 +291,8 @@ def _type_errors(entry: dict[str, Any], label: str) -> list[str]:
         errors.append(f'{label}: "enabled" must be true or false')
     if "retries" in entry and not _is_int(entry["retries"]):
         errors.append(f'{label}: "retries" must be a whole number, e.g. retries = 2')
+    if "alert_after" in entry and not _is_int(entry["alert_after"]):
+        errors.append(f'{label}: "alert_after" must be a whole number, e.g. alert_after = 2')
     backoff = entry.get("retry_backoff", 2)
     if not (_is_int(backoff) or isinstance(backoff, float)):
         errors.append(f'{label}: "retry_backoff" must be a number, e.g. retry_backoff = 2')
@@ -306,8 +323,11 @@ def _choice_errors(entry: dict[str, Any], label: str) -> list[tuple[str, str]]:
     return problems
 
 
-def _durations(entry: dict[str, Any], label: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """timeout, retry_delay and retry_max_delay in seconds, and their problems."""
+def _durations(
+    entry: dict[str, Any], label: str
+) -> tuple[dict[str, int | None], list[tuple[str, str]]]:
+    """timeout, retry_delay, retry_max_delay and grace in seconds (grace None
+    when left out: derived from the schedule), and their problems."""
     defaults = {
         "timeout": settings.JOBSITE_DEFAULT_TIMEOUT,
         "retry_delay": _default("retry_delay"),
@@ -320,10 +340,16 @@ def _durations(entry: dict[str, Any], label: str) -> tuple[dict[str, int], list[
         except ValueError as exc:
             problems.append((key, f"{label}: {key}: {exc}"))
             values[key] = default
-    for key in ("retry_delay", "retry_max_delay"):
-        if values[key] < 0:
+    values["grace"] = None
+    if "grace" in entry:
+        try:
+            values["grace"] = parse_duration(entry["grace"])
+        except ValueError as exc:
+            problems.append(("grace", f"{label}: grace: {exc}"))
+    for key, default in (*defaults.items(), ("grace", None)):
+        if key != "timeout" and values[key] is not None and values[key] < 0:
             problems.append((key, f"{label}: {key}: must not be negative"))
-            values[key] = defaults[key]
+            values[key] = default
     return values, problems
 
 
@@ -343,6 +369,44 @@ def _retry_errors(entry: dict[str, Any], label: str) -> list[tuple[str, str]]:
                 "(1 waits retry_delay every time; 2 doubles it each attempt)",
             )
         )
+    return problems
+
+
+def _alert_errors(entry: dict[str, Any], label: str) -> list[tuple[str, str]]:
+    """Each alert address a valid email address, once; alert_after at least 1;
+    the webhook an http(s) URL."""
+    problems = []
+    seen: set[str] = set()
+    for address in entry.get("alert_emails", []):
+        address = address.strip()
+        try:
+            validate_email(address)
+        except ValidationError:
+            problems.append(
+                ("alert_emails", f'{label}: alert_emails: "{address}" is not an email address')
+            )
+        if address.lower() in seen:
+            problems.append(("alert_emails", f'{label}: alert_emails names "{address}" twice'))
+        seen.add(address.lower())
+    if entry.get("alert_after", 1) < 1:
+        problems.append(
+            (
+                "alert_after",
+                f"{label}: alert_after: use a whole number of at least 1 "
+                "(1 alerts on the first failure)",
+            )
+        )
+    url = entry.get("webhook_url", "").strip()
+    if url:
+        try:
+            validate_webhook_url(url)
+        except ValidationError:
+            problems.append(
+                (
+                    "webhook_url",
+                    f'{label}: webhook_url: "{url}" is not an http:// or https:// URL',
+                )
+            )
     return problems
 
 
@@ -683,6 +747,10 @@ def job_entry(job: Job) -> tuple[dict[str, Any], list[str]]:
         else None,
         "retry_max_delay": _duration_unless_default(job, "retry_max_delay"),
         "queue": job.queue,
+        "grace": None if job.grace is None else format_duration(job.grace),
+        "alert_emails": list(job.alert_emails),
+        "alert_after": _unless_default(job, "alert_after"),
+        "webhook_url": job.webhook_url,
         "env": env,
         "secret_env": list(job.secret_keys),
         "enabled": None if job.enabled else False,

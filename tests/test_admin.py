@@ -8,12 +8,22 @@ from datetime import UTC, datetime
 
 import pytest
 from django.contrib.messages import get_messages
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
 from jobs import runlog, services
-from jobs.models import SECRET_MASK, Job, MissedFires, Run
+from jobs.models import (
+    SECRET_MASK,
+    AlertFlip,
+    Job,
+    JobDailyStats,
+    MissedFires,
+    Notification,
+    Run,
+)
 
 RUN_ONLY = ("jobs.view_job", "jobs.view_run", "jobs.run_job")
 VIEW_ONLY = ("jobs.view_job", "jobs.view_run")
@@ -345,6 +355,10 @@ def add_form(**overrides) -> dict[str, str]:
         "retry_backoff": "2.0",
         "retry_max_delay": "3600",
         "catchup": "latest",
+        "alert_emails": "",
+        "alert_after": "1",
+        "webhook_url": "",
+        "grace": "",
     }
     return {**data, **overrides}
 
@@ -366,6 +380,10 @@ def change_form(job: Job, **overrides) -> dict:
         catchup=job.catchup,
         description=job.description,
         upstreams=[str(up.pk) for up in job.upstreams.all()],
+        alert_emails="\n".join(job.alert_emails),
+        alert_after=str(job.alert_after),
+        webhook_url=job.webhook_url,
+        grace="" if job.grace is None else str(job.grace),
     )
     if job.trigger_on_upstream:
         data["trigger_on_upstream"] = "on"
@@ -388,6 +406,12 @@ def form_errors(response) -> dict[str, list[str]]:
         ("retry_backoff", "0.5", "The backoff factor must be at least 1"),
         ("retry_max_delay", "10", "at least the first delay (30 s)"),
         ("trigger_on_upstream", "on", "Choose at least one upstream job"),
+        ("alert_emails", "ops@example.com\noncall@", "Not an email address: “oncall@”"),
+        ("alert_emails", "ops@example, dba@example.com", "Not an email address: “ops@example”"),
+        ("alert_after", "0", "Alert after at least 1 failure"),
+        ("webhook_url", "ftp://hooks.example.com/x", "Enter an http:// or https:// URL."),
+        ("webhook_url", "http://", "Enter an http:// or https:// URL."),
+        ("grace", "-1", "greater than or equal to 0"),
     ],
 )
 def test_add_form_shows_the_validation_message_on_the_field(admin_client, field, value, message):
@@ -825,3 +849,221 @@ def test_superuser_can_still_delete_a_job_with_missed_fires(admin_client, make_j
     assert response.status_code == 302
     assert not Job.objects.exists()
     assert not MissedFires.objects.exists()
+
+
+# --- Alerts ---------------------------------------------------------------------------
+
+
+def test_add_form_saves_alert_settings(admin_client):
+    response = admin_client.post(
+        reverse("admin:jobs_job_add"),
+        add_form(
+            alert_emails="data-ops@example.com\n oncall@example.com, dba@example.com\n",
+            alert_after="3",
+            webhook_url="https://hooks.example.com/services/T0/B0/x",
+            grace="600",
+        ),
+    )
+
+    assert response.status_code == 302, form_errors(response)
+    job = Job.objects.get()
+    assert job.alert_emails == ["data-ops@example.com", "oncall@example.com", "dba@example.com"]
+    assert (job.alert_after, job.grace) == (3, 600)
+    assert job.webhook_url == "https://hooks.example.com/services/T0/B0/x"
+
+
+def test_change_form_shows_recipients_one_per_line_and_clears_them(admin_client, make_job):
+    job = make_job(alert_emails=["a@example.com", "b@example.com"], grace=300)
+
+    page = admin_client.get(job_url("change", job)).content.decode()
+    response = admin_client.post(
+        job_url("change", job), change_form(job, alert_emails="", grace="")
+    )
+
+    assert "a@example.com\nb@example.com</textarea>" in page
+    assert response.status_code == 302, form_errors(response)
+    job.refresh_from_db()
+    assert (job.alert_emails, job.grace) == ([], None)
+
+
+def test_a_bad_alert_address_on_edit_keeps_the_saved_recipients(admin_client, make_job):
+    job = make_job(alert_emails=["ops@example.com"])
+
+    response = admin_client.post(
+        job_url("change", job), change_form(job, alert_emails="ops@example.com\nnot-an-address")
+    )
+
+    assert response.status_code == 200
+    assert form_errors(response) == {"alert_emails": ["Not an email address: “not-an-address”."]}
+    job.refresh_from_db()
+    assert job.alert_emails == ["ops@example.com"]
+
+
+def test_job_page_shows_alert_state_failures_and_last_success(admin_client, make_job):
+    job = make_job(name="nightly", schedule="*/10 * * * *", alert_after=2)
+    since = datetime(2030, 5, 6, 7, 8, tzinfo=UTC)
+    Job.objects.filter(pk=job.pk).update(
+        alert_state=Job.AlertState.FAILING,
+        alert_state_since=since,
+        consecutive_failures=4,
+        last_success_at=datetime(2030, 5, 5, 23, 0, tzinfo=UTC),
+    )
+
+    response = admin_client.get(job_url("change", job))
+
+    text = response.content.decode()
+    assert "Alerts" in text
+    fields = response.context["adminform"].form.fields
+    assert {"alert_emails", "alert_after", "webhook_url", "grace"} <= set(fields)
+    assert ">Failing</strong> since" in text
+    assert "May 6, 2030" in text
+    assert "Consecutive failures" in text
+    assert '<div class="readonly">4</div>' in text
+    assert "May 5, 2030" in text  # last success
+    assert "5 min 0 s (derived: half the interval)" in text
+    assert f"/admin/jobs/alertflip/?job__id__exact={job.pk}" in text
+
+
+def test_job_list_shows_failing_and_stale_prominently_and_filters_by_alert_state(
+    admin_client, make_job
+):
+    failing, stale, ok = make_job(name="failing-job"), make_job(name="stale-job"), make_job()
+    Job.objects.filter(pk=failing.pk).update(alert_state=Job.AlertState.FAILING)
+    Job.objects.filter(pk=stale.pk).update(alert_state=Job.AlertState.STALE)
+    changelist = reverse("admin:jobs_job_changelist")
+
+    every = admin_client.get(changelist).content.decode()
+    only_stale = admin_client.get(changelist, {"alert_state__exact": "stale"})
+
+    assert every.count(">Failing</strong>") == 1
+    assert every.count(">Stale</strong>") == 1
+    assert [j.name for j in only_stale.context["cl"].result_list] == ["stale-job"]
+    assert ok.name in every
+
+
+def make_flip(job: Job, new: str, *, run: Run | None = None, notified: bool = True) -> AlertFlip:
+    at = datetime(2030, 1, 2, 3, 4, tzinfo=UTC)
+    return AlertFlip.objects.create(
+        job=job,
+        old_state=Job.AlertState.OK if new != Job.AlertState.OK else Job.AlertState.FAILING,
+        new_state=new,
+        at=at,
+        run=run,
+        reason=f"{job.name} went {new}",
+        notified_at=at if notified else None,
+    )
+
+
+def make_notification(job: Job, *, ok: bool = True, channel: str = "email") -> Notification:
+    return Notification.objects.create(
+        job=job,
+        kind=Notification.Kind.ALERT,
+        channel=channel,
+        target="ops@example.com" if channel == "email" else "https://hooks.example.com/x",
+        subject=f"[Jobsite] {job.name}: failing",
+        sent_at=datetime(2030, 1, 2, 3, 5, tzinfo=UTC),
+        ok=ok,
+        error="" if ok else "Connection refused",
+    )
+
+
+def make_stats(job: Job, day: int, **counts) -> JobDailyStats:
+    return JobDailyStats.objects.create(job=job, day=datetime(2030, 1, day).date(), **counts)
+
+
+def test_flip_admin_lists_changes_and_filters_by_new_state_and_job(admin_client, make_job):
+    nightly, hourly = make_job(name="nightly"), make_job(name="hourly")
+    run = make_run(nightly, Run.Status.FAILED)
+    make_flip(nightly, Job.AlertState.FAILING, run=run)
+    make_flip(hourly, Job.AlertState.STALE, notified=False)
+    changelist = reverse("admin:jobs_alertflip_changelist")
+
+    every = admin_client.get(changelist)
+    stale = admin_client.get(changelist, {"new_state__exact": "stale"})
+    by_job = admin_client.get(changelist, {"job__id__exact": nightly.pk})
+
+    text = every.content.decode()
+    assert every.status_code == 200
+    assert "nightly went failing" in text
+    assert "OK → <strong" in text
+    assert f'href="{run_url("change", run)}">#{run.pk}</a>' in text
+    assert [f.job.name for f in stale.context["cl"].result_list] == ["hourly"]
+    assert [f.job.name for f in by_job.context["cl"].result_list] == ["nightly"]
+
+
+def test_notification_admin_lists_sends_with_their_result_and_filters_failures(
+    admin_client, make_job
+):
+    job = make_job(name="nightly")
+    make_notification(job, ok=True)
+    make_notification(job, ok=False, channel="webhook")
+    changelist = reverse("admin:jobs_notification_changelist")
+
+    every = admin_client.get(changelist)
+    failed = admin_client.get(changelist, {"ok__exact": "0"})
+
+    text = every.content.decode()
+    assert "ops@example.com" in text
+    assert "Connection refused" in text
+    assert [(n.channel, n.error) for n in failed.context["cl"].result_list] == [
+        ("webhook", "Connection refused")
+    ]
+
+
+def test_daily_stats_admin_lists_days_with_failures(admin_client, make_job):
+    job = make_job(name="nightly")
+    make_stats(job, 1, succeeded=5, failed=2, timed_out=1, executed=8, duration_total=80.0)
+    make_stats(job, 2, succeeded=1, executed=1, duration_total=3.5, duration_max=3.5)
+
+    response = admin_client.get(reverse("admin:jobs_jobdailystats_changelist"))
+
+    rows = response.context["cl"].result_list
+    assert [(r.day.day, r.succeeded, r.failures) for r in rows] == [(2, 1, 0), (1, 5, 3)]
+    text = response.content.decode()
+    assert "10.0 s" in text  # mean duration of day 1: 80 s over 8 runs
+    assert "3.5 s" in text
+
+
+@pytest.mark.parametrize("model", ["alertflip", "notification", "jobdailystats"])
+def test_alert_history_is_read_only_even_for_a_superuser(admin_client, make_job, model):
+    job = make_job()
+    row = {
+        "alertflip": lambda: make_flip(job, Job.AlertState.FAILING),
+        "notification": lambda: make_notification(job),
+        "jobdailystats": lambda: make_stats(job, 1, succeeded=1),
+    }[model]()
+    change = reverse(f"admin:jobs_{model}_change", args=[row.pk])
+
+    assert admin_client.get(reverse(f"admin:jobs_{model}_add")).status_code == 403
+    assert admin_client.post(change, {"reason": "edited", "target": "x"}).status_code == 403
+    page = admin_client.get(change)
+    assert page.status_code == 200
+    assert 'name="_save"' not in page.content.decode()
+
+
+def _changelist_queries(client: Client, url: str) -> int:
+    with CaptureQueriesContext(connection) as queries:
+        assert client.get(url).status_code == 200
+    return len(queries)
+
+
+@pytest.mark.parametrize("model", ["alertflip", "notification", "jobdailystats"])
+def test_alert_history_changelist_query_count_does_not_grow_with_rows(
+    admin_client, make_job, model
+):
+    url = reverse(f"admin:jobs_{model}_changelist")
+
+    def add_rows(start: int, count: int) -> None:
+        for n in range(start, start + count):
+            job = make_job(name=f"{model}-{n}")
+            run = make_run(job, Run.Status.FAILED)
+            make_flip(job, Job.AlertState.FAILING, run=run)
+            make_notification(job)
+            make_stats(job, 1 + n % 28, succeeded=1, executed=1, duration_total=1.0)
+
+    add_rows(0, 2)
+    few = _changelist_queries(admin_client, url)
+    add_rows(2, 20)
+    many = _changelist_queries(admin_client, url)
+
+    assert many == few

@@ -197,6 +197,36 @@ def test_misspelt_key_suggests_the_right_one(db, tmp_path):
             'job "nightly": unknown trigger "schedule"; the only trigger is "upstream"',
         ),
         ('secret_env = ["TOKEN"]', 'job "nightly": secret_env names "TOKEN", which is not in env'),
+        ('grace = "half an hour"', "job \"nightly\": grace: 'half an hour' is not a duration"),
+        ("grace = -60", 'job "nightly": grace: must not be negative'),
+        (
+            'alert_emails = ["ops@example.com", "oncall@"]',
+            'job "nightly": alert_emails: "oncall@" is not an email address',
+        ),
+        (
+            'alert_emails = ["ops at example.com"]',
+            'job "nightly": alert_emails: "ops at example.com" is not an email address',
+        ),
+        ('alert_emails = "ops@example.com"', 'job "nightly": "alert_emails" must be a list'),
+        (
+            'alert_emails = ["ops@example.com", "OPS@example.com"]',
+            'job "nightly": alert_emails names "OPS@example.com" twice',
+        ),
+        ("alert_after = 0", 'job "nightly": alert_after: use a whole number of at least 1'),
+        ("alert_after = -2", 'job "nightly": alert_after: use a whole number of at least 1'),
+        ('alert_after = "2"', 'job "nightly": "alert_after" must be a whole number'),
+        ("alert_after = 1.5", 'job "nightly": "alert_after" must be a whole number'),
+        (
+            'webhook_url = "ftp://hooks.example.com/x"',
+            'job "nightly": webhook_url: "ftp://hooks.example.com/x" is not an http:// or '
+            "https:// URL",
+        ),
+        (
+            'webhook_url = "hooks.example.com/x"',
+            'job "nightly": webhook_url: "hooks.example.com/x" is not an http:// or https:// URL',
+        ),
+        ("webhook_url = 443", 'job "nightly": "webhook_url" must be a string'),
+        ('alert_email = ["ops@example.com"]', 'unknown key "alert_email" (did you mean'),
     ],
 )
 def test_an_invalid_value_is_an_error_naming_the_job_and_writes_nothing(
@@ -356,6 +386,108 @@ def test_left_out_reliability_keys_take_the_defaults(db, tmp_path):
     job = Job.objects.get()
     assert (job.overlap, job.catchup, job.retries) == ("skip", "latest", 0)
     assert (job.retry_delay, job.retry_backoff, job.retry_max_delay) == (30, 2.0, 3600)
+
+
+# --- Alert settings ---------------------------------------------------------------------
+
+
+def test_loadjobs_sets_grace_alert_recipients_threshold_and_webhook(db, tmp_path):
+    path = write(
+        tmp_path,
+        job_toml(
+            "nightly",
+            'schedule = "15 2 * * *"',
+            'grace = "30m"',
+            'alert_emails = ["data-ops@example.com", " oncall@example.com "]',
+            "alert_after = 2",
+            'webhook_url = "https://hooks.example.com/services/T0/B0/x"',
+        ),
+    )
+
+    code, out, err = loadjobs(path)
+
+    assert code == 0, err
+    job = Job.objects.get()
+    assert job.grace == 30 * 60
+    assert job.alert_emails == ["data-ops@example.com", "oncall@example.com"]
+    assert job.alert_after == 2
+    assert job.webhook_url == "https://hooks.example.com/services/T0/B0/x"
+
+
+def test_grace_in_plain_seconds_and_zero_load(db, tmp_path):
+    path = write(tmp_path, job_toml("a", "grace = 90") + job_toml("b", "grace = 0"))
+
+    code, _out, err = loadjobs(path)
+
+    assert code == 0, err
+    assert dict(Job.objects.values_list("name", "grace")) == {"a": 90, "b": 0}
+
+
+def test_left_out_alert_keys_take_the_defaults(db, tmp_path):
+    path = write(
+        tmp_path,
+        job_toml(
+            "nightly",
+            'grace = "5m"',
+            'alert_emails = ["ops@example.com"]',
+            "alert_after = 3",
+            'webhook_url = "http://127.0.0.1:9000/hook"',
+        ),
+    )
+    loadjobs(path)
+    write(tmp_path, job_toml("nightly"))
+
+    code, out, _err = loadjobs(path)
+
+    assert code == 0
+    assert "nightly (grace, alert_emails, alert_after, webhook_url)" in out
+    job = Job.objects.get()
+    assert (job.grace, job.alert_emails, job.alert_after, job.webhook_url) == (None, [], 1, "")
+
+
+def test_loading_alert_settings_twice_changes_nothing(db, tmp_path):
+    path = write(
+        tmp_path,
+        job_toml(
+            "nightly", 'grace = "1h"', 'alert_emails = ["ops@example.com"]', "alert_after = 2"
+        ),
+    )
+    loadjobs(path)
+    before = Job.objects.get().updated_at
+
+    with time_machine.travel(timezone.now() + timedelta(hours=1)):
+        code, out, _err = loadjobs(path)
+
+    assert code == 0
+    assert "0 created, 0 updated, 1 unchanged" in out
+    assert Job.objects.get().updated_at == before
+
+
+def test_a_changed_alert_recipient_updates_only_that_key(db, tmp_path):
+    path = write(tmp_path, job_toml("nightly", 'alert_emails = ["ops@example.com"]'))
+    loadjobs(path)
+    write(tmp_path, job_toml("nightly", 'alert_emails = ["ops@example.com", "dba@example.com"]'))
+
+    code, out, _err = loadjobs(path)
+
+    assert code == 0
+    assert "nightly (alert_emails)" in out
+    assert Job.objects.get().alert_emails == ["ops@example.com", "dba@example.com"]
+
+
+def test_a_bad_alert_address_names_the_job_and_the_address_and_writes_nothing(db, tmp_path):
+    path = write(
+        tmp_path,
+        job_toml("fine", 'alert_emails = ["ok@example.com"]')
+        + job_toml("nightly", 'alert_emails = ["ok@example.com", "oncall@@example.com"]'),
+    )
+
+    code, _out, err = loadjobs(path)
+
+    assert code == 2
+    assert 'job "nightly": alert_emails: "oncall@@example.com" is not an email address' in err
+    assert "fine" not in err
+    assert not Job.objects.exists()
 
 
 @pytest.mark.parametrize("overlap", ["skip", "queue", "allow", "replace"])
@@ -651,6 +783,61 @@ def test_dumpjobs_then_loadjobs_with_upstreams_and_retries_changes_nothing(make_
     assert upstream_names("report") == ["extract", "load"]
 
 
+def test_dumpjobs_writes_alert_settings(make_job):
+    make_job(
+        name="nightly",
+        command="true",
+        timeout=3600,
+        grace=1800,
+        alert_emails=["data-ops@example.com", "oncall@example.com"],
+        alert_after=2,
+        webhook_url="https://hooks.example.com/x",
+    )
+    make_job(name="zero-grace", command="true", timeout=3600, grace=0)
+
+    out, _err = dumpjobs()
+
+    assert tomllib.loads(out)["job"] == [
+        {
+            "name": "nightly",
+            "command": "true",
+            "grace": "30m",
+            "alert_emails": ["data-ops@example.com", "oncall@example.com"],
+            "alert_after": 2,
+            "webhook_url": "https://hooks.example.com/x",
+        },
+        # 0 is a grace that was set (stale as soon as a fire is missed), not the default.
+        {"name": "zero-grace", "command": "true", "grace": "0s"},
+    ]
+
+
+def test_dumpjobs_then_loadjobs_with_alert_settings_changes_nothing(make_job, tmp_path):
+    make_job(
+        name="nightly",
+        schedule="15 2 * * *",
+        grace=90,
+        alert_emails=["data-ops@example.com"],
+        alert_after=5,
+        webhook_url="http://127.0.0.1:9000/hook?channel=ops",
+    )
+    make_job(name="zero-grace", grace=0)
+    make_job(name="derived")
+    before = dict(Job.objects.values_list("name", "updated_at"))
+    path = tmp_path / "dump.toml"
+
+    dumpjobs("--output", path)
+    code, out, _err = loadjobs(path)
+
+    assert code == 0
+    assert "0 created, 0 updated, 3 unchanged, 0 pruned" in out
+    assert dict(Job.objects.values_list("name", "updated_at")) == before
+    assert dict(Job.objects.values_list("name", "grace")) == {
+        "nightly": 90,
+        "zero-grace": 0,
+        "derived": None,
+    }
+
+
 def test_dumpjobs_warns_about_an_upstream_trigger_without_upstreams(make_job):
     make_job(name="orphan", trigger_on_upstream=True)
 
@@ -682,3 +869,14 @@ def test_other_durations_are_refused(value):
 def test_durations_are_written_in_the_largest_whole_unit(seconds, text):
     assert format_duration(seconds) == text
     assert parse_duration(text) == seconds
+
+
+def test_the_demo_file_loads_with_an_alerting_flaky_job(db):
+    demo = Path(__file__).resolve().parent.parent / "jobs" / "demo_jobs.toml"
+
+    code, _out, err = loadjobs(demo)
+
+    assert code == 0, err
+    flaky = Job.objects.get(slug="flaky-export")
+    assert (flaky.alert_emails, flaky.alert_after) == (["oncall@example.com"], 2)
+    assert Job.objects.exclude(slug="flaky-export").filter(alert_emails=[]).count() == 4
