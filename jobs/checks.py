@@ -34,3 +34,16 @@ def check_django_q(app_configs, **kwargs):
             )
         )
     return problems
+
+
+@register()
+def check_digest_time(app_configs, **kwargs):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from jobs import digests
+
+    try:
+        digests.digest_clock()
+    except ImproperlyConfigured as exc:
+        return [Error(str(exc), hint="Use HH:MM, e.g. 08:00, or empty.", id="jobs.E002")]
+    return []

@@ -183,8 +183,19 @@ def tick(*, now: datetime | None = None) -> list[Run]:
         swept["notifications resent"] = alerts.resend_unnotified(now=now)
         if any(swept.values()):
             log.info("sweep: %s", swept)
+    _send_due_digests(now)
     cache.set(TICK_KEY, now.isoformat(), timeout=None)
     return runs
+
+
+def _send_due_digests(now: datetime) -> None:
+    """The built-in daily digest; a mail problem must not stop the clock."""
+    from jobs import digests
+
+    try:
+        digests.send_due_digests(now=now)
+    except Exception:
+        log.exception("sending the daily digest failed")
 
 
 def sleep_seconds(*, now: datetime, max_sleep: float) -> float:

@@ -7,6 +7,7 @@ connects it to runs.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import selectors
@@ -107,6 +108,8 @@ def run_process(
     on_start: Callable[[int], None],
     on_output: Callable[[bytes], None],
     on_tick: Callable[[], bool],
+    on_progress: Callable[[dict], None] | None = None,
+    cwd: str | None = None,
     tick_seconds: float = 0.2,
 ) -> Outcome:
     """Run argv in a new session and stream its output until it and its group are gone.
@@ -120,21 +123,33 @@ def run_process(
     5. When the child exits, whatever it left in its group is killed too:
        nothing a job spawns outlives its run.
     """
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=dict(env),
-        start_new_session=True,
-        preexec_fn=_die_with_parent,
-    )
+    env = dict(env)
+    progress = _ProgressPipe(on_progress) if on_progress else None
+    if progress:
+        env["JOBSITE_PROGRESS_FD"] = str(progress.write_fd)
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+            pass_fds=(progress.write_fd,) if progress else (),
+        )
+    finally:
+        if progress:
+            progress.close_write_end()
     pgid = proc.pid
     on_start(pgid)
     fd = proc.stdout.fileno()
     os.set_blocking(fd, False)
     selector = selectors.DefaultSelector()
     selector.register(fd, selectors.EVENT_READ)
+    if progress:
+        selector.register(progress.read_fd, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
     stop_reason = ""  # "timeout" or "cancel"
     terminated_at: float | None = None
@@ -142,8 +157,12 @@ def run_process(
     eof = False
     try:
         while not eof:
-            for _key, _events in selector.select(tick_seconds):
-                eof = _read_available(fd, on_output)
+            for key, _events in selector.select(tick_seconds):
+                if progress and key.fd == progress.read_fd:
+                    if progress.read():
+                        selector.unregister(progress.read_fd)
+                else:
+                    eof = _read_available(fd, on_output)
             now = time.monotonic()
             if not stop_reason:
                 if on_tick():
@@ -165,6 +184,9 @@ def run_process(
     finally:
         selector.close()
         proc.stdout.close()
+        if progress:
+            progress.read()
+            progress.close()
         if proc.poll() is None:
             kill_group(pgid, signal.SIGKILL)
         proc.wait()
@@ -174,6 +196,46 @@ def run_process(
         timed_out=stop_reason == "timeout",
         cancelled=stop_reason == "cancel",
     )
+
+
+class _ProgressPipe:
+    """A pipe the child writes JSON lines to ($JOBSITE_PROGRESS_FD)."""
+
+    def __init__(self, on_progress: Callable[[dict], None]) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        self.on_progress = on_progress
+        self.partial = b""
+        self.closed = False
+
+    def close_write_end(self) -> None:
+        os.close(self.write_fd)
+
+    def read(self) -> bool:
+        """Handle complete lines; True at end of file."""
+        if self.closed:
+            return True
+        while True:
+            try:
+                data = os.read(self.read_fd, 65536)
+            except BlockingIOError:
+                return False
+            if not data:
+                return True
+            *lines, self.partial = (self.partial + data).split(b"\n")
+            for line in lines:
+                try:
+                    payload = json.loads(line)
+                except ValueError:
+                    continue  # not JSON: ignore, the job goes on
+                if isinstance(payload, dict):
+                    self.on_progress(payload)
+            self.partial = self.partial[-65536:]
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.read_fd)
+            self.closed = True
 
 
 def _read_available(fd: int, on_output: Callable[[bytes], None]) -> bool:

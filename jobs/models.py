@@ -31,6 +31,8 @@ class Stale:
 class Job(models.Model):
     class Kind(models.TextChoices):
         SHELL = "shell", "Shell command"
+        PYTHON = "python", "Python callable"
+        SQL = "sql", "SQL script"
 
     class Overlap(models.TextChoices):
         SKIP = "skip", "Skip: record a skipped run while one is queued or running"
@@ -50,7 +52,49 @@ class Job(models.Model):
     tags = models.CharField(max_length=500, blank=True, help_text="Comma-separated.")
 
     kind = models.CharField(max_length=20, choices=Kind.choices, default=Kind.SHELL)
-    command = models.TextField(help_text="Run by /bin/sh -c in its own process group.")
+    command = models.TextField(
+        blank=True, help_text="Shell jobs: run by /bin/sh -c in its own process group."
+    )
+    callable = models.CharField(
+        max_length=300,
+        blank=True,
+        help_text='Python jobs: dotted path, e.g. "myteam.jobs.refresh".',
+    )
+    kwargs = models.JSONField(
+        default=dict, blank=True, help_text='Python jobs: keyword arguments, e.g. {"days": 7}.'
+    )
+    database = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="SQL jobs: a DATABASES alias, or the name of an environment variable "
+        "holding a database URL (e.g. WAREHOUSE_URL).",
+    )
+    sql = models.TextField(
+        blank=True,
+        help_text="SQL jobs: statements run in one session; the last one's rows become a CSV.",
+    )
+    statement_timeout = models.PositiveIntegerField(
+        null=True, blank=True, help_text="SQL jobs: seconds per statement (empty: the timeout)."
+    )
+    deliver_url = models.CharField(
+        max_length=500,
+        blank=True,
+        help_text="Upload the run's files after success: ftp://user@host[:port]/dir "
+        "or ftps://… (no password here).",
+    )
+    deliver_password = models.CharField(
+        max_length=300,
+        blank=True,
+        help_text="Use a reference like ${FTP_PASSWORD}: the value stays in the server's "
+        "environment. Never shown.",
+    )
+    deliver_passive = models.BooleanField(default=True, help_text="Passive mode FTP.")
+    deliver_timeout = models.PositiveIntegerField(
+        default=30, help_text="Seconds to connect and per transfer operation."
+    )
+    deliver_retries = models.PositiveSmallIntegerField(
+        default=2, help_text="Extra upload attempts after a failure."
+    )
     environment = models.JSONField(
         default=dict,
         blank=True,
@@ -197,8 +241,7 @@ class Job(models.Model):
             isinstance(k, str) for k in self.secret_keys
         ):
             errors["secret_keys"] = 'Use a JSON list of key names, e.g. ["TOKEN"].'
-        if not self.command.strip():
-            errors["command"] = "The command is empty."
+        errors.update(self._kind_errors())
         if self.retries is not None and self.retries > MAX_RETRIES:
             errors["retries"] = (
                 f"At most {MAX_RETRIES} retries; a job failing more often than that needs "
@@ -240,6 +283,12 @@ class Job(models.Model):
     def masked_environment(self) -> dict[str, str]:
         secret = set(self.secret_keys)
         return {k: (SECRET_MASK if k in secret else v) for k, v in self.environment.items()}
+
+    def _kind_errors(self) -> dict[str, str]:
+        """What the job's kind needs, with messages naming the field."""
+        from jobs import kinds
+
+        return kinds.definition_errors(self)
 
     def effective_grace(self, now: datetime) -> timedelta:
         """The job's grace, or half its interval clamped to [1 min, 1 h]."""
@@ -366,6 +415,13 @@ class Run(models.Model):
     log_bytes = models.BigIntegerField(default=0, help_text="Bytes of output produced.")
     log_dropped_bytes = models.BigIntegerField(default=0, help_text="Bytes dropped by the cap.")
 
+    # What the job reported (jobs.context.report_progress, or JSON lines on
+    # $JOBSITE_PROGRESS_FD), and for SQL jobs the rows written to the CSV.
+    progress_done = models.BigIntegerField(null=True, blank=True)
+    progress_total = models.BigIntegerField(null=True, blank=True)
+    progress_message = models.CharField(max_length=300, blank=True)
+    rows = models.BigIntegerField(null=True, blank=True, help_text="SQL jobs: rows exported.")
+
     class Meta:
         ordering = ["-id"]
         constraints = [
@@ -394,6 +450,18 @@ class Run(models.Model):
             ),
             # Job page history filtered by status: WHERE job_id=? AND status=? ORDER BY id DESC.
             models.Index(fields=["job", "status", "-id"], name="run_job_status_recent_idx"),
+            # /failures/: WHERE status IN (failed, timed_out, lost) ORDER BY id DESC.
+            models.Index(
+                fields=["-id"],
+                condition=Q(status__in=["failed", "timed_out", "lost"]),
+                name="run_failure_recent_idx",
+            ),
+            # /failures/?job=: the same for one job.
+            models.Index(
+                fields=["job", "-id"],
+                condition=Q(status__in=["failed", "timed_out", "lost"]),
+                name="run_job_failure_recent_idx",
+            ),
             # Upstream gating: a job's run that finished last.
             models.Index(fields=["job", "-finished_at"], name="run_job_finished_idx"),
             # Sweeper: "running runs whose heartbeat is older than the lease".
@@ -569,6 +637,34 @@ class JobDailyStats(models.Model):
     def finished(self) -> int:
         """Runs that count for the success rate: succeeded or failed."""
         return self.succeeded + self.failures
+
+
+def _artifact_path(artifact: Artifact, filename: str) -> str:
+    return f"artifacts/{artifact.run.job.slug}/{artifact.run_id}/{filename}"
+
+
+class Artifact(models.Model):
+    """A file a run produced (the SQL CSV, files written to
+    $JOBSITE_ARTIFACTS_DIR), stored in the default storage."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="artifacts")
+    name = models.CharField(max_length=300)
+    file = models.FileField(upload_to=_artifact_path, max_length=500)
+    size = models.BigIntegerField()
+    created_at = models.DateTimeField()
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["run", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "name"], name="one_artifact_name_per_run")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} (run {self.run_id})"
+
+    def get_absolute_url(self) -> str:
+        return reverse("jobs-artifact-download", args=[self.run_id, self.pk])
 
 
 class RunLogChunk(models.Model):

@@ -61,6 +61,7 @@ class RunLogWriter:
         self.last_flush = time.monotonic()
         self.unsaved_dropped = 0
         self.closing = False
+        self.last_line = ""
 
     def feed(self, data: bytes) -> None:
         self.produced += len(data)
@@ -91,6 +92,9 @@ class RunLogWriter:
             text = text.replace(secret, SECRET_MASK)
         if self.echo:
             self.echo(text)
+        lines = [line for line in text.splitlines() if line.strip()]
+        if lines:
+            self.last_line = lines[-1].strip()[:500]
         self.pending.append(text)
         self.pending_size += len(text)
 

@@ -13,15 +13,19 @@ a second scheduler or a racing sweeper finds nothing to do.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -29,7 +33,7 @@ from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from jobs import alerts, execution, stats
+from jobs import alerts, artifacts, delivery, execution, kinds, stats
 from jobs.models import SECRET_MASK, Job, Run
 from jobs.runlog import RunLogWriter
 
@@ -348,52 +352,155 @@ def masked(env: dict[str, str], secret_keys: list[str]) -> dict[str, str]:
 
 
 def run_execute(run: Run, *, echo: Callable[[str], None] | None = None) -> Run:
-    """Run a claimed run's command to the end and record the outcome."""
+    """Run a claimed run's job to the end and record the outcome.
+
+    1. Resolve the environment and secrets (a missing ${NAME} fails the run
+       before anything starts), make the run's scratch directory.
+    2. Run the kind's child process: output to the log, progress to the run.
+    3. Collect $JOBSITE_ARTIFACTS_DIR, judge the outcome, deliver on success.
+    """
     job = run.job
+    workdir = Path(tempfile.mkdtemp(prefix=f"jobsite-run-{run.pk}-", dir=settings.JOBSITE_WORK_DIR))
     try:
-        env = child_environment(run)
-    except execution.UnresolvedReference as exc:
-        run_finish(run=run, status=Run.Status.FAILED, summary=f"Not started: {exc}")
+        try:
+            env, secrets, password = _resolve(run, workdir)
+            child = kinds.child_for(run, workdir=workdir, server_env=dict(os.environ))
+        except (execution.UnresolvedReference, kinds.KindError) as exc:
+            run_finish(run=run, status=Run.Status.FAILED, summary=f"Not started: {exc}")
+            return _reload(run)
+        Run.objects.filter(pk=run.pk).update(
+            command=_what_runs(job), environment=masked(env, job.secret_keys)
+        )
+        writer = RunLogWriter(run, redact=secrets, echo=echo)
+        status, summary, returncode = _supervise(run, child, env, writer)
+        artifacts_stored = _retrying_database(lambda: artifacts.collect(run, workdir / "artifacts"))
+        if status == Run.Status.SUCCEEDED and job.deliver_url:
+            status, summary = _deliver(job, artifacts_stored or [], password, writer)
+        _retrying_database(
+            lambda: writer.close(f"[jobsite] {summary}" if status != Run.Status.SUCCEEDED else "")
+        )
+        _retrying_database(
+            lambda: run_finish(run=run, status=status, exit_code=returncode, summary=summary)
+        )
         return _reload(run)
-    Run.objects.filter(pk=run.pk).update(
-        command=job.command, environment=masked(env, job.secret_keys)
-    )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _resolve(run: Run, workdir: Path) -> tuple[dict[str, str], list[str], str]:
+    """(child environment, secret values to redact, delivery password)."""
+    job = run.job
+    env = child_environment(run)
+    (workdir / "artifacts").mkdir()
+    env["JOBSITE_ARTIFACTS_DIR"] = str(workdir / "artifacts")
     secrets = [env[k] for k in job.secret_keys if k in env]
-    writer = RunLogWriter(run, redact=secrets, echo=echo)
+    password = ""
+    if job.deliver_url:
+        if not job.deliver_password:
+            raise kinds.KindError("the delivery has no password (use ${NAME})")
+        password = execution.resolve_references(
+            {"delivery password": job.deliver_password}, os.environ
+        )["delivery password"]
+        secrets.append(password)
+    return env, secrets, password
+
+
+def _what_runs(job: Job) -> str:
+    if job.kind == Job.Kind.PYTHON:
+        return f"{job.callable}(**{json.dumps(job.kwargs)})"
+    if job.kind == Job.Kind.SQL:
+        return f"-- on {job.database}\n{job.sql}"
+    return job.command
+
+
+def _supervise(
+    run: Run, child: kinds.Child, env: dict[str, str], writer: RunLogWriter
+) -> tuple[str, str, int | None]:
+    """Run the child to its end: (status, summary, return code)."""
     watch = _Watch(run)
+    progress = _Progress(run)
     try:
         outcome = execution.run_process(
-            ["/bin/sh", "-c", job.command],
-            env=env,
-            timeout=job.timeout,
+            child.argv,
+            env=env | child.env,
+            timeout=run.job.timeout,
             kill_grace=settings.JOBSITE_KILL_GRACE,
             on_start=lambda pgid: Run.objects.filter(pk=run.pk).update(pid=pgid),
             on_output=writer.feed,
-            on_tick=lambda: writer.tick() or watch.should_stop(),
+            on_tick=lambda: writer.tick() or progress.flush() or watch.should_stop(),
+            on_progress=progress.update,
         )
     except Exception as exc:
         log.exception("run %s: execution failed", run.pk)
-        writer.close(f"[jobsite] execution failed: {exc}")
-        run_finish(run=run, status=Run.Status.FAILED, summary=f"Jobsite error: {exc}")
-        return _reload(run)
-    status, summary = _judge(outcome, job, watch)
-    _retrying_database(
-        lambda: writer.close(f"[jobsite] {summary}" if status != Run.Status.SUCCEEDED else "")
-    )
-    _retrying_database(
-        lambda: run_finish(run=run, status=status, exit_code=outcome.returncode, summary=summary)
-    )
-    return _reload(run)
+        writer.feed(f"[jobsite] execution failed: {exc}\n".encode())
+        return Run.Status.FAILED, f"Jobsite error: {exc}", None
+    _retrying_database(lambda: progress.flush(force=True))
+    status, summary = _judge(outcome, run.job, watch, writer)
+    return status, summary, outcome.returncode
 
 
-def _retrying_database(action: Callable[[], object], *, seconds: float = 120.0) -> None:
+class _Progress:
+    """The latest progress a job reported; written to the run at most once a second."""
+
+    def __init__(self, run: Run) -> None:
+        self.run_id = run.pk
+        self.pending: dict = {}
+        self.last = 0.0
+
+    def update(self, payload: dict) -> None:
+        for key, field in (
+            ("done", "progress_done"),
+            ("total", "progress_total"),
+            ("message", "progress_message"),
+            ("rows", "rows"),
+        ):
+            value = payload.get(key)
+            if key == "message" and value is not None:
+                self.pending[field] = str(value)[:300]
+            elif isinstance(value, int) and not isinstance(value, bool):
+                self.pending[field] = value
+
+    def flush(self, force: bool = False) -> None:
+        if not self.pending or (not force and time.monotonic() - self.last < 1.0):
+            return
+        self.last = time.monotonic()
+        try:
+            Run.objects.filter(pk=self.run_id).update(**self.pending)
+        except DatabaseError:
+            if force:
+                raise
+            return  # try again next time
+        self.pending = {}
+
+
+def _deliver(job: Job, stored: list, password: str, writer: RunLogWriter) -> tuple[str, str]:
+    if not stored:
+        writer.feed(b"[jobsite] nothing to upload: the run produced no files\n")
+        return Run.Status.SUCCEEDED, ""
+    destination = delivery.Destination.from_url(
+        job.deliver_url,
+        password=password,
+        passive=job.deliver_passive,
+        timeout=job.deliver_timeout,
+    )
+
+    def note(line: str) -> None:
+        writer.feed(f"{line}\n".encode())
+
+    try:
+        delivery.deliver(stored, destination, retries=job.deliver_retries, log=note)
+    except delivery.DeliveryError as exc:
+        return Run.Status.FAILED, str(exc)
+    return Run.Status.SUCCEEDED, ""
+
+
+def _retrying_database(action: Callable[[], object], *, seconds: float = 120.0):
     """Do `action`, retrying while the database is away (a restart), so a
     finished run's outcome is not lost to a short outage."""
     deadline = time.monotonic() + seconds
     while True:
         try:
-            action()
-            return
+            return action()
         except DatabaseError as exc:
             if time.monotonic() > deadline or connection.in_atomic_block:
                 raise
@@ -448,7 +555,9 @@ class _Watch:
         return False
 
 
-def _judge(outcome: execution.Outcome, job: Job, watch: _Watch) -> tuple[str, str]:
+def _judge(
+    outcome: execution.Outcome, job: Job, watch: _Watch, writer: RunLogWriter
+) -> tuple[str, str]:
     if outcome.timed_out:
         return Run.Status.TIMED_OUT, (
             f"Timed out after {job.timeout}s: process group sent SIGTERM, "
@@ -460,6 +569,9 @@ def _judge(outcome: execution.Outcome, job: Job, watch: _Watch) -> tuple[str, st
         return Run.Status.SUCCEEDED, ""
     if outcome.signal_name:
         return Run.Status.FAILED, f"Killed by {outcome.signal_name}"
+    if job.kind != Job.Kind.SHELL and writer.last_line:
+        # A Python traceback's or the SQL runner's last line says what went wrong.
+        return Run.Status.FAILED, writer.last_line
     return Run.Status.FAILED, f"Exit code {outcome.returncode}"
 
 

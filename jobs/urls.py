@@ -6,7 +6,6 @@ from jobs import views
 
 urlpatterns = [
     path("", views.overview, name="jobs-overview"),
-    path("health/", views.health, name="jobs-health"),
     path("stale/", views.stale, name="jobs-stale"),
     path("failures/", views.failures, name="jobs-failures"),
     path("jobs/<slug:slug>/", views.job_detail, name="jobs-job-detail"),

@@ -15,14 +15,12 @@ from datetime import datetime
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
-from django.db import connection
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import (
     HttpRequest,
     HttpResponse,
     HttpResponseBadRequest,
-    JsonResponse,
     StreamingHttpResponse,
 )
 from django.shortcuts import get_object_or_404, redirect, render
@@ -43,15 +41,6 @@ NEXT_FIRES = 5
 # The stored log is already bounded (head + tail caps); this only guards the
 # page against a cap configured far larger.
 INLINE_LOG_CHARS = 1024 * 1024
-
-
-def health(request: HttpRequest) -> JsonResponse:
-    try:
-        connection.ensure_connection()
-        ok = True
-    except Exception:
-        ok = False
-    return JsonResponse({"database": ok}, status=200 if ok else 503)
 
 
 # --- Overview ------------------------------------------------------------------

@@ -134,6 +134,14 @@ JOBSITE_SWEEP_SECONDS = env.float("JOBSITE_SWEEP_SECONDS", default=5.0)
 # scheduler was running); the job's catch-up policy decides what happens.
 JOBSITE_MISFIRE_GRACE = env.int("JOBSITE_MISFIRE_GRACE", default=60)
 JOBSITE_CATCHUP_MAX = env.int("JOBSITE_CATCHUP_MAX", default=100)
+# Python jobs import their callables with these on sys.path (after the
+# project's own directory), e.g. "/srv/myteam".
+JOBSITE_PYTHONPATH = env.list("JOBSITE_PYTHONPATH", default=[])
+# Where runs get their scratch directory ($JOBSITE_ARTIFACTS_DIR lives there).
+JOBSITE_WORK_DIR = env.str("JOBSITE_WORK_DIR", default="") or None
+MEDIA_ROOT = env.str("MEDIA_ROOT", default=str(BASE_DIR / "media"))
+MEDIA_URL = "media/"
+
 # --- Being told: alerts, digests, health, metrics -----------------------------
 # A global webhook for every alert (in addition to each job's own), JSON POST
 # with a Slack-compatible "text" field.
@@ -183,6 +191,8 @@ else:
 
 vars().update(env.email_url("EMAIL_URL", default="consolemail://"))
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="jobsite@localhost")
+# Without a timeout a mail server that accepts and never answers blocks a worker.
+EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=30)
 
 # --- Auth, i18n, static -------------------------------------------------------
 

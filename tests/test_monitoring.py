@@ -19,8 +19,6 @@ from jobs.clock import TICK_KEY
 from jobs.models import Job, JobDailyStats, Run
 from tests.conftest import wait_for
 
-pytestmark = pytest.mark.urls("tests.monitoring_test_urls")
-
 quiet = {"echo": lambda text: None}
 TOKEN = "scrape-7c1e9a"
 

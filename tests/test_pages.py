@@ -71,13 +71,6 @@ def test_login_page_renders_a_form(client, db):
     assert 'name="password"' in response.content.decode()
 
 
-def test_health_works_without_login(client, db):
-    response = client.get("/health/")
-
-    assert response.status_code == 200
-    assert response.json() == {"database": True}
-
-
 def test_logout_is_a_post_form(admin_client):
     html = admin_client.get("/").content.decode()
 

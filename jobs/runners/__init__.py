@@ -1,0 +1,1 @@
+"""Child-process entry points for python and SQL jobs (no Django in the child)."""
