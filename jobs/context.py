@@ -9,9 +9,10 @@
             report_progress(i + 1, len(days_to_do), f"day {day}")
 
 Shell jobs can report progress too, one JSON object per line on the file
-descriptor in $JOBSITE_PROGRESS_FD:
+descriptor in $JOBSITE_PROGRESS_FD (/dev/fd/N works in every shell; dash's
+">&N" takes a single digit only):
 
-    echo '{"done": 3, "total": 10, "message": "loading"}' >&$JOBSITE_PROGRESS_FD
+    echo '{"done": 3, "total": 10, "message": "loading"}' > "/dev/fd/$JOBSITE_PROGRESS_FD"
 """
 
 from __future__ import annotations

@@ -346,9 +346,17 @@ def child_environment(run: Run) -> dict[str, str]:
     )
 
 
-def masked(env: dict[str, str], secret_keys: list[str]) -> dict[str, str]:
+def masked(
+    env: dict[str, str], secret_keys: list[str], secret_values: list[str] = ()
+) -> dict[str, str]:
+    """The environment as shown: values of secret keys masked, and any other
+    value that contains a secret (e.g. the delivery password) too."""
     secret = set(secret_keys)
-    return {k: (SECRET_MASK if k in secret else v) for k, v in sorted(env.items())}
+    values = [v for v in secret_values if len(v) >= 3]
+    return {
+        k: (SECRET_MASK if k in secret or any(s in v for s in values) else v)
+        for k, v in sorted(env.items())
+    }
 
 
 def run_execute(run: Run, *, echo: Callable[[str], None] | None = None) -> Run:
@@ -369,7 +377,7 @@ def run_execute(run: Run, *, echo: Callable[[str], None] | None = None) -> Run:
             run_finish(run=run, status=Run.Status.FAILED, summary=f"Not started: {exc}")
             return _reload(run)
         Run.objects.filter(pk=run.pk).update(
-            command=_what_runs(job), environment=masked(env, job.secret_keys)
+            command=_what_runs(job), environment=masked(env, job.secret_keys, secrets)
         )
         writer = RunLogWriter(run, redact=secrets, echo=echo)
         status, summary, returncode = _supervise(run, child, env, writer)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ import sqlparse
 from jobs.context import _send
 
 BATCH = 5000
+DEADLINE = {"at": 0.0}  # SQLite: when the running statement must stop
 
 
 def statements(script: str) -> list[str]:
@@ -43,13 +45,11 @@ def connect(db: dict, timeout: float | None):
 
         conn = sqlite3.connect(db["NAME"], timeout=20)
         if timeout:
-            deadline = {"at": 0.0}
-
+            # SQLite has no statement timeout: abort from its progress handler.
             def guard() -> int:
-                return 1 if deadline["at"] and time.monotonic() > deadline["at"] else 0
+                return 1 if DEADLINE["at"] and time.monotonic() > DEADLINE["at"] else 0
 
             conn.set_progress_handler(guard, 10_000)
-            conn.jobsite_deadline = deadline  # type: ignore[attr-defined]
         return conn, "sqlite"
     if "postgres" in engine:
         import psycopg2
@@ -83,7 +83,7 @@ def run(config: dict) -> int:
         print(f"-- statement {number}/{total}: {first_line}")
         _send({"done": number - 1, "total": total, "message": f"statement {number}/{total}"})
         if flavour == "sqlite" and timeout:
-            conn.jobsite_deadline["at"] = time.monotonic() + timeout
+            DEADLINE["at"] = time.monotonic() + timeout
         try:
             cursor = _cursor(conn, flavour, statement, last)
             cursor.execute(statement)
@@ -100,6 +100,8 @@ def run(config: dict) -> int:
     rows = _export(cursor, Path(config["csv_path"])) if named or cursor.description else None
     conn.commit()
     conn.close()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"-- peak memory {peak_mb:.1f} MB")
     if rows is None:
         print("-- the last statement returned no rows: no CSV written")
     else:

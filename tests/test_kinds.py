@@ -1,0 +1,359 @@
+"""Python and SQL jobs, artifacts, FTP delivery, secrets by reference: real
+child processes, real databases, a real FTP server (pyftpdlib)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from django.db import connection
+from django.test import override_settings
+
+from jobs import runlog, services
+from jobs.models import Artifact, Job, Run
+
+quiet = {"echo": lambda text: None}
+
+
+@pytest.fixture(autouse=True)
+def media(tmp_path, settings):
+    settings.MEDIA_ROOT = str(tmp_path / "media")
+
+
+def run(job: Job) -> Run:
+    return services.run_foreground(job=job, **quiet)
+
+
+def artifact_text(run: Run, name: str) -> str:
+    artifact = Artifact.objects.get(run=run, name=name)
+    with artifact.file.open("rb") as f:
+        return f.read().decode()
+
+
+# --- Python jobs --------------------------------------------------------------------
+
+
+def test_python_job_captures_print_logging_warnings_and_progress(make_job):
+    job = make_job(kind="python", callable="jobs.demo.count_to", kwargs={"n": 3, "pause": 0})
+    done = run(job)
+    log = runlog.read_log(done)
+    assert done.status == Run.Status.SUCCEEDED, log
+    assert f"counting to 3 for run {done.pk} (attempt 1)" in log
+    assert "INFO jobs.demo: reached 3" in log
+    assert "UserWarning: demo warning: counting is done" in log
+    assert "returned 3" in log
+    assert (done.progress_done, done.progress_total, done.progress_message) == (3, 3, "counted 3")
+    assert done.command == 'jobs.demo.count_to(**{"n": 3, "pause": 0})'
+
+
+def test_python_exception_fails_with_the_traceback_and_its_last_line(make_job):
+    job = make_job(kind="python", callable="jobs.demo.fail", kwargs={"message": "bad input"})
+    done = run(job)
+    assert done.status == Run.Status.FAILED
+    assert done.error_summary == "ValueError: bad input"
+    log = runlog.read_log(done)
+    assert "Traceback (most recent call last)" in log and "raise ValueError(message)" in log
+
+
+def test_python_job_times_out_like_any_other(make_job):
+    job = make_job(
+        kind="python", callable="jobs.demo.count_to", kwargs={"n": 100, "pause": 1}, timeout=1
+    )
+    done = run(job)
+    assert done.status == Run.Status.TIMED_OUT
+
+
+def test_python_job_writes_artifacts(make_job):
+    job = make_job(kind="python", callable="jobs.demo.write_report", kwargs={"rows": 2})
+    done = run(job)
+    assert done.status == Run.Status.SUCCEEDED, runlog.read_log(done)
+    assert artifact_text(done, "report.csv") == "n,square\n0,0\n1,1\n"
+
+
+def test_a_callable_that_cannot_be_imported_is_rejected_when_saved(make_job):
+    from django.core.exceptions import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        make_job(kind="python", callable="jobs.demo.no_such_function")
+    assert "jobs.demo has no attribute 'no_such_function'" in str(info.value)
+    with pytest.raises(ValidationError) as info:
+        make_job(kind="python", callable="nowhere.at_all")
+    assert "Cannot import nowhere" in str(info.value)
+
+
+# --- Shell jobs: artifacts and progress -----------------------------------------------------
+
+
+def test_shell_job_files_in_the_artifacts_dir_are_collected(make_job):
+    job = make_job(
+        command='echo "a,b" > "$JOBSITE_ARTIFACTS_DIR/out.csv"; mkdir "$JOBSITE_ARTIFACTS_DIR/sub";'
+        ' printf x > "$JOBSITE_ARTIFACTS_DIR/sub/x.txt"'
+    )
+    done = run(job)
+    assert sorted(Artifact.objects.filter(run=done).values_list("name", "size")) == [
+        ("out.csv", 4),
+        ("sub/x.txt", 1),
+    ]
+
+
+def test_shell_job_reports_progress_on_its_fd(make_job):
+    # /dev/fd/N works in every shell (dash's ">&N" takes one digit only).
+    job = make_job(
+        command='echo \'{"done": 7, "total": 9, "message": "loading"}\' '
+        '> "/dev/fd/$JOBSITE_PROGRESS_FD"'
+    )
+    done = run(job)
+    assert (done.progress_done, done.progress_total, done.progress_message) == (7, 9, "loading")
+
+
+# --- SQL jobs ---------------------------------------------------------------------------------
+
+TEMP_TABLE_SQL = """
+-- build a temp table, then export from it: needs one session
+CREATE TEMP TABLE recent AS SELECT 1 AS id, 'alpha' AS name UNION ALL SELECT 2, 'beta, "quoted"';
+INSERT INTO recent VALUES (3, 'gamma');
+SELECT id, name FROM recent ORDER BY id;
+"""
+
+
+def test_sql_temp_table_survives_between_statements_and_becomes_a_csv(make_job):
+    job = make_job(name="partner-export", kind="sql", database="default", sql=TEMP_TABLE_SQL)
+    done = run(job)
+    assert done.status == Run.Status.SUCCEEDED, runlog.read_log(done)
+    assert done.rows == 3
+    rows = list(csv.reader(io.StringIO(artifact_text(done, "partner-export.csv"))))
+    assert rows == [["id", "name"], ["1", "alpha"], ["2", 'beta, "quoted"'], ["3", "gamma"]]
+    assert "wrote 3 rows to partner-export.csv" in runlog.read_log(done)
+
+
+def test_sql_error_fails_with_the_databases_message_and_the_statement(make_job):
+    job = make_job(
+        kind="sql",
+        database="default",
+        sql="CREATE TEMP TABLE t AS SELECT 1 AS x;\nSELECT nope FROM t;",
+    )
+    done = run(job)
+    assert done.status == Run.Status.FAILED
+    assert done.error_summary.startswith("SQL error in statement 2:")
+    assert "nope" in done.error_summary
+    assert "SELECT nope FROM t" in runlog.read_log(done)
+
+
+def test_sql_job_on_a_url_from_the_environment(make_job, tmp_path, monkeypatch):
+    import sqlite3
+
+    path = tmp_path / "warehouse.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE orders (id INTEGER, total REAL)")
+        db.executemany("INSERT INTO orders VALUES (?, ?)", [(1, 9.5), (2, 20.0)])
+    monkeypatch.setenv("WAREHOUSE_URL", f"sqlite:///{path}")
+    job = make_job(
+        name="orders", kind="sql", database="WAREHOUSE_URL", sql="SELECT id, total FROM orders"
+    )
+    done = run(job)
+    assert artifact_text(done, "orders.csv") == "id,total\r\n1,9.5\r\n2,20.0\r\n"
+
+
+def test_sql_job_with_an_unknown_database_fails_before_it_starts(make_job):
+    job = make_job(kind="sql", database="NOT_SET_URL", sql="SELECT 1")
+    done = run(job)
+    assert done.status == Run.Status.FAILED
+    assert "'NOT_SET_URL' is neither a DATABASES alias nor set" in done.error_summary
+
+
+def test_sql_statement_timeout(make_job):
+    if connection.vendor == "postgresql":
+        sql = "SELECT pg_sleep(5)"
+    else:  # a long recursive count
+        sql = (
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+        )
+    job = make_job(kind="sql", database="default", sql=sql, statement_timeout=1, timeout=30)
+    done = run(job)
+    assert done.status == Run.Status.FAILED
+    assert "statement" in done.error_summary and "timeout" in done.error_summary.lower()
+
+
+@pytest.mark.slow
+def test_a_large_sql_result_streams_with_bounded_memory(make_job):
+    """1,000,000 rows go to the CSV without holding them in memory: the
+    child's peak RSS stays far below the size of the result."""
+    if connection.vendor == "postgresql":
+        sql = "SELECT g AS id, md5(g::text) AS h FROM generate_series(1, 1000000) AS g"
+    else:
+        sql = (
+            "WITH RECURSIVE c(id) AS (SELECT 1 UNION ALL SELECT id + 1 FROM c WHERE id < 1000000) "
+            "SELECT id, hex(randomblob(16)) AS h FROM c"
+        )
+    job = make_job(
+        name="big",
+        kind="sql",
+        database="default",
+        sql=sql,
+        timeout=300,
+        command="",
+    )
+    # Measure the child's peak memory with a wrapper that reports it.
+    done = run(job)
+    assert done.status == Run.Status.SUCCEEDED, runlog.read_log(done)
+    assert done.rows == 1_000_000
+    artifact = Artifact.objects.get(run=done)
+    assert artifact.size > 30_000_000  # ~ 41 bytes a row
+    peak = [line for line in runlog.read_log(done).splitlines() if "peak memory" in line]
+    assert peak, "the SQL runner did not report its peak memory"
+    peak_mb = float(peak[0].split("peak memory ")[1].split(" MB")[0])
+    assert peak_mb < 100, f"child peak RSS {peak_mb} MB for a {artifact.size / 1e6:.0f} MB result"
+
+
+# --- Secrets by reference ---------------------------------------------------------------------
+
+
+def test_unresolved_secret_fails_the_run_before_it_starts(make_job):
+    job = make_job(command="echo started", environment={"PW": "${NOT_THERE_PASSWORD}"})
+    done = run(job)
+    assert done.status == Run.Status.FAILED
+    assert done.error_summary.startswith("Not started: PW refers to ${NOT_THERE_PASSWORD}")
+    assert "started" not in runlog.read_log(done)
+
+
+def test_unresolved_delivery_password_fails_before_it_starts(make_job):
+    job = make_job(
+        command="echo would-upload",
+        deliver_url="ftp://reports@127.0.0.1:2121/incoming",
+        deliver_password="${NO_SUCH_FTP_PASSWORD}",
+    )
+    done = run(job)
+    assert done.status == Run.Status.FAILED
+    assert "NO_SUCH_FTP_PASSWORD" in done.error_summary
+    assert "would-upload" not in runlog.read_log(done)
+
+
+# --- FTP delivery ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ftp_server(tmp_path):
+    """A real FTP server (pyftpdlib) on 127.0.0.1 with user reports/s3cret-ftp."""
+    from pyftpdlib.authorizers import DummyAuthorizer
+    from pyftpdlib.handlers import FTPHandler
+    from pyftpdlib.servers import FTPServer
+
+    root = tmp_path / "ftp"
+    (root / "incoming").mkdir(parents=True)
+    authorizer = DummyAuthorizer()
+    authorizer.add_user("reports", "s3cret-ftp", str(root), perm="elradfmw")
+
+    class Handler(FTPHandler):
+        pass
+
+    Handler.authorizer = authorizer
+    Handler.passive_ports = range(60000, 60100)
+    server = FTPServer(("127.0.0.1", 0), Handler)
+    port = server.socket.getsockname()[1]
+    thread = threading.Thread(target=server.serve_forever, kwargs={"timeout": 0.1}, daemon=True)
+    thread.start()
+    yield {"port": port, "root": root}
+    server.close_all()
+
+
+def test_sql_csv_is_uploaded_to_ftp_and_the_log_says_so(make_job, ftp_server, monkeypatch):
+    monkeypatch.setenv("FTP_PASSWORD", "s3cret-ftp")
+    job = make_job(
+        name="partner-export",
+        kind="sql",
+        database="default",
+        sql=TEMP_TABLE_SQL,
+        deliver_url=f"ftp://reports@127.0.0.1:{ftp_server['port']}/incoming",
+        deliver_password="${FTP_PASSWORD}",
+    )
+    done = run(job)
+    log = runlog.read_log(done)
+    assert done.status == Run.Status.SUCCEEDED, log
+    uploaded = ftp_server["root"] / "incoming" / "partner-export.csv"
+    assert uploaded.read_text().splitlines()[0] == "id,name"
+    assert f"uploaded partner-export.csv ({uploaded.stat().st_size:,} bytes)" in log
+    assert "s3cret-ftp" not in log
+
+
+def test_ftp_failure_fails_the_run_with_the_reason_after_bounded_retries(
+    make_job, ftp_server, monkeypatch
+):
+    monkeypatch.setenv("FTP_PASSWORD", "wrong-password")
+    job = make_job(
+        command='echo hi > "$JOBSITE_ARTIFACTS_DIR/a.txt"',
+        deliver_url=f"ftp://reports@127.0.0.1:{ftp_server['port']}/incoming",
+        deliver_password="${FTP_PASSWORD}",
+        deliver_retries=1,
+        deliver_timeout=5,
+    )
+    done = run(job)
+    assert done.status == Run.Status.FAILED
+    assert done.error_summary.startswith(
+        f"Upload to ftp://reports@127.0.0.1:{ftp_server['port']}/incoming failed:"
+    )
+    assert "530" in done.error_summary  # the server's "login incorrect"
+    log = runlog.read_log(done)
+    assert log.count("upload attempt") == 2
+    assert "wrong-password" not in log
+    # The file is still there to download.
+    assert Artifact.objects.filter(run=done, name="a.txt").exists()
+
+
+def test_a_job_whose_upstream_failed_never_uploads(make_job, ftp_server, monkeypatch):
+    monkeypatch.setenv("FTP_PASSWORD", "s3cret-ftp")
+    load = make_job(name="load", command="exit 1")
+    export = make_job(
+        name="export",
+        command='echo data > "$JOBSITE_ARTIFACTS_DIR/data.csv"',
+        deliver_url=f"ftp://reports@127.0.0.1:{ftp_server['port']}/incoming",
+        deliver_password="${FTP_PASSWORD}",
+    )
+    export.upstreams.add(load)
+    run(load)
+    gated = run(export)
+    assert gated.status == Run.Status.SKIPPED
+    assert not (ftp_server["root"] / "incoming" / "data.csv").exists()
+
+
+def test_ftp_server_that_does_not_answer_times_out(make_job, monkeypatch):
+    import socket
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)  # accepts the TCP connection, never says hello
+    port = listener.getsockname()[1]
+    monkeypatch.setenv("FTP_PASSWORD", "x")
+    job = make_job(
+        command='echo hi > "$JOBSITE_ARTIFACTS_DIR/a.txt"',
+        deliver_url=f"ftp://reports@127.0.0.1:{port}/",
+        deliver_password="${FTP_PASSWORD}",
+        deliver_retries=0,
+        deliver_timeout=1,
+    )
+    started = time.monotonic()
+    done = run(job)
+    listener.close()
+    assert done.status == Run.Status.FAILED
+    assert "timed out" in done.error_summary.lower()
+    assert time.monotonic() - started < 10
+
+
+@override_settings(JOBSITE_LOG_FLUSH_BYTES=16)
+def test_delivery_password_is_redacted_even_if_the_job_prints_it(make_job, monkeypatch):
+    monkeypatch.setenv("FTP_PASSWORD", "pw-that-leaks")
+    job = make_job(
+        command='echo "debug: $FTP_PASSWORD"',
+        environment={"FTP_PASSWORD": "${FTP_PASSWORD}"},
+        deliver_url="ftp://reports@127.0.0.1:1/",
+        deliver_password="${FTP_PASSWORD}",
+    )
+    done = run(job)
+    assert "pw-that-leaks" not in runlog.read_log(done)
+    assert "pw-that-leaks" not in str(done.environment)
+    assert os.environ["FTP_PASSWORD"] == "pw-that-leaks"
+    assert Path  # noqa: B018
