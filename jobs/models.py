@@ -242,6 +242,7 @@ class Job(models.Model):
         ):
             errors["secret_keys"] = 'Use a JSON list of key names, e.g. ["TOKEN"].'
         errors.update(self._kind_errors())
+        errors.update(self._alert_errors())
         if self.retries is not None and self.retries > MAX_RETRIES:
             errors["retries"] = (
                 f"At most {MAX_RETRIES} retries; a job failing more often than that needs "
@@ -283,6 +284,25 @@ class Job(models.Model):
     def masked_environment(self) -> dict[str, str]:
         secret = set(self.secret_keys)
         return {k: (SECRET_MASK if k in secret else v) for k, v in self.environment.items()}
+
+    def _alert_errors(self) -> dict[str, str]:
+        from django.core.validators import validate_email
+
+        errors: dict[str, str] = {}
+        if not isinstance(self.alert_emails, list):
+            errors["alert_emails"] = 'Use a list of addresses, e.g. ["ops@example.com"].'
+        else:
+            for address in self.alert_emails:
+                try:
+                    validate_email(address)
+                except ValidationError:
+                    errors["alert_emails"] = f"Not an email address: “{address}”."
+                    break
+        if self.alert_after is not None and self.alert_after < 1:
+            errors["alert_after"] = "Alert after at least 1 failure."
+        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
+            errors["webhook_url"] = "Enter an http:// or https:// URL."
+        return errors
 
     def _kind_errors(self) -> dict[str, str]:
         """What the job's kind needs, with messages naming the field."""
