@@ -13,6 +13,11 @@ urlpatterns = [
     path("runs/<int:pk>/", views.run_detail, name="jobs-run-detail"),
     path("runs/<int:pk>/log/", views.run_log, name="jobs-run-log"),
     path("runs/<int:pk>/log/download/", views.run_log_download, name="jobs-run-log-download"),
+    path(
+        "runs/<int:run_id>/artifacts/<int:pk>/",
+        views.artifact_download,
+        name="jobs-artifact-download",
+    ),
     path("runs/<int:pk>/rerun/", views.run_rerun, name="jobs-run-rerun"),
     path("runs/<int:pk>/cancel/", views.run_cancel, name="jobs-run-cancel"),
 ]

@@ -9,6 +9,9 @@ on each job (Job.stale_reason), so /stale/ costs the same for any history.
 
 from __future__ import annotations
 
+import json
+import posixpath
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,6 +21,8 @@ from django.contrib.auth.decorators import login_required, permission_required
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import (
+    FileResponse,
+    Http404,
     HttpRequest,
     HttpResponse,
     HttpResponseBadRequest,
@@ -28,7 +33,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
 from jobs import charts, runlog, services, stats
-from jobs.models import Job, Run, RunLogChunk, Stale
+from jobs.models import Artifact, Job, Run, RunLogChunk, Stale
 
 STRIP_LENGTH = 20  # recent runs per job on the overview
 HISTORY_PAGE_SIZE = 25
@@ -296,6 +301,8 @@ def job_detail(request: HttpRequest, slug: str) -> HttpResponse:
     context = {
         "job": job,
         "environment": sorted(job.masked_environment().items()),
+        "kwargs_json": json.dumps(job.kwargs, indent=2, sort_keys=True),
+        "deliver_password_note": _password_note(job.deliver_password),
         "next_fires": job.next_fire_times(now, NEXT_FIRES) if job.enabled else [],
         "upcoming_if_resumed": [] if job.enabled else job.next_fire_times(now, NEXT_FIRES),
         "upstreams": _with_last_status(job.upstreams.order_by("name")),
@@ -337,6 +344,18 @@ def _health_context(job: Job, now: datetime) -> dict:
 
 
 RATE_WINDOWS = [("24h", "24 hours"), ("7d", "7 days"), ("30d", "30 days")]
+
+_WHOLE_REFERENCE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+
+
+def _password_note(password: str) -> str:
+    """How the delivery password is given, never its value: a ${NAME}
+    reference names where it comes from; anything else is a literal."""
+    if not password:
+        return "not set"
+    if _WHOLE_REFERENCE.match(password.strip()):
+        return f"set (from {password.strip()})"
+    return "set"
 
 
 def _with_last_status(jobs) -> list[Job]:
@@ -404,6 +423,7 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "log_text": log_text,
         "last_seq": last_seq,
         "log_truncated": truncated,
+        "artifacts": list(run.artifacts.order_by("name")),
         "now": now,
     }
     return render(request, "jobs/run_detail.html", context)
@@ -444,6 +464,21 @@ def run_log_download(request: HttpRequest, pk: int) -> StreamingHttpResponse:
 def _log_texts(run: Run) -> Iterator[str]:
     for _seq, text in runlog.iter_log(run):
         yield text
+
+
+@login_required
+@require_GET
+def artifact_download(request: HttpRequest, run_id: int, pk: int) -> FileResponse:
+    """A run's file, streamed from storage. Stored files are only served
+    here, behind the login: MEDIA_URL is never served."""
+    artifact = get_object_or_404(Artifact, pk=pk, run_id=run_id)
+    try:
+        handle = artifact.file.open("rb")
+    except FileNotFoundError as exc:
+        raise Http404("The file is no longer in storage.") from exc
+    # The content type is guessed from the name (text/csv for .csv).
+    filename = posixpath.basename(artifact.name) or f"run-{run_id}-file-{pk}"
+    return FileResponse(handle, as_attachment=True, filename=filename)
 
 
 @login_required

@@ -521,6 +521,16 @@ def test_browser_tails_a_running_log_and_reloads_when_it_ends(
 
         RunLogChunk.objects.create(run=run, seq=2, is_head=True, data="second line\n", size=12)
         expect(log).to_have_text("first line\nsecond line\n", timeout=5000)
+        expect(page.locator("#run-progress")).to_be_hidden()
+
+        Run.objects.filter(pk=run.pk).update(
+            progress_done=5, progress_total=20, progress_message="day 5 of 20"
+        )
+        progress = page.locator("#run-progress")
+        expect(progress.locator(".progress-text")).to_have_text("5 of 20 (25%)", timeout=5000)
+        expect(progress.locator(".progress-message")).to_have_text("day 5 of 20")
+        expect(progress.locator("progress")).to_have_attribute("value", "5")
+        expect(page.locator("#no-progress")).to_have_count(0)
 
         Run.objects.filter(pk=run.pk).update(
             status=Run.Status.SUCCEEDED, finished_at=timezone.now(), exit_code=0

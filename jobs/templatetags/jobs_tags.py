@@ -151,3 +151,41 @@ def rate_tone(rate) -> str:
     if value is None:
         return "idle"
     return "ok" if value == 100 else "warn" if value >= 90 else "bad"
+
+
+# What run.command holds, by the job's kind (services._what_runs).
+COMMAND_LABELS = {Job.Kind.SHELL: "Command", Job.Kind.PYTHON: "Callable", Job.Kind.SQL: "SQL"}
+
+
+@register.filter
+def command_label(kind: str) -> str:
+    return COMMAND_LABELS.get(kind, "Command")
+
+
+@register.filter
+def rows_exported(rows: int | None) -> str:
+    """'12,345 rows exported', '1 row exported'; '' when nothing was recorded."""
+    if rows is None:
+        return ""
+    return f"{rows:,} row{'' if rows == 1 else 's'} exported"
+
+
+@register.filter
+def has_progress(run: Run) -> bool:
+    return (
+        run.progress_done is not None
+        or run.progress_total is not None
+        or bool(run.progress_message)
+    )
+
+
+@register.filter
+def progress_text(run: Run) -> str:
+    """'3 of 10 (30%)', '1,200 done' without a total; '' before any report."""
+    done, total = run.progress_done, run.progress_total
+    if total:
+        done = done or 0
+        return f"{done:,} of {total:,} ({min(100, max(0, done * 100 // total))}%)"
+    if done is not None:
+        return f"{done:,} done"
+    return ""

@@ -1,9 +1,19 @@
 // Live tail of a running run's log: poll the fragment endpoint every second,
-// append what is new, reload the page once the run has finished.
+// append what is new, update status, duration and progress bar, reload the
+// page once the run has finished.
 (function () {
   "use strict";
   var log = document.getElementById("run-log");
   if (!log || !log.dataset.tailUrl) return;
+
+  // The fragment carries the progress block as the page renders it: swap it in.
+  function updateProgress(fresh) {
+    var current = document.getElementById("run-progress");
+    if (!fresh || !current) return;
+    current.replaceWith(document.importNode(fresh, true));
+    var none = document.getElementById("no-progress");
+    if (none && !fresh.hidden) none.remove();
+  }
 
   function poll() {
     var url = log.dataset.tailUrl + "?after=" + encodeURIComponent(log.dataset.lastSeq);
@@ -25,6 +35,7 @@
           document.importNode(tail.querySelector(".tail-status .badge"), true));
         document.getElementById("run-duration").textContent =
           tail.querySelector(".tail-duration").textContent || "—";
+        updateProgress(tail.querySelector("#run-progress"));
         if (tail.dataset.final === "1") window.location.reload();
         else setTimeout(poll, 1000);
       })
