@@ -222,15 +222,16 @@ def browser(monkeypatch):
 
     # Playwright's sync API runs an event loop; ORM calls in the test are plain sync code.
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    from django.db import connections
+
     with sync_playwright() as pw:
         instance = pw.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
         yield instance
+        # ORM calls made under Playwright's loop get their own connection:
+        # close it here, inside that context, or PostgreSQL cannot drop the
+        # test database.
+        connections.close_all()
         instance.close()
-    # ORM calls made under Playwright's loop get their own connection: close
-    # it, or PostgreSQL cannot drop the test database.
-    from django.db import connections
-
-    connections.close_all()
 
 
 def browser_login(page, live_server, username: str, next_url: str = "/") -> None:
