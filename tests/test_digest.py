@@ -142,7 +142,9 @@ def test_to_sends_every_job_to_those_addresses_only(make_job, mailoutbox):
 def test_a_week_counts_whole_days_and_the_partial_days_at_its_ends(make_job, mailoutbox):
     berlin = ZoneInfo("Europe/Berlin")
     end = datetime(2026, 6, 10, 12, 0, tzinfo=berlin)
-    job = make_job(name="weekly-check", command='test "$RESULT" = ok', alert_emails=["a@b.c"])
+    job = make_job(
+        name="weekly-check", command='test "$RESULT" = ok', alert_emails=["a@example.com"]
+    )
 
     def run_at(when: datetime, result: str) -> Run:
         Job.objects.filter(pk=job.pk).update(environment={"RESULT": result})
@@ -159,7 +161,7 @@ def test_a_week_counts_whole_days_and_the_partial_days_at_its_ends(make_job, mai
 
     with time_machine.travel(end, tick=False):
         report = digests.send_digests(period_end=end, period=timedelta(days=7))
-    assert report.sent == {"a@b.c": "1 failure (1 job, 4 runs)"}
+    assert report.sent == {"a@example.com": "1 failure (1 job, 4 runs)"}
     text, html = outbox_parts(mailoutbox[0])
     assert "- weekly-check: 25% failed (1 of 4)" in text
     assert f"#{inside.pk} failed" in text

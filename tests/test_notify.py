@@ -255,7 +255,9 @@ def test_recovery_email_says_it_is_fixed_and_how_long_it_was_broken(
 
 
 def test_stale_email_says_how_overdue_and_why(make_job, mailoutbox):
-    job = make_job(name="hourly-import", schedule="0 * * * *", grace=300, alert_emails=["x@y.z"])
+    job = make_job(
+        name="hourly-import", schedule="0 * * * *", grace=300, alert_emails=["x@example.com"]
+    )
     Job.objects.filter(pk=job.pk).update(created_at=T0 - timedelta(days=1))
     now = T0 + timedelta(minutes=20)  # the 12:00 fire never ran; grace ended 12:05
     with time_machine.travel(now, tick=False):
