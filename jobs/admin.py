@@ -30,6 +30,7 @@ from django.views.decorators.http import require_POST
 
 from jobs import runlog, scheduling, services
 from jobs.forms import JobAdminForm
+from jobs.jobfile import is_reference, password_variable
 from jobs.models import AlertFlip, Job, JobDailyStats, MissedFires, Notification, Run
 
 RUN_PERMISSION = "jobs.run_job"
@@ -143,6 +144,7 @@ class RunPermissionMixin:
 class JobAdmin(RunPermissionMixin, admin.ModelAdmin):
     list_display = [
         "name",
+        "kind",
         "enabled",
         "alert_state_badge",
         "schedule_in_words",
@@ -160,13 +162,14 @@ class JobAdmin(RunPermissionMixin, admin.ModelAdmin):
         "catchup",
         "timezone",
     ]
-    search_fields = ["name", "slug", "description", "owner", "tags", "command"]
+    search_fields = ["name", "slug", "description", "owner", "tags", "command", "callable"]
     prepopulated_fields = {"slug": ("name",)}
     form = JobAdminForm
     # A search box rather than a <select> of every job (there may be thousands).
     autocomplete_fields = ["upstreams"]
     readonly_fields = [
         "source_note",
+        "deliver_password_status",
         "schedule_words",
         "next_fire_at",
         "environment_masked",
@@ -180,7 +183,39 @@ class JobAdmin(RunPermissionMixin, admin.ModelAdmin):
     ]
     fieldsets = [
         (None, {"fields": ["name", "slug", "description", "owner", "tags", "source_note"]}),
-        ("What to run", {"fields": ["kind", "command", "environment", "secret_keys"]}),
+        (
+            "What to run",
+            {
+                "fields": [
+                    "kind",
+                    "command",
+                    "callable",
+                    "kwargs",
+                    "database",
+                    "sql",
+                    "statement_timeout",
+                    "environment",
+                    "secret_keys",
+                ],
+                "description": "Fill in the fields of the job's kind; the others stay empty.",
+            },
+        ),
+        (
+            "Delivery",
+            {
+                "fields": [
+                    "deliver_url",
+                    "deliver_password_status",
+                    "deliver_password",
+                    "forget_deliver_password",
+                    "deliver_passive",
+                    "deliver_timeout",
+                    "deliver_retries",
+                ],
+                "description": "Optional: upload the run's files (e.g. the SQL job's CSV) "
+                "by FTP after it succeeds.",
+            },
+        ),
         (
             "When",
             {
@@ -245,22 +280,40 @@ class JobAdmin(RunPermissionMixin, admin.ModelAdmin):
 
     def get_fieldsets(self, request: HttpRequest, obj: Job | None = None) -> list:
         """Without the change permission every field is shown read-only; show
-        the environment with secret values masked instead of the raw JSON."""
+        the environment with secret values masked instead of the raw JSON, and
+        only whether a delivery password is set. A new job has no stored
+        password to show or forget."""
         fieldsets = super().get_fieldsets(request, obj)
-        if obj is None or self.has_change_permission(request, obj):
+        if obj is None:
+            hidden = {"deliver_password_status", "forget_deliver_password"}
+            replaced = {}
+        elif self.has_change_permission(request, obj):
             return fieldsets
+        else:
+            hidden = {"deliver_password", "forget_deliver_password"}
+            replaced = {"environment": "environment_masked"}
         return [
             (
                 title,
                 {
                     **options,
-                    "fields": [
-                        "environment_masked" if f == "environment" else f for f in options["fields"]
-                    ],
+                    "fields": [replaced.get(f, f) for f in options["fields"] if f not in hidden],
                 },
             )
             for title, options in fieldsets
         ]
+
+    def save_model(self, request: HttpRequest, obj: Job, form, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        typed = form.cleaned_data.get("deliver_password")
+        if "deliver_password" in form.changed_data and typed and not is_reference(typed):
+            name = password_variable(obj.slug)
+            self.message_user(
+                request,
+                "The delivery password is stored in the database as typed. A reference "
+                f"like ${{{name}}} keeps it in the server's environment instead.",
+                messages.WARNING,
+            )
 
     # --- Displays -------------------------------------------------------------
 
@@ -304,6 +357,16 @@ class JobAdmin(RunPermissionMixin, admin.ModelAdmin):
     @admin.display(description="Environment")
     def environment_masked(self, obj: Job) -> str:
         return _environment_block(obj.masked_environment())
+
+    @admin.display(description="Delivery password")
+    def deliver_password_status(self, obj: Job) -> str:
+        """Whether a password is set, and from which variable; never its value."""
+        password = obj.deliver_password
+        if not password:
+            return "not set"
+        if is_reference(password):
+            return f"set from {password}"
+        return "set"
 
     @admin.display(description="Alert state", ordering="alert_state")
     def alert_state_badge(self, obj: Job) -> str:

@@ -1,4 +1,5 @@
-"""Forms: the admin's job form with the reliability, dependency and alert checks."""
+"""Forms: the admin's job form with the kind, delivery, reliability, dependency
+and alert checks."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 
 from jobs import services
-from jobs.jobfile import validate_email, validate_webhook_url
+from jobs.jobfile import KIND_KEYS, validate_email, validate_webhook_url
 from jobs.models import Job
 
 _ADDRESS_SEPARATORS = re.compile(r"[\s,;]+")
+_KIND_NAMES = {Job.Kind.SHELL: "shell", Job.Kind.PYTHON: "Python", Job.Kind.SQL: "SQL"}
 
 
 class EmailListField(forms.Field):
@@ -62,9 +64,26 @@ class WebhookURLField(forms.URLField):
 
 
 class JobAdminForm(forms.ModelForm):
-    """Job.clean() checks schedule, zone, timeout, environment and retries;
-    this adds what needs the form's data (the dependency graph) and the alert
-    settings, checked like a job file's."""
+    """Job.clean() checks schedule, zone, timeout, environment, retries and
+    what the job's kind needs; this adds what needs the form's data (the
+    dependency graph, fields of another kind), the alert settings, checked
+    like a job file's, and the write-only delivery password."""
+
+    # Write-only: never rendered with its value, and empty keeps the stored one.
+    deliver_password = forms.CharField(
+        required=False,
+        strip=False,
+        max_length=Job._meta.get_field("deliver_password").max_length,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        label="Delivery password",
+        help_text="Best a reference like ${FTP_PASSWORD}, so the password stays in the "
+        "server's environment. Leave empty to keep the current one.",
+    )
+    forget_deliver_password = forms.BooleanField(
+        required=False,
+        label="Forget the delivery password",
+        help_text="Remove the stored password (or reference).",
+    )
 
     alert_emails = EmailListField(
         required=False,
@@ -83,12 +102,38 @@ class JobAdminForm(forms.ModelForm):
         # The admin narrows this to its fieldsets (read-only views show fewer).
         fields = [
             *["name", "slug", "description", "owner", "tags"],
-            *["kind", "command", "environment", "secret_keys"],
+            *["kind", "command", "callable", "kwargs", "database", "sql", "statement_timeout"],
+            *["environment", "secret_keys"],
+            *["deliver_url", "deliver_password", "deliver_passive"],
+            *["deliver_timeout", "deliver_retries"],
             *["schedule", "timezone", "enabled", "timeout", "queue"],
             *["overlap", "retries", "retry_delay", "retry_backoff", "retry_max_delay", "catchup"],
             *["upstreams", "trigger_on_upstream"],
             *["alert_emails", "alert_after", "webhook_url", "grace"],
         ]
+        help_texts = {
+            "kind": "Shell: fill in the command. Python: the callable (and kwargs). "
+            "SQL: the database and the SQL (and a statement timeout). "
+            "The fields of the other kinds stay empty.",
+        }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The stored password is not the field's initial value: it never
+        # reaches the page, and leaving the field empty is "no change".
+        self.initial.pop("deliver_password", None)
+
+    def clean_kwargs(self) -> Any:
+        kwargs = self.cleaned_data["kwargs"]
+        return {} if kwargs is None else kwargs
+
+    def clean_statement_timeout(self) -> int | None:
+        timeout = self.cleaned_data["statement_timeout"]
+        if timeout is not None and timeout <= 0:
+            raise forms.ValidationError(
+                "Give more than 0 seconds, or leave it empty to use the job's timeout."
+            )
+        return timeout
 
     def clean_alert_after(self) -> int:
         alert_after = self.cleaned_data["alert_after"]
@@ -118,4 +163,37 @@ class JobAdminForm(forms.ModelForm):
             self.add_error(
                 "trigger_on_upstream", "Choose at least one upstream job to be triggered by."
             )
+        self._check_other_kinds_fields(cleaned)
+        self._keep_or_forget_password(cleaned)
         return cleaned
+
+    def _check_other_kinds_fields(self, cleaned: dict[str, Any]) -> None:
+        """A value in a field of another kind would be silently ignored: say so."""
+        kind = cleaned.get("kind")
+        if kind not in KIND_KEYS:
+            return
+        for other, fields in KIND_KEYS.items():
+            for name in fields:
+                value = cleaned.get(name)
+                if other == kind or name not in self.fields or name in self.errors:
+                    continue
+                if value not in (None, "", {}, []) and str(value).strip():
+                    self.add_error(
+                        name,
+                        f"Only {_KIND_NAMES[other]} jobs use this: clear it, or choose "
+                        f"the kind “{Job.Kind(other).label}”.",
+                    )
+
+    def _keep_or_forget_password(self, cleaned: dict[str, Any]) -> None:
+        if "deliver_password" not in self.fields:
+            return
+        typed = cleaned.get("deliver_password") or ""
+        if cleaned.get("forget_deliver_password"):
+            if typed:
+                self.add_error(
+                    "forget_deliver_password",
+                    "Either type a new password or forget the stored one, not both.",
+                )
+            cleaned["deliver_password"] = ""
+        elif not typed:
+            cleaned["deliver_password"] = self.instance.deliver_password

@@ -38,6 +38,12 @@ KEYS = (
     "tags",
     "kind",
     "command",
+    "callable",
+    "kwargs",
+    "database",
+    "sql",
+    "statement_timeout",
+    "deliver",
     "schedule",
     "timezone",
     "catchup",
@@ -60,19 +66,33 @@ KEYS = (
 )
 STRING_KEYS = frozenset(
     {"name", "slug", "description", "owner", "kind", "command", "schedule", "timezone"}
+    | {"callable", "database", "sql"}
     | {"overlap", "queue", "catchup", "trigger", "webhook_url"}
 )
+# Keys only one kind of job takes (every other key applies to any kind), and
+# the ones it cannot do without.
+KIND_KEYS = {
+    Job.Kind.SHELL: ("command",),
+    Job.Kind.PYTHON: ("callable", "kwargs"),
+    Job.Kind.SQL: ("database", "sql", "statement_timeout"),
+}
+REQUIRED_KIND_KEYS = {
+    Job.Kind.SHELL: ("command",),
+    Job.Kind.PYTHON: ("callable",),
+    Job.Kind.SQL: ("database", "sql"),
+}
+# The keys of the `deliver` table, in the order dumpjobs writes them.
+DELIVER_KEYS = ("url", "password", "passive", "timeout", "retries")
 # Model field -> TOML key, where they differ.
 KEY_FOR_FIELD = {
     "environment": "env",
     "secret_keys": "secret_env",
     "trigger_on_upstream": "trigger",
     "upstreams": "depends_on",
+    **{f"deliver_{key}": f"deliver.{key}" for key in DELIVER_KEYS},
 }
 FIELD_FOR_KEY = {key: name for name, key in KEY_FOR_FIELD.items()}
 
-# Values that later versions will accept: say "not supported yet", not "wrong".
-FUTURE_KINDS = ("python", "sql")
 # `trigger` values: only "upstream" (the clock is `schedule`).
 TRIGGER_UPSTREAM = "upstream"
 MAX_RETRIES = 20
@@ -80,6 +100,7 @@ MAX_RETRIES = 20
 _DURATION = re.compile(r"\s*(\d+)\s*([smh]?)\s*")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
 _REFERENCE_ONLY = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
+_NOT_ENV_NAME_CHARS = re.compile(r"[^A-Za-z0-9_]+")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 # Shared with the admin form, so both accept and refuse the same addresses and URLs.
 validate_email = EmailValidator()
@@ -104,6 +125,8 @@ class LoadReport:
     updated: list[tuple[str, list[str]]] = field(default_factory=list)  # (name, changed keys)
     unchanged: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
+    # Things that load but deserve a second look (a password written in the file).
+    warnings: list[str] = field(default_factory=list)
     # Jobs that were hand-made or came from another file and are now this
     # file's (their definition was already the same: they also count as unchanged).
     adopted: list[str] = field(default_factory=list)
@@ -200,10 +223,13 @@ def entry_fields(entry: Any, label: str) -> tuple[dict[str, Any], list[tuple[str
     problems += [("", message) for message in _type_errors(entry, label)]
     if problems:
         return {}, problems
-    for required in ("name", "command"):
-        if not entry.get(required, "").strip():
-            problems.append((required, f'{label}: missing required key "{required}"'))
+    if not entry.get("name", "").strip():
+        problems.append(("name", f'{label}: missing required key "name"'))
     problems += _choice_errors(entry, label)
+    what, what_problems = _kind_fields(entry, label)
+    problems += what_problems
+    deliver, deliver_problems = _deliver_fields(entry, label)
+    problems += deliver_problems
     durations, duration_problems = _durations(entry, label)
     problems += duration_problems
     problems += _retry_errors(entry, label)
@@ -234,7 +260,8 @@ def entry_fields(entry: Any, label: str) -> tuple[dict[str, Any], list[tuple[str
         "owner": entry.get("owner", ""),
         "tags": ", ".join(tag.strip() for tag in entry.get("tags", []) if tag.strip()),
         "kind": entry.get("kind", Job.Kind.SHELL),
-        "command": entry.get("command", ""),
+        **what,
+        **deliver,
         "schedule": entry.get("schedule", "").strip(),
         "timezone": entry.get("timezone", "UTC"),
         "catchup": entry.get("catchup", _default("catchup")),
@@ -287,6 +314,8 @@ def _type_errors(entry: dict[str, Any], label: str) -> list[str]:
             for key, value in env.items()
             if not isinstance(value, str)
         ]
+    errors += _kwargs_type_errors(entry.get("kwargs", {}), label)
+    errors += _deliver_type_errors(entry.get("deliver", {}), label)
     if not isinstance(entry.get("enabled", True), bool):
         errors.append(f'{label}: "enabled" must be true or false')
     if "retries" in entry and not _is_int(entry["retries"]):
@@ -302,10 +331,9 @@ def _type_errors(entry: dict[str, Any], label: str) -> list[str]:
 def _choice_errors(entry: dict[str, Any], label: str) -> list[tuple[str, str]]:
     problems = []
     kind = entry.get("kind", Job.Kind.SHELL)
-    if kind in FUTURE_KINDS:
-        problems.append(("kind", f'{label}: kind "{kind}" is not supported yet (only "shell")'))
-    elif kind not in Job.Kind.values:
-        problems.append(("kind", f'{label}: unknown kind "{kind}"; use "shell"'))
+    if kind not in Job.Kind.values:
+        allowed = ", ".join(f'"{choice}"' for choice in Job.Kind.values)
+        problems.append(("kind", f'{label}: unknown kind "{kind}"; use one of {allowed}'))
     for key, choices in (("overlap", Job.Overlap.values), ("catchup", Job.Catchup.values)):
         value = entry.get(key, choices[0])
         if value not in choices:
@@ -321,6 +349,151 @@ def _choice_errors(entry: dict[str, Any], label: str) -> list[tuple[str, str]]:
             )
         )
     return problems
+
+
+def _kwargs_type_errors(kwargs: Any, label: str) -> list[str]:
+    if not isinstance(kwargs, dict):
+        return [f'{label}: "kwargs" must be a table, e.g. kwargs = {{ days = 7 }}']
+    return [f"{label}: kwargs: {problem}" for problem in _json_problems(kwargs, "")]
+
+
+def _json_problems(value: Any, path: str) -> list[str]:
+    """What in a TOML value JSON cannot hold (the callable gets JSON kwargs)."""
+    if isinstance(value, dict):
+        return [p for key, item in value.items() for p in _json_problems(item, f"{path}.{key}")]
+    if isinstance(value, list):
+        return [p for i, item in enumerate(value) for p in _json_problems(item, f"{path}[{i}]")]
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{path[1:]} = {value}: use a finite number"]
+    if not isinstance(value, str | int | float | bool):
+        return [f'{path[1:]} is a date or time; write it as a string, e.g. "2024-01-31"']
+    return []
+
+
+def _deliver_type_errors(deliver: Any, label: str) -> list[str]:
+    if not isinstance(deliver, dict):
+        return [
+            f'{label}: "deliver" must be a table, e.g. deliver = {{ url = '
+            '"ftp://user@host/dir", password = "${FTP_PASSWORD}" }'
+        ]
+    errors = []
+    for key, value in deliver.items():
+        if key not in DELIVER_KEYS:
+            close = difflib.get_close_matches(key, DELIVER_KEYS, n=1)
+            hint = f' (did you mean "deliver.{close[0]}"?)' if close else ""
+            errors.append(f'{label}: unknown key "deliver.{key}"{hint}')
+        elif key in ("url", "password") and not isinstance(value, str):
+            errors.append(f'{label}: "deliver.{key}" must be a string')
+        elif key == "passive" and not isinstance(value, bool):
+            errors.append(f'{label}: "deliver.passive" must be true or false')
+        elif key == "retries" and not _is_int(value):
+            errors.append(f'{label}: "deliver.retries" must be a whole number, e.g. retries = 2')
+    return errors
+
+
+def _kind_fields(entry: dict[str, Any], label: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """What to run (command; callable and kwargs; database, sql and
+    statement_timeout), and its problems: a missing key the kind needs, or
+    a key of another kind."""
+    kind = entry.get("kind", Job.Kind.SHELL)
+    problems = []
+    if kind in KIND_KEYS:
+        problems += [
+            (key, f'{label}: "{key}" is a key of {other} jobs, not {kind}')
+            for other, keys in KIND_KEYS.items()
+            if other != kind
+            for key in keys
+            if key in entry
+        ]
+        problems += [
+            (key, f'{label}: missing required key "{key}" (a {kind} job needs it)')
+            for key in REQUIRED_KIND_KEYS[kind]
+            if not entry.get(key, "").strip()
+        ]
+    fields = {
+        "command": entry.get("command", ""),
+        "callable": entry.get("callable", "").strip(),
+        "kwargs": dict(entry.get("kwargs", {})),
+        "database": entry.get("database", "").strip(),
+        "sql": entry.get("sql", ""),
+        "statement_timeout": None,
+    }
+    if "statement_timeout" in entry:
+        try:
+            fields["statement_timeout"] = parse_duration(entry["statement_timeout"])
+        except ValueError as exc:
+            problems.append(("statement_timeout", f"{label}: statement_timeout: {exc}"))
+        else:
+            if fields["statement_timeout"] <= 0:
+                problems.append(
+                    ("statement_timeout", f"{label}: statement_timeout: must be more than 0")
+                )
+                fields["statement_timeout"] = None
+    return fields, problems
+
+
+def _deliver_fields(
+    entry: dict[str, Any], label: str
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The deliver_* fields from the `deliver` table (defaults when it is left out)."""
+    deliver = entry.get("deliver", {})
+    fields = {
+        "deliver_url": deliver.get("url", "").strip(),
+        "deliver_password": deliver.get("password", ""),
+        "deliver_passive": deliver.get("passive", _default("deliver_passive")),
+        "deliver_timeout": _default("deliver_timeout"),
+        "deliver_retries": deliver.get("retries", _default("deliver_retries")),
+    }
+    problems = []
+    if "deliver" in entry and not fields["deliver_url"]:
+        problems.append(
+            ("deliver_url", f'{label}: deliver needs "url", e.g. "ftp://user@host/dir"')
+        )
+    if "timeout" in deliver:
+        try:
+            fields["deliver_timeout"] = parse_duration(deliver["timeout"])
+        except ValueError as exc:
+            problems.append(("deliver_timeout", f"{label}: deliver.timeout: {exc}"))
+        else:
+            if fields["deliver_timeout"] <= 0:
+                problems.append(
+                    ("deliver_timeout", f"{label}: deliver.timeout: must be more than 0")
+                )
+                fields["deliver_timeout"] = _default("deliver_timeout")
+    if not 0 <= fields["deliver_retries"] <= MAX_RETRIES:
+        problems.append(
+            (
+                "deliver_retries",
+                f"{label}: deliver.retries: use a whole number from 0 to {MAX_RETRIES}",
+            )
+        )
+        fields["deliver_retries"] = _default("deliver_retries")
+    return fields, problems
+
+
+def entry_warnings(entry: dict[str, Any], label: str) -> list[str]:
+    """What loads but deserves a second look: a password written in the file."""
+    password = entry.get("deliver", {}).get("password", "")
+    if not password or is_reference(password):
+        return []
+    name = password_variable(slugify(entry.get("name", "")) or "job")
+    return [
+        f"{label}: deliver.password is written in the file; use ${{NAME}} (e.g. "
+        f'password = "${{{name}}}") so the password stays in the server\'s environment'
+    ]
+
+
+def is_reference(value: str) -> bool:
+    """True for a lone ${NAME}: a value kept in the server's environment."""
+    return bool(_REFERENCE_ONLY.fullmatch(value))
+
+
+def password_variable(slug: str) -> str:
+    """PARTNER_EXPORT_FTP_PASSWORD for the job "partner-export"."""
+    name = _NOT_ENV_NAME_CHARS.sub("_", slug).strip("_").upper()
+    if not name or name[0].isdigit():
+        name = f"JOB_{name}".rstrip("_")
+    return f"{name}_FTP_PASSWORD"
 
 
 def _durations(
@@ -658,7 +831,13 @@ def jobs_load(*, path: str | Path, prune: bool = False) -> LoadReport:
     source = str(source_path)
     report = LoadReport(path=source)
     with transaction.atomic():
-        plans = _plan_jobs(read_entries(source_path), source, prune=prune)
+        entries = read_entries(source_path)
+        plans = _plan_jobs(entries, source, prune=prune)
+        report.warnings = [
+            warning
+            for index, entry in enumerate(entries, start=1)
+            for warning in entry_warnings(entry, entry_label(entry, index))
+        ]
         for plan in plans:
             _save_plan(plan, report, source=source)
         _save_upstreams(plans)
@@ -705,9 +884,10 @@ def job_entry(job: Job) -> tuple[dict[str, Any], list[str]]:
     """A job as a [[job]] table (keys at their default left out) and warnings.
 
     A secret's value is never written: a ${NAME} reference is kept as it is,
-    any other value becomes the placeholder ${KEY}, with a warning.
+    any other value becomes the placeholder ${KEY}, with a warning. So is
+    the delivery password: a literal one becomes ${SLUG_FTP_PASSWORD}.
     """
-    warnings = []
+    warnings = _unused_field_warnings(job)
     env = dict(job.environment)
     for key in job.secret_keys:
         if key in env and not _REFERENCE_ONLY.fullmatch(env[key]):
@@ -730,7 +910,8 @@ def job_entry(job: Job) -> tuple[dict[str, Any], list[str]]:
         "owner": job.owner,
         "tags": job.tag_list,
         "kind": job.kind if job.kind != Job.Kind.SHELL else None,
-        "command": job.command,
+        **_kind_entry(job, warnings),
+        "deliver": _deliver_entry(job, warnings),
         "schedule": job.schedule,
         "timezone": job.timezone if job.timezone != "UTC" else None,
         "catchup": _unless_default(job, "catchup"),
@@ -757,6 +938,87 @@ def job_entry(job: Job) -> tuple[dict[str, Any], list[str]]:
     }
     entry = {key: value for key, value in values.items() if value not in (None, "", [], {})}
     return entry, warnings
+
+
+def _kind_entry(job: Job, warnings: list[str]) -> dict[str, Any]:
+    """The keys of the job's own kind (the others are left out)."""
+    dropped: list[str] = []
+    kwargs = _without_nulls(job.kwargs, "kwargs", dropped)
+    if dropped and job.kind == Job.Kind.PYTHON:
+        warnings.append(f'job "{job.name}": TOML has no null: {", ".join(dropped)} was not written')
+    values = {
+        "command": job.command,
+        "callable": job.callable,
+        "kwargs": kwargs,
+        "database": job.database,
+        "sql": job.sql,
+        "statement_timeout": None
+        if job.statement_timeout is None
+        else format_duration(job.statement_timeout),
+    }
+    return {key: values[key] for key in KIND_KEYS.get(job.kind, ())}
+
+
+def _without_nulls(value: Any, path: str, dropped: list[str]) -> Any:
+    """`value` without JSON nulls, which TOML cannot write; their paths go to `dropped`."""
+    if not isinstance(value, dict | list):
+        return value
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    kept = []
+    for key, item in items:
+        where = f"{path}.{key}" if isinstance(value, dict) else f"{path}[{key}]"
+        if item is None:
+            dropped.append(where)
+        else:
+            kept.append((key, _without_nulls(item, where, dropped)))
+    return dict(kept) if isinstance(value, dict) else [item for _key, item in kept]
+
+
+def _unused_field_warnings(job: Job) -> list[str]:
+    """Fields of another kind that hold a value (possible when made outside
+    loadjobs and the admin): not written, so say so."""
+    unused = [
+        key
+        for kind, keys in KIND_KEYS.items()
+        if kind != job.kind
+        for key in keys
+        if getattr(job, key) not in (None, "", {}, [])
+    ]
+    return [
+        f'job "{job.name}": {key} is set but only {kind} jobs use it, and this is a '
+        f"{job.kind} job; {key} was not written"
+        for key in unused
+        for kind, keys in KIND_KEYS.items()
+        if key in keys
+    ]
+
+
+def _deliver_entry(job: Job, warnings: list[str]) -> dict[str, Any] | None:
+    """The `deliver` table, or None without a delivery URL. The password is
+    written only as a ${NAME} reference."""
+    if not job.deliver_url:
+        if job.deliver_password:
+            warnings.append(
+                f'job "{job.name}": a delivery password is set but no delivery URL; '
+                "deliver was not written"
+            )
+        return None
+    password = job.deliver_password
+    if password and not is_reference(password):
+        name = password_variable(job.slug)
+        password = f"${{{name}}}"
+        warnings.append(
+            f'job "{job.name}": the delivery password was not exported; written as '
+            f"{password}, so set {name} in the server's environment"
+        )
+    values = {
+        "url": job.deliver_url,
+        "password": password,
+        "passive": _unless_default(job, "deliver_passive"),
+        "timeout": _duration_unless_default(job, "deliver_timeout"),
+        "retries": _unless_default(job, "deliver_retries"),
+    }
+    return {key: value for key, value in values.items() if value not in (None, "")}
 
 
 def _unless_default(job: Job, field_name: str) -> Any:

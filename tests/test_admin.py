@@ -4,6 +4,7 @@ messages, masked secrets and flat query counts."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pytest
@@ -343,8 +344,12 @@ def add_form(**overrides) -> dict[str, str]:
         "slug": "new-job",
         "kind": "shell",
         "command": "echo hi",
+        "kwargs": "{}",
         "environment": "{}",
         "secret_keys": "[]",
+        "deliver_passive": "on",
+        "deliver_timeout": "30",
+        "deliver_retries": "2",
         "schedule": "*/5 * * * *",
         "timezone": "UTC",
         "enabled": "on",
@@ -368,7 +373,16 @@ def change_form(job: Job, **overrides) -> dict:
     data = add_form(
         name=job.name,
         slug=job.slug,
+        kind=job.kind,
         command=job.command,
+        callable=job.callable,
+        kwargs=json.dumps(job.kwargs),
+        database=job.database,
+        sql=job.sql,
+        statement_timeout="" if job.statement_timeout is None else str(job.statement_timeout),
+        deliver_url=job.deliver_url,
+        deliver_timeout=str(job.deliver_timeout),
+        deliver_retries=str(job.deliver_retries),
         schedule=job.schedule,
         timezone=job.timezone,
         timeout=str(job.timeout),
@@ -387,6 +401,8 @@ def change_form(job: Job, **overrides) -> dict:
     )
     if job.trigger_on_upstream:
         data["trigger_on_upstream"] = "on"
+    if not job.deliver_passive:
+        del data["deliver_passive"]
     return {**data, **overrides}
 
 
@@ -463,6 +479,247 @@ def test_secret_value_never_appears_on_the_run_admin_page(admin_client, make_job
     assert f"token is {SECRET_MASK}" in text  # the log, redacted
     assert f"API_TOKEN={SECRET_MASK}" in text  # the environment, masked
     assert "TARGET=reports" in text
+
+
+# --- Python and SQL jobs, delivery -------------------------------------------------------
+
+
+def test_add_form_saves_a_python_job(admin_client):
+    response = admin_client.post(
+        reverse("admin:jobs_job_add"),
+        add_form(
+            kind="python",
+            command="",
+            callable="tests.sample_jobs.refresh_stats",
+            kwargs='{"days": 3, "tables": ["orders"]}',
+        ),
+    )
+
+    assert response.status_code == 302, form_errors(response)
+    job = Job.objects.get()
+    assert (job.kind, job.callable) == ("python", "tests.sample_jobs.refresh_stats")
+    assert job.kwargs == {"days": 3, "tables": ["orders"]}
+
+
+def test_add_form_saves_an_sql_job_with_delivery(admin_client):
+    response = admin_client.post(
+        reverse("admin:jobs_job_add"),
+        add_form(
+            kind="sql",
+            command="",
+            database="default",
+            sql="CREATE TEMP TABLE t AS SELECT 1 AS n;\nSELECT n FROM t;",
+            statement_timeout="120",
+            deliver_url="ftp://reports@ftp.example.com/incoming",
+            deliver_password="${FTP_PASSWORD}",
+            deliver_timeout="45",
+            deliver_retries="1",
+        ),
+    )
+
+    assert response.status_code == 302, form_errors(response)
+    job = Job.objects.get()
+    assert (job.kind, job.database, job.statement_timeout) == ("sql", "default", 120)
+    assert job.sql.startswith("CREATE TEMP TABLE t")
+    assert (job.deliver_url, job.deliver_password) == (
+        "ftp://reports@ftp.example.com/incoming",
+        "${FTP_PASSWORD}",
+    )
+    assert (job.deliver_timeout, job.deliver_retries) == (45, 1)
+    # A reference: no warning about a password stored in the database.
+    assert len(messages_of(response)) == 1
+
+
+PYTHON = {"kind": "python", "command": "", "callable": "tests.sample_jobs.refresh_stats"}
+SQL = {"kind": "sql", "command": "", "database": "default", "sql": "SELECT 1"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "message"),
+    [
+        (PYTHON | {"callable": ""}, "callable", "Give a dotted path to a function"),
+        (
+            PYTHON | {"callable": "tests.sample_jobs.no_such_function"},
+            "callable",
+            "tests.sample_jobs has no attribute 'no_such_function'",
+        ),
+        (
+            PYTHON | {"callable": "no_such_package.jobs.refresh"},
+            "callable",
+            "Cannot import no_such_package.jobs",
+        ),
+        (
+            PYTHON | {"callable": "tests.sample_jobs.NOT_CALLABLE"},
+            "callable",
+            "tests.sample_jobs.NOT_CALLABLE is not callable",
+        ),
+        (PYTHON | {"kwargs": "[7]"}, "kwargs", 'Use a JSON object, e.g. {"days": 7}.'),
+        (PYTHON | {"command": "echo hi"}, "command", "Only shell jobs use this"),
+        (SQL | {"sql": "  "}, "sql", "The SQL script is empty."),
+        (SQL | {"database": "warehouse db"}, "database", "Name a DATABASES alias (default"),
+        (SQL | {"database": ""}, "database", "Name a DATABASES alias"),
+        (SQL | {"statement_timeout": "0"}, "statement_timeout", "Give more than 0 seconds"),
+        (SQL | {"callable": "jobs.demo.count_to"}, "callable", "Only Python jobs use this"),
+        ({"sql": "SELECT 1"}, "sql", "Only SQL jobs use this: clear it, or choose the kind"),
+        ({"command": ""}, "command", "The command is empty."),
+        (
+            {"deliver_url": "https://reports.example.com/in"},
+            "deliver_url",
+            "Use ftp://user@host[:port]/directory",
+        ),
+        (
+            {"deliver_url": "ftp://reports:hunter2@ftp.example.com/in"},
+            "deliver_url",
+            "Do not put the password in the URL",
+        ),
+    ],
+)
+def test_kind_and_delivery_errors_are_shown_on_their_field(admin_client, overrides, field, message):
+    response = admin_client.post(reverse("admin:jobs_job_add"), add_form(**overrides))
+
+    assert response.status_code == 200
+    errors = form_errors(response)
+    assert list(errors) == [field]
+    assert message in errors[field][0]
+    assert not Job.objects.exists()
+
+
+def make_delivering_job(make_job, password: str) -> Job:
+    return make_job(
+        name="partner-export",
+        deliver_url="ftp://reports@ftp.example.com/incoming",
+        deliver_password=password,
+    )
+
+
+def test_change_page_never_shows_the_delivery_password(admin_client, make_job):
+    job = make_delivering_job(make_job, "hunter2-literal")
+
+    text = admin_client.get(job_url("change", job)).content.decode()
+
+    assert "hunter2-literal" not in text
+    assert 'name="deliver_password"' in text  # the field is there, empty
+    assert "Leave empty to keep the current one." in text
+
+
+@pytest.mark.parametrize(
+    ("password", "status"),
+    [("hunter2-literal", "set"), ("${FTP_PASSWORD}", "set from ${FTP_PASSWORD}"), ("", "not set")],
+)
+def test_read_only_job_page_says_only_whether_a_delivery_password_is_set(
+    view_only_client, make_job, password, status
+):
+    job = make_delivering_job(make_job, password)
+
+    response = view_only_client.get(job_url("change", job))
+
+    text = response.content.decode()
+    assert response.status_code == 200
+    assert "hunter2-literal" not in text
+    assert 'name="deliver_password"' not in text
+    assert f'<div class="readonly">{status}</div>' in text
+
+
+def test_saving_with_an_empty_password_keeps_the_stored_one(admin_client, make_job):
+    job = make_delivering_job(make_job, "hunter2-literal")
+
+    response = admin_client.post(
+        job_url("change", job), change_form(job, description="edited", deliver_password="")
+    )
+
+    assert response.status_code == 302, form_errors(response)
+    job.refresh_from_db()
+    assert (job.description, job.deliver_password) == ("edited", "hunter2-literal")
+    # Nothing typed: no warning about a password written in the database.
+    assert not any("stored in the database" in m for m in messages_of(response))
+
+
+def test_a_typed_password_replaces_the_stored_one(admin_client, make_job):
+    job = make_delivering_job(make_job, "hunter2-literal")
+
+    response = admin_client.post(
+        job_url("change", job), change_form(job, deliver_password="${PARTNER_FTP_PASSWORD}")
+    )
+
+    assert response.status_code == 302, form_errors(response)
+    job.refresh_from_db()
+    assert job.deliver_password == "${PARTNER_FTP_PASSWORD}"
+
+
+def test_a_typed_literal_password_is_saved_with_a_warning(admin_client, make_job):
+    job = make_delivering_job(make_job, "")
+
+    response = admin_client.post(
+        job_url("change", job), change_form(job, deliver_password="s3cret-typed")
+    )
+
+    assert response.status_code == 302, form_errors(response)
+    job.refresh_from_db()
+    assert job.deliver_password == "s3cret-typed"
+    assert (
+        "The delivery password is stored in the database as typed. A reference like "
+        "${PARTNER_EXPORT_FTP_PASSWORD} keeps it in the server's environment instead."
+    ) in messages_of(response)
+
+
+def test_forgetting_the_password_clears_it(admin_client, make_job):
+    job = make_delivering_job(make_job, "hunter2-literal")
+
+    response = admin_client.post(
+        job_url("change", job), change_form(job, forget_deliver_password="on")
+    )
+
+    assert response.status_code == 302, form_errors(response)
+    job.refresh_from_db()
+    assert job.deliver_password == ""
+
+
+def test_typing_a_password_and_forgetting_it_at_once_is_refused(admin_client, make_job):
+    job = make_delivering_job(make_job, "hunter2-literal")
+
+    response = admin_client.post(
+        job_url("change", job),
+        change_form(job, forget_deliver_password="on", deliver_password="new-one"),
+    )
+
+    assert response.status_code == 200
+    assert list(form_errors(response)) == ["forget_deliver_password"]
+    assert "new-one" not in response.content.decode()
+    job.refresh_from_db()
+    assert job.deliver_password == "hunter2-literal"
+
+
+def test_an_invalid_edit_does_not_echo_a_typed_password(admin_client, make_job):
+    job = make_delivering_job(make_job, "")
+
+    response = admin_client.post(
+        job_url("change", job), change_form(job, timeout="0", deliver_password="typed-secret")
+    )
+
+    assert response.status_code == 200
+    assert "typed-secret" not in response.content.decode()
+
+
+def test_job_page_shows_the_fields_of_every_kind_and_a_delivery_section(admin_client, make_job):
+    job = make_job(kind="python", command="", callable="tests.sample_jobs.refresh_stats")
+
+    text = admin_client.get(job_url("change", job)).content.decode()
+
+    for name in ("command", "callable", "kwargs", "database", "sql", "statement_timeout"):
+        assert f'name="{name}"' in text
+    assert "Delivery" in text
+    assert 'name="deliver_url"' in text
+    assert "tests.sample_jobs.refresh_stats" in text
+
+
+def test_job_list_shows_the_kind_and_search_finds_a_callable(admin_client, make_job):
+    make_job(name="stats", kind="python", command="", callable="tests.sample_jobs.refresh_stats")
+    make_job(name="other")
+
+    response = admin_client.get(reverse("admin:jobs_job_changelist"), {"q": "refresh_stats"})
+
+    assert [job.name for job in response.context["cl"].result_list] == ["stats"]
+    assert "Python callable" in response.content.decode()
 
 
 # --- Runs ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.management import call_command
+from django.test import override_settings
 from django_q.models import OrmQ
 
 from jobs import services
@@ -253,6 +254,8 @@ def test_seed_demo_creates_the_login_and_demo_jobs_once(db, monkeypatch):
         "slow-report",
         "publish-report",
         "say-hello",
+        "sales-summary",
+        "count-to-twenty",
     }
     assert Job.objects.get(slug="say-hello").schedule == ""
     assert [j.slug for j in Job.objects.get(slug="publish-report").upstreams.all()] == [
@@ -260,7 +263,7 @@ def test_seed_demo_creates_the_login_and_demo_jobs_once(db, monkeypatch):
     ]
     assert "already exists" in second.getvalue()
     assert "jobsite-demo" not in second.getvalue()
-    assert "0 created, 0 updated, 5 unchanged" in second.getvalue()
+    assert "0 created, 0 updated, 7 unchanged" in second.getvalue()
     assert dict(Job.objects.values_list("slug", "updated_at")) == updated_at
     assert User.objects.count() == 1
 
@@ -283,3 +286,24 @@ def test_demo_failing_job_fails_with_its_exit_code(db):
     assert "error: table orders is locked" in out
     retry = Run.objects.get(trigger=Run.Trigger.RETRY)
     assert (retry.status, retry.attempt) == (Run.Status.QUEUED, 2)
+
+
+def test_demo_sql_job_exports_a_csv_with_no_setup(db, tmp_path):
+    call_command("seed_demo", stdout=io.StringIO())
+
+    with override_settings(MEDIA_ROOT=str(tmp_path / "media")):
+        code, out, err = runjob("sales-summary")
+        run = Run.objects.get(job__slug="sales-summary")
+        artifact = run.artifacts.get()
+        with artifact.file.open("rb") as f:
+            csv_text = f.read().decode()
+
+    assert code == 0, out + err
+    assert (run.status, run.rows) == (Run.Status.SUCCEEDED, 3)
+    assert artifact.name == "sales-summary.csv"
+    assert csv_text.splitlines() == [
+        "region,orders,total",
+        "east,1,60",
+        "north,2,165",
+        "south,2,95",
+    ]

@@ -168,8 +168,54 @@ def test_misspelt_key_suggests_the_right_one(db, tmp_path):
         ('timeout = "30d"', "job \"nightly\": timeout: '30d' is not a duration"),
         ('tags = "etl"', 'job "nightly": "tags" must be a list of strings'),
         ("env = { PORT = 5432 }", 'job "nightly": env PORT must be a string'),
-        ('kind = "python"', 'job "nightly": kind "python" is not supported yet'),
-        ('kind = "perl"', 'job "nightly": unknown kind "perl"'),
+        ('kind = "python"', 'job "nightly": "command" is a key of shell jobs, not python'),
+        ('kind = "python"', 'job "nightly": missing required key "callable"'),
+        (
+            'kind = "perl"',
+            'job "nightly": unknown kind "perl"; use one of "shell", "python", "sql"',
+        ),
+        ('sql = "SELECT 1"', 'job "nightly": "sql" is a key of sql jobs, not shell'),
+        ('database = "default"', 'job "nightly": "database" is a key of sql jobs, not shell'),
+        ('callable = "tests.sample_jobs.refresh_stats"', '"callable" is a key of python jobs'),
+        ("kwargs = { days = 7 }", 'job "nightly": "kwargs" is a key of python jobs, not shell'),
+        ('statement_timeout = "1m"', '"statement_timeout" is a key of sql jobs, not shell'),
+        (
+            'deliver = "ftp://reports@ftp.example.com/in"',
+            'job "nightly": "deliver" must be a table',
+        ),
+        (
+            'deliver = { url = "ftp://reports@ftp.example.com/in", pasive = false }',
+            'job "nightly": unknown key "deliver.pasive" (did you mean "deliver.passive"?)',
+        ),
+        ('deliver = { password = "${FTP_PASSWORD}" }', 'job "nightly": deliver needs "url"'),
+        (
+            'deliver = { url = "https://reports.example.com/in" }',
+            'job "nightly": deliver.url: Use ftp://user@host[:port]/directory',
+        ),
+        (
+            'deliver = { url = "ftp://reports:hunter2@ftp.example.com/in" }',
+            'job "nightly": deliver.url: Do not put the password in the URL',
+        ),
+        (
+            'deliver = { url = "ftp://reports@ftp.example.com/in", timeout = "soon" }',
+            "job \"nightly\": deliver.timeout: 'soon' is not a duration",
+        ),
+        (
+            'deliver = { url = "ftp://reports@ftp.example.com/in", timeout = 0 }',
+            'job "nightly": deliver.timeout: must be more than 0',
+        ),
+        (
+            'deliver = { url = "ftp://reports@ftp.example.com/in", retries = 50 }',
+            'job "nightly": deliver.retries: use a whole number from 0 to 20',
+        ),
+        (
+            'deliver = { url = "ftp://reports@ftp.example.com/in", passive = "yes" }',
+            'job "nightly": "deliver.passive" must be true or false',
+        ),
+        (
+            'deliver = { url = "ftp://reports@ftp.example.com/in", password = 1234 }',
+            'job "nightly": "deliver.password" must be a string',
+        ),
         (
             'overlap = "never"',
             'job "nightly": unknown overlap "never"; use one of "skip", "queue", "allow", '
@@ -847,6 +893,320 @@ def test_dumpjobs_warns_about_an_upstream_trigger_without_upstreams(make_job):
     assert 'job "orphan": trigger on upstream success is set but the job has no upstreams' in err
 
 
+# --- Python and SQL jobs, delivery ----------------------------------------------------
+
+PARTNER_EXPORT = '''
+[[job]]
+name = "partner-export"
+kind = "sql"
+database = "default"
+sql = """
+CREATE TEMP TABLE recent AS SELECT 1 AS id, 9.5 AS total;
+SELECT id, total FROM recent ORDER BY id;
+"""
+statement_timeout = "10m"
+
+[job.deliver]
+url = "ftp://reports@ftp.example.com/incoming"
+password = "${FTP_PASSWORD}"
+passive = false
+timeout = "45s"
+retries = 4
+
+[[job]]
+name = "refresh-stats"
+kind = "python"
+callable = "tests.sample_jobs.refresh_stats"
+kwargs = { days = 7, tables = ["orders", "refunds"], options = { "dry run" = true, ratio = 0.5 } }
+'''
+
+
+def kind_toml(name: str, kind: str, *lines: str) -> str:
+    body = "".join(f"{line}\n" for line in lines)
+    return f'\n[[job]]\nname = "{name}"\nkind = "{kind}"\n{body}'
+
+
+def test_loadjobs_creates_sql_and_python_jobs_with_delivery(db, tmp_path):
+    path = write(tmp_path, PARTNER_EXPORT)
+
+    code, out, err = loadjobs(path)
+
+    assert code == 0, err
+    assert err == ""  # the password is a reference: nothing to warn about
+    assert "2 created" in out
+    export = Job.objects.get(name="partner-export")
+    assert (export.kind, export.database, export.statement_timeout) == ("sql", "default", 600)
+    assert export.sql.startswith("CREATE TEMP TABLE recent")
+    assert export.command == ""
+    assert (export.deliver_url, export.deliver_password) == (
+        "ftp://reports@ftp.example.com/incoming",
+        "${FTP_PASSWORD}",
+    )
+    assert (export.deliver_passive, export.deliver_timeout, export.deliver_retries) == (
+        False,
+        45,
+        4,
+    )
+    stats = Job.objects.get(name="refresh-stats")
+    assert (stats.kind, stats.callable) == ("python", "tests.sample_jobs.refresh_stats")
+    assert stats.kwargs == {
+        "days": 7,
+        "tables": ["orders", "refunds"],
+        "options": {"dry run": True, "ratio": 0.5},
+    }
+    assert (stats.deliver_url, stats.deliver_passive, stats.deliver_timeout) == ("", True, 30)
+
+
+def test_loading_python_and_sql_jobs_twice_changes_nothing(db, tmp_path):
+    path = write(tmp_path, PARTNER_EXPORT)
+    loadjobs(path)
+    before = dict(Job.objects.values_list("name", "updated_at"))
+
+    with time_machine.travel(timezone.now() + timedelta(hours=1)):
+        code, out, _err = loadjobs(path)
+
+    assert code == 0
+    assert "0 created, 0 updated, 2 unchanged" in out
+    assert dict(Job.objects.values_list("name", "updated_at")) == before
+
+
+def test_a_changed_delivery_setting_is_reported_by_its_key(db, tmp_path):
+    path = write(tmp_path, PARTNER_EXPORT)
+    loadjobs(path)
+    write(tmp_path, PARTNER_EXPORT.replace("retries = 4", "retries = 1"))
+
+    code, out, _err = loadjobs(path)
+
+    assert code == 0
+    assert "partner-export (deliver.retries)" in out
+    assert Job.objects.get(name="partner-export").deliver_retries == 1
+
+
+def test_removing_the_deliver_table_turns_delivery_off(db, tmp_path):
+    path = write(tmp_path, PARTNER_EXPORT)
+    loadjobs(path)
+    head, _deliver, tail = PARTNER_EXPORT.partition("[job.deliver]")
+    write(tmp_path, head + tail[tail.index("[[job]]") :])
+
+    code, out, _err = loadjobs(path)
+
+    assert code == 0
+    job = Job.objects.get(name="partner-export")
+    assert (job.deliver_url, job.deliver_password, job.deliver_passive) == ("", "", True)
+    assert "deliver.url" in out
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ((), 'job "stats": missing required key "callable" (a python job needs it)'),
+        (
+            ('callable = "tests.sample_jobs.no_such_function"',),
+            "job \"stats\": callable: tests.sample_jobs has no attribute 'no_such_function'",
+        ),
+        (
+            ('callable = "no_such_package.jobs.refresh"',),
+            'job "stats": callable: Cannot import no_such_package.jobs: ModuleNotFoundError',
+        ),
+        (
+            ('callable = "tests.sample_jobs.NOT_CALLABLE"',),
+            'job "stats": callable: tests.sample_jobs.NOT_CALLABLE is not callable',
+        ),
+        (('callable = "refresh_stats"',), 'job "stats": callable: Give a dotted path'),
+        (
+            ('callable = "tests.sample_jobs.refresh_stats"', "kwargs = [7]"),
+            'job "stats": "kwargs" must be a table',
+        ),
+        (
+            ('callable = "tests.sample_jobs.refresh_stats"', "kwargs = { since = 2024-01-31 }"),
+            'job "stats": kwargs: since is a date or time; write it as a string',
+        ),
+        (
+            ('callable = "tests.sample_jobs.refresh_stats"', "kwargs = { limit = { max = nan } }"),
+            'job "stats": kwargs: limit.max = nan: use a finite number',
+        ),
+        (
+            ('callable = "tests.sample_jobs.refresh_stats"', 'command = "true"'),
+            'job "stats": "command" is a key of shell jobs, not python',
+        ),
+        (
+            ('callable = "tests.sample_jobs.refresh_stats"', 'sql = "SELECT 1"'),
+            'job "stats": "sql" is a key of sql jobs, not python',
+        ),
+    ],
+)
+def test_an_invalid_python_job_is_an_error_naming_the_job(db, tmp_path, lines, message):
+    path = write(tmp_path, kind_toml("stats", "python", *lines))
+
+    code, _out, err = loadjobs(path)
+
+    assert code == 2
+    assert message in err
+    assert not Job.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (('sql = "SELECT 1"',), 'job "report": missing required key "database"'),
+        (('database = "default"',), 'job "report": missing required key "sql"'),
+        (('database = "default"', 'sql = "  "'), 'job "report": missing required key "sql"'),
+        (
+            ('database = "warehouse db"', 'sql = "SELECT 1"'),
+            'job "report": database: Name a DATABASES alias (default',
+        ),
+        (
+            ('database = "default"', 'sql = "SELECT 1"', 'statement_timeout = "10 minutes"'),
+            "job \"report\": statement_timeout: '10 minutes' is not a duration",
+        ),
+        (
+            ('database = "default"', 'sql = "SELECT 1"', "statement_timeout = 0"),
+            'job "report": statement_timeout: must be more than 0',
+        ),
+        (
+            ('database = "default"', 'sql = "SELECT 1"', 'callable = "jobs.demo.count_to"'),
+            'job "report": "callable" is a key of python jobs, not sql',
+        ),
+    ],
+)
+def test_an_invalid_sql_job_is_an_error_naming_the_job(db, tmp_path, lines, message):
+    path = write(tmp_path, kind_toml("report", "sql", *lines))
+
+    code, _out, err = loadjobs(path)
+
+    assert code == 2
+    assert message in err
+    assert not Job.objects.exists()
+
+
+def test_a_database_named_by_an_environment_variable_loads(db, tmp_path):
+    path = write(
+        tmp_path, kind_toml("report", "sql", 'database = "WAREHOUSE_URL"', 'sql = "SELECT 1"')
+    )
+
+    code, _out, err = loadjobs(path)
+
+    assert code == 0, err
+    assert Job.objects.get().database == "WAREHOUSE_URL"
+
+
+def test_a_literal_delivery_password_loads_with_a_warning(db, tmp_path):
+    path = write(
+        tmp_path,
+        job_toml(
+            "partner-export",
+            'deliver = { url = "ftp://reports@ftp.example.com/in", password = "hunter2-literal" }',
+        ),
+    )
+
+    code, out, err = loadjobs(path)
+
+    assert code == 0
+    assert "1 created" in out
+    assert Job.objects.get().deliver_password == "hunter2-literal"
+    assert (
+        'warning: job "partner-export": deliver.password is written in the file; use ${NAME} '
+        '(e.g. password = "${PARTNER_EXPORT_FTP_PASSWORD}")' in err
+    )
+
+
+def test_dumpjobs_then_loadjobs_with_python_sql_and_delivery_changes_nothing(db, tmp_path):
+    loadjobs(write(tmp_path, PARTNER_EXPORT))
+    before = dict(Job.objects.values_list("name", "updated_at"))
+    path = tmp_path / "dump.toml"
+
+    _out, err = dumpjobs("--output", path)
+    code, out, load_err = loadjobs(path)
+
+    assert "warning" not in err + load_err
+    assert code == 0
+    assert "0 created, 0 updated, 2 unchanged, 0 pruned" in out
+    assert dict(Job.objects.values_list("name", "updated_at")) == before
+
+
+def test_dumpjobs_writes_the_keys_of_the_jobs_kind_and_leaves_out_defaults(make_job):
+    make_job(
+        name="report",
+        kind="sql",
+        command="",
+        database="default",
+        sql="SELECT 1;\n",
+        timeout=3600,
+        deliver_url="ftp://reports@ftp.example.com/in",
+        deliver_password="${FTP_PASSWORD}",
+    )
+    make_job(
+        name="stats",
+        kind="python",
+        command="",
+        callable="tests.sample_jobs.refresh_stats",
+        timeout=3600,
+    )
+
+    out, _err = dumpjobs()
+
+    assert tomllib.loads(out)["job"] == [
+        {
+            "name": "report",
+            "kind": "sql",
+            "database": "default",
+            "sql": "SELECT 1;\n",
+            "deliver": {
+                "url": "ftp://reports@ftp.example.com/in",
+                "password": "${FTP_PASSWORD}",
+            },
+        },
+        {"name": "stats", "kind": "python", "callable": "tests.sample_jobs.refresh_stats"},
+    ]
+
+
+def test_dumpjobs_never_prints_a_literal_delivery_password(make_job):
+    make_job(
+        name="Partner Export",
+        slug="partner-export",
+        deliver_url="ftp://reports@ftp.example.com/in",
+        deliver_password="hunter2-literal",
+    )
+
+    out, err = dumpjobs()
+
+    assert "hunter2-literal" not in out + err
+    deliver = tomllib.loads(out)["job"][0]["deliver"]
+    assert deliver["password"] == "${PARTNER_EXPORT_FTP_PASSWORD}"
+    assert (
+        'job "Partner Export": the delivery password was not exported; written as '
+        "${PARTNER_EXPORT_FTP_PASSWORD}, so set PARTNER_EXPORT_FTP_PASSWORD in the server's "
+        "environment" in err
+    )
+
+
+def test_dumpjobs_warns_about_fields_the_jobs_kind_does_not_use(make_job):
+    make_job(name="nightly", command="true", sql="SELECT 1", database="default", timeout=3600)
+
+    out, err = dumpjobs()
+
+    assert tomllib.loads(out)["job"] == [{"name": "nightly", "command": "true"}]
+    assert 'job "nightly": database is set but only sql jobs use it' in err
+    assert 'job "nightly": sql is set but only sql jobs use it' in err
+
+
+def test_dumpjobs_leaves_out_null_kwargs_with_a_warning(make_job):
+    make_job(
+        name="stats",
+        kind="python",
+        command="",
+        callable="tests.sample_jobs.refresh_stats",
+        kwargs={"days": 7, "tables": None, "options": {"limit": None, "fast": True}},
+    )
+
+    out, err = dumpjobs()
+
+    assert tomllib.loads(out)["job"][0]["kwargs"] == {"days": 7, "options": {"fast": True}}
+    assert (
+        'job "stats": TOML has no null: kwargs.tables, kwargs.options.limit was not written' in err
+    )
+
+
 # --- Durations -----------------------------------------------------------------------
 
 
@@ -879,4 +1239,6 @@ def test_the_demo_file_loads_with_an_alerting_flaky_job(db):
     assert code == 0, err
     flaky = Job.objects.get(slug="flaky-export")
     assert (flaky.alert_emails, flaky.alert_after) == (["oncall@example.com"], 2)
-    assert Job.objects.exclude(slug="flaky-export").filter(alert_emails=[]).count() == 4
+    assert Job.objects.exclude(slug="flaky-export").filter(alert_emails=[]).count() == 6
+    assert Job.objects.get(slug="sales-summary").kind == Job.Kind.SQL
+    assert Job.objects.get(slug="count-to-twenty").kind == Job.Kind.PYTHON

@@ -33,4 +33,6 @@ class Command(BaseCommand):
                 self.stderr.write(message)
             self.stderr.write(f"Nothing was loaded: {len(exc.errors)} problem(s).")
             sys.exit(EXIT_INVALID)
+        for warning in report.warnings:
+            self.stderr.write(f"warning: {warning}")
         self.stdout.write(report.summary())
