@@ -1,0 +1,272 @@
+"""Shared helpers for the bench/ scripts.
+
+- a fresh database (SQLite file or PostgreSQL database) migrated for Jobsite;
+- real `manage.py` processes (qcluster, scheduler) with logs, stopped the
+  way DESIGN.md says (SIGTERM to the main process only, bounded wait);
+- the machine header (cores, Python, database, load) and percentile tables;
+- django-q2 task functions for the baselines (importable by a qcluster,
+  whose working directory is the project root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import urlparse
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+if str(BASE_DIR) not in sys.path:
+    sys.path.insert(0, str(BASE_DIR))
+
+DEFAULT_PG_URL = "postgres://postgres@127.0.0.1:5432/"
+
+
+# --- Output directory, databases -------------------------------------------------
+
+
+def out_dir(name: str, given: str | None = None) -> Path:
+    path = (
+        Path(given)
+        if given
+        else BASE_DIR / "bench" / "out" / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def fresh_database(kind: str, name: str, *, directory: Path, pg_url: str = DEFAULT_PG_URL) -> str:
+    """Create an empty database and return its DATABASE_URL (dropping any old one)."""
+    if kind == "sqlite":
+        path = directory / f"{name}.sqlite3"
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(f"{path}{suffix}").unlink()
+        return f"sqlite:///{path}"
+    if kind != "postgres":
+        raise ValueError(f"unknown database kind {kind!r}")
+    import psycopg2
+
+    parsed = urlparse(pg_url)
+    admin = psycopg2.connect(
+        host=parsed.hostname or "127.0.0.1",
+        port=parsed.port or 5432,
+        user=parsed.username or "postgres",
+        password=parsed.password or None,
+        dbname="postgres",
+    )
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{name}"')
+    admin.close()
+    auth = parsed.username or "postgres"
+    if parsed.password:
+        auth += f":{parsed.password}"
+    return f"postgres://{auth}@{parsed.hostname or '127.0.0.1'}:{parsed.port or 5432}/{name}"
+
+
+def child_env(database_url: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=database_url,
+        DJANGO_SETTINGS_MODULE="jobsite.settings",
+        PYTHONUNBUFFERED="1",
+        # No daily digest e-mails in the middle of a measurement.
+        JOBSITE_DIGEST_TIME="",
+    )
+    env.update(extra)
+    return env
+
+
+def migrate(env: dict[str, str]) -> None:
+    for args in (("migrate", "-v0"), ("createcachetable",)):
+        subprocess.run(
+            [sys.executable, str(BASE_DIR / "manage.py"), *args], env=env, check=True, cwd=BASE_DIR
+        )
+
+
+def setup_django(database_url: str) -> None:
+    """Point this process at the benchmark database and set Django up."""
+    os.environ["DATABASE_URL"] = database_url
+    os.environ["DJANGO_SETTINGS_MODULE"] = "jobsite.settings"
+    os.environ["JOBSITE_DIGEST_TIME"] = ""
+    # Not one "Enqueued" line per task in the report.
+    os.environ["LOG_LEVEL"] = "WARNING"
+    import django
+
+    django.setup()
+
+
+# --- Processes ------------------------------------------------------------------------
+
+
+class Processes:
+    """Real manage.py processes with their output in `directory`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, *args: str, env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.directory / f"{name}.log", "ab")  # noqa: SIM115 (lives with the process)
+        proc = subprocess.Popen(
+            [sys.executable, str(BASE_DIR / "manage.py"), *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=BASE_DIR,
+        )
+        self.procs.append((name, proc))
+        return proc
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"{name} exited with {proc.returncode}; see {self.directory / name}.log"
+                )
+
+    def stop_all(self, wait: float = 20.0) -> None:
+        # SIGTERM to django-q2's main process only (a signal to its whole
+        # group can hang it), bounded wait, then SIGKILL the group.
+        for _name, proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + wait
+        for _name, proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        self.procs = []
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_all()
+
+
+def wait_until(
+    predicate: Callable[[], object],
+    *,
+    timeout: float,
+    interval: float = 0.25,
+    procs: Processes | None = None,
+    what: str = "condition",
+):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if procs is not None:
+            procs.check_alive()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout:.0f}s")
+        time.sleep(interval)
+
+
+# --- Machine header and tables ---------------------------------------------------------
+
+
+def load_text() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f} (1/5/15 min)"
+
+
+def database_text() -> str:
+    from django.db import connection
+
+    if connection.vendor == "sqlite":
+        import sqlite3
+
+        return f"SQLite {sqlite3.sqlite_version} (WAL, IMMEDIATE)"
+    max_age = connection.settings_dict["CONN_MAX_AGE"]
+    return f"PostgreSQL {connection.pg_version // 10000} (CONN_MAX_AGE {max_age})"
+
+
+def machine_lines(database: str, load_at_start: str) -> list[str]:
+    from importlib.metadata import version
+
+    return [
+        f"machine   {os.cpu_count()} cores, {platform.machine()}, "
+        f"Python {platform.python_version()}, Django {version('django')}, "
+        f"django-q2 {version('django-q2')}",
+        f"database  {database}",
+        f"load      start {load_at_start}; end {load_text()}",
+    ]
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Linear-interpolated percentile (p in 0..100) of a non-empty sequence."""
+    data = sorted(values)
+    if not data:
+        return math.nan
+    rank = (len(data) - 1) * p / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(data) - 1)
+    return data[low] + (data[high] - data[low]) * (rank - low)
+
+
+def spread(values: Sequence[float]) -> tuple[float, float, float]:
+    """(min, median, max)."""
+    if not values:
+        return (math.nan, math.nan, math.nan)
+    return (min(values), statistics.median(values), max(values))
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def fmt_spread(values: Sequence[float], digits: int = 2) -> str:
+    return " / ".join(fmt(v, digits) for v in spread(values))
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain text (and Markdown-compatible) table."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+# --- django-q2 baseline task functions -----------------------------------------------
+
+
+def q2_timed_command(command: str, out: str, phase: str, intended: str | None = None) -> float:
+    """A django-q2 task that records when it started, runs `command` like a
+    Jobsite shell job (/bin/sh -c), and records the time the command printed
+    (its own start, from `date +%s.%N`). One JSON line per call in `out`."""
+    started = time.time()
+    proc = subprocess.run(["/bin/sh", "-c", command], stdout=subprocess.PIPE, check=False)
+    first = proc.stdout.decode(errors="replace").strip().splitlines()
+    child = float(first[0]) if first else None
+    line = json.dumps({"phase": phase, "intended": intended, "started": started, "child": child})
+    with open(out, "a") as f:
+        f.write(line + "\n")
+    return started
+
+
+def q2_run_true() -> int:
+    """The raw django-q2 baseline for throughput: the same subprocess, nothing else."""
+    return subprocess.run(["true"], check=False).returncode

@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""Throughput: runs of `true` per second, end to end, against django-q2 alone.
+
+One fresh database per engine and one real `manage.py qcluster` (Q_WORKERS
+workers, Jobsite's Q_CLUSTER settings) serve, one after another, in every repeat:
+
+  floor      bare `subprocess.run(["true"])` in a loop in this process;
+  django-q2  --runs `async_task` calls of a function that runs the same
+             subprocess, same broker and database; done when the broker's
+             queue is empty (every result stored and acknowledged);
+  Jobsite    --runs `services.run_create` of a shell job `true` with
+             overlap=allow (the path "Run now" takes); done when every run is
+             finished in the database and the broker's queue is empty.
+
+Each time runs from the first enqueue to the last stored result.
+
+    .venv/bin/python bench/throughput.py                   # 5,000 runs x 3, SQLite and PostgreSQL
+    .venv/bin/python bench/throughput.py --database sqlite --runs 20 --repeat 1   # smoke size
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common  # noqa: E402
+
+RAW_FUNC = "bench.common.q2_run_true"
+TARGET = 0.70
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--database", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--pg-url", default=common.DEFAULT_PG_URL, help="server for postgres")
+    parser.add_argument("--runs", type=int, default=5000, help="runs enqueued at once")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=4, help="Q_WORKERS of the cluster")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
+    parser.add_argument("--out", help="directory for logs and the database (default bench/out/...)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    directory = common.out_dir("throughput", args.out)
+    if args.database == "both":
+        # Django reads its settings once: one process per database engine.
+        for engine in ("sqlite", "postgres"):
+            forwarded = _without_option(list(argv or sys.argv[1:]), "--database")
+            forwarded = _without_option(forwarded, "--out")
+            forwarded += ["--database", engine, "--out", str(directory / engine)]
+            subprocess.run([sys.executable, __file__, *forwarded], check=True)
+        return
+    measure(args, directory)
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(f"{name}="):
+            out.append(arg)
+    return out
+
+
+def measure(args: argparse.Namespace, directory: Path) -> None:
+    load_at_start = common.load_text()
+    url = common.fresh_database(
+        args.database, "jobsite_bench_throughput", directory=directory, pg_url=args.pg_url
+    )
+    env = common.child_env(url, Q_WORKERS=str(args.workers))
+    print(f"throughput: {args.database} database, logs in {directory}", flush=True)
+    common.migrate(env)
+    common.setup_django(url)
+    from jobs.models import Job
+
+    job = Job.objects.create(
+        name="throughput", slug="throughput", command="true", overlap=Job.Overlap.ALLOW, timeout=60
+    )
+    results: dict[str, list[float]] = {"floor": [], "django-q2": [], "jobsite": []}
+    enqueue: dict[str, list[float]] = {"django-q2": [], "jobsite": []}
+    problems: list[str] = []
+    with common.Processes(directory) as procs:
+        procs.start("qcluster", "qcluster", env=env)
+        # Warm up: the cluster is up and both paths have run once.
+        jobsite_batch(job, 1, procs=procs, timeout=120)
+        raw_batch(1, procs=procs, timeout=120)
+        for repeat in range(1, args.repeat + 1):
+            results["floor"].append(floor(args.runs))
+            rate, seconds, trouble = raw_batch(args.runs, procs=procs, timeout=args.timeout)
+            results["django-q2"].append(rate)
+            enqueue["django-q2"].append(seconds)
+            problems += trouble
+            rate, seconds, trouble = jobsite_batch(
+                job, args.runs, procs=procs, timeout=args.timeout
+            )
+            results["jobsite"].append(rate)
+            enqueue["jobsite"].append(seconds)
+            problems += trouble
+            print(
+                f"  repeat {repeat}: floor {results['floor'][-1]:.0f}/s, "
+                f"django-q2 {results['django-q2'][-1]:.1f}/s, "
+                f"Jobsite {results['jobsite'][-1]:.1f}/s",
+                flush=True,
+            )
+    report(args, results, enqueue, problems, load_at_start)
+
+
+def floor(runs: int) -> float:
+    started = time.perf_counter()
+    for _ in range(runs):
+        subprocess.run(["true"], check=False)
+    return runs / (time.perf_counter() - started)
+
+
+def queue_empty() -> bool:
+    from django_q.models import OrmQ
+
+    return not OrmQ.objects.exists()
+
+
+def raw_batch(runs: int, *, procs: common.Processes, timeout: float) -> tuple[float, float, list]:
+    """(runs/s end to end, seconds spent enqueuing, problems)."""
+    from django_q.models import Task
+    from django_q.tasks import async_task
+
+    failed_before = Task.objects.filter(func=RAW_FUNC, success=False).count()
+    started = time.perf_counter()
+    for _ in range(runs):
+        async_task(RAW_FUNC)
+    enqueued = time.perf_counter() - started
+    common.wait_until(queue_empty, timeout=timeout, interval=0.1, procs=procs, what="empty queue")
+    elapsed = time.perf_counter() - started
+    failed = Task.objects.filter(func=RAW_FUNC, success=False).count() - failed_before
+    return runs / elapsed, enqueued, [f"django-q2: {failed} failed tasks"] if failed else []
+
+
+def jobsite_batch(job, runs: int, *, procs: common.Processes, timeout: float):
+    """(runs/s end to end, seconds spent enqueuing, problems)."""
+    from collections import Counter
+
+    from jobs import services
+    from jobs.models import Run
+
+    after = Run.objects.order_by("-pk").values_list("pk", flat=True).first() or 0
+    started = time.perf_counter()
+    for _ in range(runs):
+        services.run_create(job=job, trigger=Run.Trigger.MANUAL)
+    enqueued = time.perf_counter() - started
+    batch = Run.objects.filter(job=job, pk__gt=after)
+    common.wait_until(
+        lambda: not batch.filter(status__in=Run.ACTIVE).exists() and queue_empty(),
+        timeout=timeout,
+        interval=0.1,
+        procs=procs,
+        what="all runs finished",
+    )
+    elapsed = time.perf_counter() - started
+    statuses = Counter(batch.values_list("status", flat=True))
+    trouble = []
+    if statuses.get(Run.Status.SUCCEEDED, 0) != runs:
+        trouble.append(f"Jobsite: expected {runs} succeeded runs, got {dict(statuses)}")
+    return runs / elapsed, enqueued, trouble
+
+
+def report(args, results, enqueue, problems, load_at_start) -> None:
+    raw = results["django-q2"]
+    ratios = {
+        name: [ours / base for ours, base in zip(values, raw, strict=True)]
+        for name, values in results.items()
+    }
+    print()
+    print("## Throughput")
+    for line in common.machine_lines(common.database_text(), load_at_start):
+        print(line)
+    print(
+        f"workload  {args.runs} runs of `true` enqueued at once, end to end (enqueue -> "
+        f"stored), Q_WORKERS={args.workers}, {args.repeat} repeat(s)"
+    )
+    print()
+    labels = {
+        "floor": 'bare subprocess.run(["true"]) loop (floor)',
+        "django-q2": "raw django-q2 async_task -> same subprocess",
+        "jobsite": "Jobsite run_create -> run finished (shell `true`)",
+    }
+    rows = [
+        [
+            labels[name],
+            common.fmt_spread(values, 1),
+            common.fmt_spread(enqueue[name], 1) if name in enqueue else "-",
+            common.fmt_spread(ratios[name], 2),
+        ]
+        for name, values in results.items()
+    ]
+    header = [
+        "figure",
+        "runs/s min / median / max",
+        "enqueue s min/med/max",
+        "ratio to raw django-q2",
+    ]
+    print(common.table(header, rows))
+    median_ratio = common.spread(ratios["jobsite"])[1]
+    verdict = "met" if median_ratio >= TARGET else "MISSED"
+    print()
+    print(
+        f"target    Jobsite >= {TARGET:.0%} of raw django-q2 "
+        f"(median ratio {median_ratio:.0%}): {verdict}"
+    )
+    for problem in problems:
+        print(f"PROBLEM   {problem}")
+
+
+if __name__ == "__main__":
+    main()
