@@ -14,8 +14,9 @@ from jobs.models import Job
 
 class Command(BaseCommand):
     help = (
-        "Write jobs as TOML in the loadjobs format. Secret values are never written: "
-        "${NAME} references are kept, other secret values become placeholders."
+        "Write jobs as TOML in the loadjobs format. Secret values and delivery passwords "
+        "are never written: ${NAME} references are kept, other values become placeholders "
+        "(with a warning on stderr)."
     )
 
     def add_arguments(self, parser) -> None:
