@@ -403,9 +403,7 @@ def _resolve(run: Run, workdir: Path) -> tuple[dict[str, str], list[str], str]:
     env["JOBSITE_ARTIFACTS_DIR"] = str(workdir / "artifacts")
     secrets = [env[k] for k in job.secret_keys if k in env]
     password = ""
-    if job.deliver_url:
-        if not job.deliver_password:
-            raise kinds.KindError("the delivery has no password (use ${NAME})")
+    if job.deliver_url and job.deliver_password:  # no password: anonymous FTP
         password = execution.resolve_references(
             {"delivery password": job.deliver_password}, os.environ
         )["delivery password"]
