@@ -184,8 +184,20 @@ def tick(*, now: datetime | None = None) -> list[Run]:
         if any(swept.values()):
             log.info("sweep: %s", swept)
     _send_due_digests(now)
+    _start_daily_prune(now)
     cache.set(TICK_KEY, now.isoformat(), timeout=None)
     return runs
+
+
+def _start_daily_prune(now: datetime) -> None:
+    """Once a day, hand the prune of old runs to the workers (it can take
+    minutes; the clock must not wait for it)."""
+    from jobs import retention
+
+    try:
+        retention.prune_daily(now=now)
+    except Exception:
+        log.exception("starting the daily prune failed")
 
 
 def _send_due_digests(now: datetime) -> None:

@@ -61,15 +61,37 @@ class RunLogWriter:
         self.last_flush = time.monotonic()
         self.unsaved_dropped = 0
         self.closing = False
-        self.last_line = ""
+        self.recent = ""  # the last output, for last_line
 
     def feed(self, data: bytes) -> None:
         self.produced += len(data)
         text = self.decoder.decode(data)
         if text:
             self._add(text)
-        if self.pending_size >= self.flush_bytes or self._flush_due():
+        if self.head_used < self.head_cap:
+            # Filling the head: store in small steps so the page tails it live.
+            if self.pending_size >= self.flush_bytes or self._flush_due():
+                self.flush()
+            return
+        # Past the head only the tail is kept: a flood is trimmed in memory
+        # and written once a second, not one transaction per pipe read.
+        if self.pending_size > 2 * self.tail_cap:
+            self._trim_pending()
+        if self._flush_due():
             self.flush()
+
+    def _trim_pending(self) -> None:
+        data = "".join(self.pending)
+        cut = len(data) - self.tail_cap
+        self.unsaved_dropped += len(data[:cut].encode())
+        self.pending = [data[cut:]]
+        self.pending_size = len(self.pending[0])
+
+    @property
+    def last_line(self) -> str:
+        """The last non-empty line of output (a traceback's verdict)."""
+        lines = [line.strip() for line in self.recent.splitlines() if line.strip()]
+        return lines[-1][:500] if lines else ""
 
     def tick(self) -> None:
         if self.pending and self._flush_due():
@@ -92,9 +114,7 @@ class RunLogWriter:
             text = text.replace(secret, SECRET_MASK)
         if self.echo:
             self.echo(text)
-        lines = [line for line in text.splitlines() if line.strip()]
-        if lines:
-            self.last_line = lines[-1].strip()[:500]
+        self.recent = (self.recent + text)[-2000:]
         self.pending.append(text)
         self.pending_size += len(text)
 

@@ -142,6 +142,11 @@ JOBSITE_WORK_DIR = env.str("JOBSITE_WORK_DIR", default="") or None
 MEDIA_ROOT = env.str("MEDIA_ROOT", default=str(BASE_DIR / "media"))
 MEDIA_URL = "media/"
 
+# Daily prune of old runs: when (HH:MM in TIME_ZONE; empty = no built-in
+# prune) and how many days of finished runs to keep (daily rollups stay).
+JOBSITE_PRUNE_TIME = env.str("JOBSITE_PRUNE_TIME", default="03:30")
+JOBSITE_RETENTION_DAYS = env.int("JOBSITE_RETENTION_DAYS", default=90)
+
 # --- Being told: alerts, digests, health, metrics -----------------------------
 # A global webhook for every alert (in addition to each job's own), JSON POST
 # with a Slack-compatible "text" field.
