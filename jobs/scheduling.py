@@ -136,7 +136,9 @@ def iter_fires(expr: str, tz_name: str, after: datetime) -> Iterator[Fire]:
     cron = expand(expr)
     tz = zone(tz_name)
     fixed = _fixed_time(cron)
-    start = after.astimezone(tz).replace(tzinfo=None, microsecond=0) - LOOKAHEAD
+    start = after.astimezone(tz).replace(tzinfo=None, microsecond=0)
+    if _transition_near(after, tz):
+        start -= LOOKAHEAD
     heap: list[tuple[datetime, int, Fire]] = []
     last: datetime | None = None
     order = itertools.count()
@@ -158,7 +160,9 @@ def iter_fires(expr: str, tz_name: str, after: datetime) -> Iterator[Fire]:
             instant = fire.at.astimezone(UTC)
             if instant > after:
                 heapq.heappush(heap, (instant, next(order), fire))
-        horizon = naive.replace(tzinfo=tz).astimezone(UTC) - LOOKAHEAD
+        # Hold fires back only near a DST change; elsewhere they come in order.
+        moment = naive.replace(tzinfo=tz).astimezone(UTC)
+        horizon = moment - LOOKAHEAD if _transition_near(moment, tz) else moment
         while heap and heap[0][0] <= horizon:
             instant, _n, fire = heapq.heappop(heap)
             if instant != last:  # two gap times can move to one instant

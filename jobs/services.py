@@ -82,7 +82,8 @@ def run_create(
         reason = upstream_blocker(job, now=now)
         if reason is None:
             reason, wait = _apply_overlap(job, now=now)
-        _note_scheduled_for(job, fields["scheduled_for"])
+        if trigger == Run.Trigger.SCHEDULE:
+            _note_scheduled_for(job, fields["scheduled_for"])
         if reason is not None:
             skipped = Run.objects.create(
                 **fields, status=Run.Status.SKIPPED, finished_at=now, error_summary=reason
@@ -98,7 +99,9 @@ def run_create(
 
 
 def _note_scheduled_for(job: Job, scheduled_for: datetime) -> None:
-    """Keep Job.last_scheduled_for (staleness reads it instead of the history)."""
+    """Keep Job.last_scheduled_for (staleness reads it instead of the history).
+    Only clock fires count: a manual run does not prove the schedule works,
+    and skipping the write spares the job row a lock on every manual run."""
     Job.objects.filter(pk=job.pk).filter(
         Q(last_scheduled_for__isnull=True) | Q(last_scheduled_for__lt=scheduled_for)
     ).update(last_scheduled_for=scheduled_for)
