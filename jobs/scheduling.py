@@ -14,6 +14,7 @@ clock times, with our own mapping of wall clock times to instants:
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 from collections import deque
@@ -235,6 +236,7 @@ def fires_counted(
     return list(kept), total
 
 
+@functools.lru_cache(maxsize=4096)
 def describe(expr: str, tz_name: str) -> str:
     """The schedule in words, e.g. 'At 02:15 (Europe/Berlin)'."""
     from cron_descriptor import ExpressionDescriptor, Options

@@ -18,6 +18,7 @@ from datetime import datetime
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
+from django.db import connection
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import (
@@ -88,6 +89,37 @@ class JobRow:
         return False
 
 
+def _recent_runs_lateral(job_ids: list[int]) -> dict[int, list[Run]]:
+    """PostgreSQL: a LATERAL join reads each job's latest runs straight off
+    run_job_recent_idx. (With the correlated-subquery form below its planner
+    misestimated the join at 2 M runs and scanned them all: 17 s vs 20 ms.)"""
+    sql = """
+        SELECT j.id, r.id, r.status, r.queued_at, r.started_at, r.finished_at
+        FROM jobs_job j
+        CROSS JOIN LATERAL (
+            SELECT id, status, queued_at, started_at, finished_at
+            FROM jobs_run WHERE job_id = j.id ORDER BY id DESC LIMIT %s
+        ) r
+        WHERE j.id = ANY(%s)
+        ORDER BY j.id, r.id DESC
+    """
+    recent: dict[int, list[Run]] = {}
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [STRIP_LENGTH, list(job_ids)])
+        for job_id, run_id, status, queued_at, started_at, finished_at in cursor.fetchall():
+            recent.setdefault(job_id, []).append(
+                Run(
+                    id=run_id,
+                    job_id=job_id,
+                    status=status,
+                    queued_at=queued_at,
+                    started_at=started_at,
+                    finished_at=finished_at,
+                )
+            )
+    return recent
+
+
 def _recent_runs(job_ids: list[int]) -> dict[int, list[Run]]:
     """The latest STRIP_LENGTH runs of each job, in one query.
 
@@ -101,6 +133,8 @@ def _recent_runs(job_ids: list[int]) -> dict[int, list[Run]]:
     run first; an OR of per-job ranges hits SQLite's expression depth limit
     at ~1000 jobs.
     """
+    if connection.vendor == "postgresql":
+        return _recent_runs_lateral(job_ids)
     nth_latest = (
         Run.objects.filter(job=OuterRef("pk"))
         .order_by("-id")
