@@ -30,6 +30,7 @@ from django.http import (
     StreamingHttpResponse,
 )
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
@@ -50,6 +51,28 @@ INLINE_LOG_CHARS = 1024 * 1024
 
 
 # --- Overview ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StripRun:
+    """What the overview needs of a run: far cheaper than 20,000 model instances."""
+
+    pk: int
+    status: str
+    queued_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in Run.ACTIVE
+
+    @property
+    def is_failure(self) -> bool:
+        return self.status in Run.FAILURES
+
+    def get_absolute_url(self) -> str:
+        return reverse("jobs-run-detail", args=[self.pk])
 
 
 @dataclass
@@ -89,7 +112,7 @@ class JobRow:
         return False
 
 
-def _recent_runs_lateral(job_ids: list[int]) -> dict[int, list[Run]]:
+def _recent_runs_lateral(job_ids: list[int]) -> dict[int, list[StripRun]]:
     """PostgreSQL: a LATERAL join reads each job's latest runs straight off
     run_job_recent_idx. (With the correlated-subquery form below its planner
     misestimated the join at 2 M runs and scanned them all: 17 s vs 20 ms.)"""
@@ -108,19 +131,12 @@ def _recent_runs_lateral(job_ids: list[int]) -> dict[int, list[Run]]:
         cursor.execute(sql, [STRIP_LENGTH, list(job_ids)])
         for job_id, run_id, status, queued_at, started_at, finished_at in cursor.fetchall():
             recent.setdefault(job_id, []).append(
-                Run(
-                    id=run_id,
-                    job_id=job_id,
-                    status=status,
-                    queued_at=queued_at,
-                    started_at=started_at,
-                    finished_at=finished_at,
-                )
+                StripRun(run_id, status, queued_at, started_at, finished_at)
             )
     return recent
 
 
-def _recent_runs(job_ids: list[int]) -> dict[int, list[Run]]:
+def _recent_runs(job_ids: list[int]) -> dict[int, list[StripRun]]:
     """The latest STRIP_LENGTH runs of each job, in one query.
 
     For each job a correlated subquery finds the id of its STRIP_LENGTH-th
@@ -154,14 +170,7 @@ def _recent_runs(job_ids: list[int]) -> dict[int, list[Run]]:
     )
     recent: dict[int, list[Run]] = {}
     for job_id, run_id, status, queued_at, started_at, finished_at in rows:
-        run = Run(
-            id=run_id,
-            job_id=job_id,
-            status=status,
-            queued_at=queued_at,
-            started_at=started_at,
-            finished_at=finished_at,
-        )
+        run = StripRun(run_id, status, queued_at, started_at, finished_at)
         recent.setdefault(job_id, []).append(run)
     for runs in recent.values():
         runs.sort(key=lambda r: r.pk, reverse=True)
