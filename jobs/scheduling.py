@@ -186,6 +186,13 @@ def _transition_near(moment: datetime, tz: ZoneInfo) -> bool:
 
 def previous_fires(expr: str, tz_name: str, before: datetime, count: int = 1) -> list[datetime]:
     """The latest `count` fires at or before the instant `before`, newest first."""
+    return list(_previous_fires(expr, tz_name, before, count))
+
+
+@functools.lru_cache(maxsize=8192)
+def _previous_fires(expr: str, tz_name: str, before: datetime, count: int) -> tuple[datetime, ...]:
+    # Cached: pages that judge staleness for 1,000 jobs ask the same question
+    # for every job sharing a schedule (pure: same arguments, same answer).
     cron = expand(expr)
     tz = zone(tz_name)
     fixed = _fixed_time(cron)
@@ -202,7 +209,7 @@ def previous_fires(expr: str, tz_name: str, before: datetime, count: int = 1) ->
         if len(kept) >= count and (not shifting or naive < local - LOOKAHEAD):
             break
     kept.sort(reverse=True)
-    return [moment.astimezone(tz) for moment in kept[:count]]
+    return tuple(moment.astimezone(tz) for moment in kept[:count])
 
 
 def next_fires(expr: str, tz_name: str, after: datetime, count: int = 1) -> list[Fire]:
