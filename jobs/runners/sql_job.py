@@ -100,14 +100,27 @@ def run(config: dict) -> int:
     rows = _export(cursor, Path(config["csv_path"])) if named or cursor.description else None
     conn.commit()
     conn.close()
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"-- peak memory {peak_mb:.1f} MB")
+    print(f"-- peak memory {_peak_rss_mb():.1f} MB")
     if rows is None:
         print("-- the last statement returned no rows: no CSV written")
     else:
         print(f"-- wrote {rows:,} rows to {Path(config['csv_path']).name}")
         _send({"rows": rows, "done": total, "total": total, "message": f"{rows:,} rows"})
     return 0
+
+
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux
+    carries the high-water mark of the process image replaced by exec (here
+    the whole worker) into it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _cursor(conn, flavour: str, statement: str, last: bool):
