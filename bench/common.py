@@ -35,6 +35,30 @@ DEFAULT_PG_URL = "postgres://postgres@127.0.0.1:5432/"
 # --- Output directory, databases -------------------------------------------------
 
 
+def recreate_database(url: str) -> None:
+    """Drop and create the database named in `url` (SQLite: delete its files)."""
+    parsed = urlparse(url)
+    if parsed.scheme.startswith("sqlite"):
+        for suffix in ("", "-wal", "-shm"):
+            Path(parsed.path + suffix).unlink(missing_ok=True)
+        return
+    import psycopg2
+
+    name = parsed.path.lstrip("/")
+    admin = psycopg2.connect(
+        host=parsed.hostname,
+        port=parsed.port or 5432,
+        user=parsed.username,
+        password=parsed.password,
+        dbname="postgres",
+    )
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{name}"')
+    admin.close()
+
+
 def out_dir(name: str, given: str | None = None) -> Path:
     path = (
         Path(given)

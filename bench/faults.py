@@ -29,10 +29,11 @@ import uuid
 from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlparse
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
+
+from bench.common import recreate_database  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,21 +44,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-restart", action="store_true", help="skip the PostgreSQL restart")
     parser.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/jobsite_soak")
     return parser.parse_args()
-
-
-def recreate_database(url: str) -> None:
-    import psycopg2
-
-    parsed = urlparse(url)
-    name = parsed.path.lstrip("/")
-    admin = psycopg2.connect(
-        host=parsed.hostname, port=parsed.port or 5432, user=parsed.username, dbname="postgres"
-    )
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        cur.execute(f'CREATE DATABASE "{name}"')
-    admin.close()
 
 
 def manage(env: dict[str, str], *args: str) -> None:

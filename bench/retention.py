@@ -32,10 +32,11 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import urlparse
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
+
+from bench.common import recreate_database  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,29 +58,6 @@ def setup_django(database_url: str) -> None:
     import django
 
     django.setup()
-
-
-def recreate_database(url: str) -> None:
-    parsed = urlparse(url)
-    if parsed.scheme.startswith("sqlite"):
-        for suffix in ("", "-wal", "-shm"):
-            Path(parsed.path + suffix).unlink(missing_ok=True)
-        return
-    import psycopg2
-
-    name = parsed.path.lstrip("/")
-    admin = psycopg2.connect(
-        host=parsed.hostname,
-        port=parsed.port or 5432,
-        user=parsed.username,
-        password=parsed.password,
-        dbname="postgres",
-    )
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        cur.execute(f'CREATE DATABASE "{name}"')
-    admin.close()
 
 
 # --- Seeding ------------------------------------------------------------------------
