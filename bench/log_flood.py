@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
+from bench import retention  # noqa: E402
 from bench.retention import recreate_database, setup_django  # noqa: E402
 
 LINE = "x" * 99 + "\n"  # 100 bytes
@@ -245,14 +245,7 @@ def spread(values: list[float], fmt: str) -> str:
 def machine_line() -> str:
     from django.db import connection
 
-    with connection.cursor() as cur:
-        if connection.vendor == "sqlite":
-            cur.execute("select sqlite_version()")
-            db = f"SQLite {cur.fetchone()[0]} (WAL, IMMEDIATE)"
-        else:
-            cur.execute("show server_version")
-            db = f"PostgreSQL {cur.fetchone()[0]}"
-    return f"{os.cpu_count()} cores, Python {platform.python_version()}, {db}"
+    return retention.machine_line(connection)
 
 
 def main() -> None:

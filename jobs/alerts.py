@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from django.db import transaction
 from django.db.models import F, Q
 
+from jobs.emails import humanize
 from jobs.models import AlertFlip, Job, Run
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def on_run_finished(run: Run, *, now: datetime, retrying: bool) -> None:
                 new=State.OK,
                 now=now,
                 run=run,
-                reason=f"succeeded again after {_words(broken_for)}" if broken_for else "",
+                reason=f"succeeded again after {humanize(broken_for)}" if broken_for else "",
             )
         return
     if run.status not in Run.FAILURES or retrying:
@@ -112,14 +113,3 @@ def resend_unnotified(*, now: datetime) -> int:
         _send(record)
         count += 1
     return count
-
-
-def _words(span: timedelta) -> str:
-    seconds = int(span.total_seconds())
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    if seconds < 2 * 86400:
-        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-    return f"{seconds // 86400} days"
