@@ -45,17 +45,23 @@ def _send(record: AlertFlip) -> None:
     async_task("jobs.tasks.notify_flip", record.pk, q_options={"task_name": f"flip#{record.pk}"})
 
 
-def on_run_finished(run: Run, *, now: datetime, retrying: bool) -> None:
+def on_run_finished(
+    run: Run, *, now: datetime, retrying: bool, job_updates: dict | None = None
+) -> None:
     """Count the run towards the job's alert state.
 
     A failure that will be retried does not count yet: only the outcome of
     the last attempt does, so a job that recovers on its retry stays quiet.
+    `job_updates` (the caller's own changes to the job row) go into the same
+    UPDATE: a success of a job that was fine costs one statement.
     """
     job = run.job
+    updates = dict(job_updates or {})
     if run.status == Run.Status.SUCCEEDED:
-        Job.objects.filter(pk=job.pk).update(
-            consecutive_failures=0, last_success_at=run.finished_at or now
-        )
+        updates.update(consecutive_failures=0, last_success_at=run.finished_at or now)
+        if Job.objects.filter(pk=job.pk, alert_state=State.OK).update(**updates):
+            return
+        Job.objects.filter(pk=job.pk).update(**updates)
         job.refresh_from_db(fields=["alert_state", "alert_state_since"])
         if job.alert_state != State.OK:
             broken_for = now - job.alert_state_since if job.alert_state_since else None
@@ -69,8 +75,11 @@ def on_run_finished(run: Run, *, now: datetime, retrying: bool) -> None:
             )
         return
     if run.status not in Run.FAILURES or retrying:
+        if updates:
+            Job.objects.filter(pk=job.pk).update(**updates)
         return
-    Job.objects.filter(pk=job.pk).update(consecutive_failures=F("consecutive_failures") + 1)
+    updates["consecutive_failures"] = F("consecutive_failures") + 1
+    Job.objects.filter(pk=job.pk).update(**updates)
     job.refresh_from_db(fields=["consecutive_failures", "alert_state", "alert_after"])
     if job.consecutive_failures >= max(1, job.alert_after) and job.alert_state != State.FAILING:
         flip(

@@ -54,6 +54,7 @@ class RunLogWriter:
         self.pending: list[str] = []
         self.pending_size = 0
         self.produced = 0
+        self.saved_produced = 0  # a new run's log_bytes
         self.head_used = 0
         self.seq = 0
         self.tail: deque[tuple[int, int]] = deque()  # (seq, size) of stored tail chunks
@@ -137,6 +138,7 @@ class RunLogWriter:
                 saved
             )
             self.pending = pending
+            self.saved_produced = -1  # unknown now: save the counts next time
             self._bound_pending()
             if not connection.in_atomic_block:
                 connection.close()  # reconnect at the next try
@@ -207,9 +209,12 @@ class RunLogWriter:
 
     def _save_counts(self, dropped: int) -> None:
         dropped += self.unsaved_dropped
+        if self.produced == self.saved_produced and not dropped:
+            return  # nothing new to say (a silent job: no write at all)
         Run.objects.filter(pk=self.run_id).update(
             log_bytes=self.produced, log_dropped_bytes=F("log_dropped_bytes") + dropped
         )
+        self.saved_produced = self.produced
         self.unsaved_dropped = 0
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import DatabaseError, IntegrityError, connection, transaction
-from django.db.models import Q
+from django.db.models import Case, F, Q, When
 from django.utils import timezone
 
 from jobs import alerts, artifacts, delivery, execution, kinds, stats
@@ -90,11 +90,13 @@ def run_create(
             )
             stats.record_finished(skipped)
             return skipped
+        if not wait:  # dispatched as it is created: one INSERT, no UPDATE after it
+            fields.update(enqueued_at=now, enqueue_count=1)
         run = Run.objects.create(**fields, status=Run.Status.QUEUED)
         if job.overlap == Job.Overlap.REPLACE:
             _replace_others(job, run, now=now)
-        if not wait:
-            _dispatch(run, now=now, send=not here)
+        if not wait and not here:
+            _send(run)
     return run
 
 
@@ -130,14 +132,21 @@ def _replace_others(job: Job, run: Run, *, now: datetime) -> None:
         run_cancel(run=other, by=None, reason=f"Replaced by run #{run.pk}", now=now)
 
 
-def _dispatch(run: Run, *, now: datetime, send: bool = True) -> bool:
-    """Mark a queued run as handed to an executor; send it to django-q2 after commit."""
-    marked = Run.objects.filter(pk=run.pk, status=Run.Status.QUEUED).update(
-        enqueued_at=now, enqueue_count=1
-    )
-    if marked and send:
+def _send(run: Run) -> None:
+    """Hand a run created or dispatched in this transaction to django-q2.
+
+    With the ORM broker on this database the task row is written in the
+    same transaction: one commit instead of two, and no moment where the run
+    is marked dispatched but its task not yet written. Otherwise (Redis, or
+    tasks run inline) it is sent once the transaction commits, so a worker
+    never looks for a run it cannot see yet.
+    """
+    from django_q.conf import Conf
+
+    if Run.objects.db == Conf.ORM and not Conf.SYNC and connection.in_atomic_block:
+        run_enqueue(run)
+    else:
         transaction.on_commit(lambda: run_enqueue(run))
-    return bool(marked)
 
 
 def run_enqueue(run: Run) -> None:
@@ -180,7 +189,7 @@ def dispatch_waiting(*, now: datetime, job: Job | None = None) -> int:
             if Run.objects.filter(pk=run.pk, enqueued_at__isnull=True).update(
                 enqueued_at=now, enqueue_count=1
             ):
-                transaction.on_commit(lambda run=run: run_enqueue(run))
+                _send(run)
                 sent += 1
     return sent
 
@@ -271,10 +280,11 @@ def _find_path(edges: dict[int, list[int]], *, start: int) -> list[int] | None:
 def _trigger_downstreams(run: Run, *, now: datetime) -> None:
     """After a success: start each upstream-triggered downstream job whose
     upstreams have all succeeded since its own last run."""
-    for down in run.job.downstreams.filter(enabled=True, trigger_on_upstream=True):
+    triggered = run.job.downstreams.filter(enabled=True, trigger_on_upstream=True)
+    for pk in triggered.values_list("pk", flat=True):
         with transaction.atomic():
             # Serialize with other finishing upstreams of the same job.
-            down = Job.objects.select_for_update().get(pk=down.pk)
+            down = Job.objects.select_for_update().get(pk=pk)
             last = Run.objects.filter(job=down).order_by("-id").first()
             since = last.queued_at if last else None
             if all(_succeeded_since(up, since) for up in down.upstreams.all()):
@@ -362,13 +372,16 @@ def masked(
     }
 
 
-def run_execute(run: Run, *, echo: Callable[[str], None] | None = None) -> Run:
+def run_execute(run: Run, *, echo: Callable[[str], None] | None = None, reload: bool = True) -> Run:
     """Run a claimed run's job to the end and record the outcome.
 
     1. Resolve the environment and secrets (a missing ${NAME} fails the run
        before anything starts), make the run's scratch directory.
     2. Run the kind's child process: output to the log, progress to the run.
     3. Collect $JOBSITE_ARTIFACTS_DIR, judge the outcome, deliver on success.
+
+    Returns the run as stored (`reload=False`: only its status and outcome
+    fields are current; the worker needs no more, and saves a query).
     """
     job = run.job
     workdir = Path(tempfile.mkdtemp(prefix=f"jobsite-run-{run.pk}-", dir=settings.JOBSITE_WORK_DIR))
@@ -378,12 +391,10 @@ def run_execute(run: Run, *, echo: Callable[[str], None] | None = None) -> Run:
             child = kinds.child_for(run, workdir=workdir, server_env=dict(os.environ))
         except (execution.UnresolvedReference, kinds.KindError) as exc:
             run_finish(run=run, status=Run.Status.FAILED, summary=f"Not started: {exc}")
-            return _reload(run)
-        Run.objects.filter(pk=run.pk).update(
-            command=_what_runs(job), environment=masked(env, job.secret_keys, secrets)
-        )
+            return _reload(run) if reload else run
+        shown = {"command": _what_runs(job), "environment": masked(env, job.secret_keys, secrets)}
         writer = RunLogWriter(run, redact=secrets, echo=echo)
-        status, summary, returncode = _supervise(run, child, env, writer)
+        status, summary, returncode = _supervise(run, child, env, writer, shown=shown)
         artifacts_stored = _retrying_database(lambda: artifacts.collect(run, workdir / "artifacts"))
         if status == Run.Status.SUCCEEDED and job.deliver_url:
             status, summary = _deliver(job, artifacts_stored or [], password, writer)
@@ -393,7 +404,7 @@ def run_execute(run: Run, *, echo: Callable[[str], None] | None = None) -> Run:
         _retrying_database(
             lambda: run_finish(run=run, status=status, exit_code=returncode, summary=summary)
         )
-        return _reload(run)
+        return _reload(run) if reload else run
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -423,9 +434,11 @@ def _what_runs(job: Job) -> str:
 
 
 def _supervise(
-    run: Run, child: kinds.Child, env: dict[str, str], writer: RunLogWriter
+    run: Run, child: kinds.Child, env: dict[str, str], writer: RunLogWriter, *, shown: dict
 ) -> tuple[str, str, int | None]:
-    """Run the child to its end: (status, summary, return code)."""
+    """Run the child to its end: (status, summary, return code). `shown`
+    (what runs, the masked environment) is stored with the process group id
+    as the child starts, or as it fails to."""
     watch = _Watch(run)
     progress = _Progress(run)
     try:
@@ -434,13 +447,14 @@ def _supervise(
             env=env | child.env,
             timeout=run.job.timeout,
             kill_grace=settings.JOBSITE_KILL_GRACE,
-            on_start=lambda pgid: Run.objects.filter(pk=run.pk).update(pid=pgid),
+            on_start=lambda pgid: Run.objects.filter(pk=run.pk).update(pid=pgid, **shown),
             on_output=writer.feed,
             on_tick=lambda: writer.tick() or progress.flush() or watch.should_stop(),
             on_progress=progress.update,
         )
     except Exception as exc:
         log.exception("run %s: execution failed", run.pk)
+        _retrying_database(lambda: Run.objects.filter(pk=run.pk, command="").update(**shown))
         writer.feed(f"[jobsite] execution failed: {exc}\n".encode())
         return Run.Status.FAILED, f"Jobsite error: {exc}", None
     _retrying_database(lambda: progress.flush(force=True))
@@ -608,12 +622,21 @@ def run_finish(
 
 def _after_finish(run: Run, *, now: datetime) -> None:
     """Free the job's slot, count the run, retry a failure, alert, start
-    what waits on this run."""
-    Job.objects.filter(pk=run.job_id, active_run_id=run.pk).update(active_run=None)
+    what waits on this run.
+
+    Few statements, since every run pays them: the slot is freed in the same
+    UPDATE of the job row as the alert counters, and a job that allows
+    overlap has nothing waiting for its slot (a retry's delay is then left
+    to the clock, which dispatches due runs every tick).
+    """
     stats.record_finished(run)
     retry = _schedule_retry(run, now=now) if run.status in Run.FAILURES else None
-    alerts.on_run_finished(run, now=now, retrying=retry is not None)
-    dispatch_waiting(now=now, job=run.job)
+    free_slot = Case(When(active_run=run.pk, then=None), default=F("active_run"))
+    alerts.on_run_finished(
+        run, now=now, retrying=retry is not None, job_updates={"active_run": free_slot}
+    )
+    if run.job.overlap != Job.Overlap.ALLOW or retry is not None:
+        dispatch_waiting(now=now, job=run.job)
     if run.status == Run.Status.SUCCEEDED:
         _trigger_downstreams(run, now=now)
 

@@ -39,7 +39,7 @@ def record_finished(run: Run) -> None:
             lateness_total=F("lateness_total") + lateness,
             lateness_max=Greatest(F("lateness_max"), Value(lateness)),
         )
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):  # the caller's transaction, if any, suffices
         if not JobDailyStats.objects.filter(job_id=run.job_id, day=day).update(**updates):
             try:
                 with transaction.atomic():

@@ -157,3 +157,59 @@ def test_job_validation_names_the_field(make_job, bad):
     with pytest.raises(ValidationError) as info:
         make_job(**bad)
     assert list(info.value.message_dict) == list(bad)
+
+
+# --- What every run costs the database (issue 6: throughput) ---------------------
+
+_BOOKKEEPING = ("BEGIN", "COMMIT", "SAVEPOINT", "RELEASE SAVEPOINT", "ROLLBACK")
+
+
+def _statements(captured) -> list[str]:
+    """The data statements of a capture, without transaction bookkeeping."""
+    sqls = [q["sql"] for q in captured.captured_queries]
+    return [s for s in sqls if not s.upper().startswith(_BOOKKEEPING)]
+
+
+def test_a_worker_runs_a_quiet_job_in_seven_statements(make_job):
+    """Claim (2), record the process (1), finish with slot, rollup and alert
+    counters (4): a silent successful run of a job that allows overlap.
+    Before the issue-6 work the same run took 15 statements in 4 transactions."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from jobs import tasks
+
+    job = make_job(command="true", overlap=Job.Overlap.ALLOW)
+    first = services.run_create(job=job, trigger=Run.Trigger.MANUAL)
+    tasks.execute_run(first.pk)  # the day's rollup row exists from here on
+    run = services.run_create(job=job, trigger=Run.Trigger.MANUAL)
+    with CaptureQueriesContext(connection) as captured:
+        assert tasks.execute_run(run.pk) == Run.Status.SUCCEEDED
+    statements = _statements(captured)
+    assert len(statements) <= 7, "\n".join(statements)
+    run.refresh_from_db()
+    assert run.command == "true" and run.pid and run.environment["JOBSITE_RUN_ID"] == str(run.pk)
+    job.refresh_from_db()
+    assert job.active_run_id is None and job.last_success_at == run.finished_at
+
+
+def test_run_now_writes_the_run_and_its_task_in_one_transaction(make_job):
+    """With the ORM broker the task row is part of the run's transaction: a
+    rollback leaves neither a run nor a task behind."""
+    from django.db import transaction
+    from django_q.conf import Conf
+    from django_q.models import OrmQ
+
+    if Conf.ORM != "default":
+        pytest.skip("the ORM broker is not in use (REDIS_URL is set)")
+    job = make_job(command="true", overlap=Job.Overlap.ALLOW)
+    tasks_before = OrmQ.objects.count()
+    with pytest.raises(RuntimeError), transaction.atomic():
+        services.run_create(job=job, trigger=Run.Trigger.MANUAL)
+        assert OrmQ.objects.count() == tasks_before + 1  # written inside
+        raise RuntimeError("the caller fails after creating the run")
+    assert OrmQ.objects.count() == tasks_before
+    assert not Run.objects.filter(job=job).exists()
+    run = services.run_create(job=job, trigger=Run.Trigger.MANUAL)
+    assert run.enqueued_at is not None and run.enqueue_count == 1
+    assert OrmQ.objects.count() == tasks_before + 1
