@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import heapq
 import itertools
+import threading
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -185,14 +186,53 @@ def _transition_near(moment: datetime, tz: ZoneInfo) -> bool:
 
 
 def previous_fires(expr: str, tz_name: str, before: datetime, count: int = 1) -> list[datetime]:
-    """The latest `count` fires at or before the instant `before`, newest first."""
-    return list(_previous_fires(expr, tz_name, before, count))
+    """The latest `count` fires at or before the instant `before`, newest first.
+
+    Remembered per schedule as a span: the answer is the same for every
+    `before` from its newest fire up to (not including) the fire after it.
+    So judging staleness of 1,000 jobs on every page view walks a cron
+    expression again only once one of its fires has passed, not per request
+    (`before` is `now`, different every time).
+    """
+    key = (expr, tz_name, count)
+    moment = before.astimezone(UTC)
+    spans = _SPANS.get(key, ())
+    for span in spans:
+        if span.start <= moment < span.end:
+            return list(span.fires)
+    fires = _previous_fires(expr, tz_name, before, count)
+    if len(fires) == count:
+        after = next_fire_after(expr, tz_name, fires[0])
+        span = _Span(fires[0].astimezone(UTC), after.astimezone(UTC) if after else None, fires)
+        # Only a span that holds `before` is kept, whatever the DST walk did.
+        if span.end is not None and span.start <= moment < span.end:
+            _remember(key, span, spans)
+    return list(fires)
 
 
-@functools.lru_cache(maxsize=8192)
+@dataclass(frozen=True)
+class _Span:
+    start: datetime  # UTC: the newest of `fires`
+    end: datetime | None  # UTC: the fire after it
+    fires: tuple[datetime, ...]
+
+
+SPANS_PER_SCHEDULE = 4  # `now` and `now - grace` can fall in different spans
+SPANS_MAX = 8192  # schedules remembered
+_SPANS: dict[tuple[str, str, int], tuple[_Span, ...]] = {}
+_SPANS_LOCK = threading.Lock()
+
+
+def _remember(key: tuple[str, str, int], span: _Span, spans: tuple[_Span, ...]) -> None:
+    # Readers take no lock: they see the old tuple or the new one, both right.
+    with _SPANS_LOCK:
+        if key not in _SPANS and len(_SPANS) >= SPANS_MAX:
+            del _SPANS[next(iter(_SPANS))]  # the schedule remembered first
+        _SPANS[key] = (span, *spans[: SPANS_PER_SCHEDULE - 1])
+
+
 def _previous_fires(expr: str, tz_name: str, before: datetime, count: int) -> tuple[datetime, ...]:
-    # Cached: pages that judge staleness for 1,000 jobs ask the same question
-    # for every job sharing a schedule (pure: same arguments, same answer).
+    """previous_fires by walking the cron expression backwards from `before`."""
     cron = expand(expr)
     tz = zone(tz_name)
     fixed = _fixed_time(cron)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -130,3 +130,30 @@ def test_fires_between_lists_missed_fires_oldest_first():
 def test_describe_says_the_schedule_in_words_with_the_zone():
     assert scheduling.describe("15 2 * * *", "Europe/Berlin") == "At 02:15 (Europe/Berlin)"
     assert scheduling.describe("*/5 * * * *", "UTC") == "Every 5 minutes"
+
+
+@pytest.mark.parametrize(
+    "expr, tz_name, day",
+    [
+        ("30 2 * * *", "Europe/Berlin", datetime(2027, 3, 27, 20, tzinfo=UTC)),  # gap
+        ("15 1 * * *", "America/New_York", datetime(2027, 11, 6, 20, tzinfo=UTC)),  # repeat
+        ("*/15 * * * *", "Europe/Berlin", datetime(2027, 10, 30, 20, tzinfo=UTC)),
+        ("*/20 1-3 * * *", "Europe/London", datetime(2027, 3, 27, 20, tzinfo=UTC)),
+        ("30 1 * * *", "Australia/Lord_Howe", datetime(2027, 4, 3, 10, tzinfo=UTC)),
+        ("7 */6 * * *", "Asia/Kolkata", datetime(2027, 1, 5, 0, tzinfo=UTC)),
+    ],
+)
+def test_remembered_previous_fires_equal_a_fresh_walk_around_every_fire(expr, tz_name, day):
+    # previous_fires answers from a remembered span [newest fire, next fire);
+    # just before, at and just after each fire, across DST changes, it must
+    # say what walking the expression backwards says.
+    scheduling._SPANS.clear()
+    moments = []
+    for fire in scheduling.fires_between(expr, tz_name, day, day + timedelta(hours=16)):
+        moments += [fire - timedelta(microseconds=1), fire, fire + timedelta(seconds=59)]
+    in_utc = lambda fires: [fire.astimezone(UTC) for fire in fires]  # noqa: E731 (fold-safe)
+    for moment in moments + moments[::-1]:
+        for count in (1, 2):
+            walked = scheduling._previous_fires(expr, tz_name, moment, count)
+            assert in_utc(scheduling.previous_fires(expr, tz_name, moment, count)) == in_utc(walked)
+    assert scheduling._SPANS  # spans were remembered, so later answers came from them
