@@ -11,6 +11,7 @@ small one.
 
     .venv/bin/python bench/pages.py                      # 1,000 jobs; 20 k and 2 M runs
     .venv/bin/python bench/pages.py --no-seed            # measure the seeded databases again
+    .venv/bin/python bench/pages.py --no-seed --pages /,/stale/   # only these pages
     .venv/bin/python bench/pages.py --small-url sqlite:////tmp/s.sqlite3 \\
         --big-url sqlite:////tmp/b.sqlite3 --jobs 5 --small-runs 100 --big-runs 500 --requests 5
 
@@ -129,8 +130,8 @@ def logged_in_client():
     return client
 
 
-def measure(database_url: str, requests: int, budget: float) -> dict:
-    """In this process: time every page of one seeded database."""
+def measure(database_url: str, requests: int, budget: float, only: list[str] | None = None) -> dict:
+    """In this process: time every page of one seeded database (or those in `only`)."""
     os.environ["DATABASE_URL"] = database_url
     os.environ["DEBUG"] = "False"
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "jobsite.settings")
@@ -148,8 +149,14 @@ def measure(database_url: str, requests: int, budget: float) -> dict:
     setup_test_environment(debug=False)  # lets the test Client's host in
     assert not settings.DEBUG
     client = logged_in_client()
+    resolved = resolve_pages()
+    if unknown := set(only or ()) - {label for label, _url in resolved}:
+        known = ", ".join(repr(label) for label, _url in resolved)
+        raise SystemExit(f"unknown page(s) {sorted(unknown)}; the pages are {known}")
     pages = []
-    for label, url in resolve_pages():
+    for label, url in resolved:
+        if only and label not in only:
+            continue
         queries = count_queries(client, url)  # also the first warm-up request
         time_page(client, url, WARMUP - 1, budget / 10)
         times = time_page(client, url, requests, budget)
@@ -262,12 +269,18 @@ def main(argv: list[str] | None = None) -> None:
         "--budget", type=float, default=30.0, help="seconds of timed requests per page at most"
     )
     parser.add_argument("--no-seed", action="store_true", help="the databases are seeded")
+    parser.add_argument(
+        "--pages",
+        type=lambda text: [label.strip() for label in text.split(",") if label.strip()],
+        help='only these pages, by label, comma-separated: e.g. "/,/stale/" (default: all)',
+    )
     parser.add_argument("--measure", metavar="DATABASE_URL", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.measure:  # the child: one database per process (settings are read once)
-        Path(args.json).write_text(json.dumps(measure(args.measure, args.requests, args.budget)))
+        result = measure(args.measure, args.requests, args.budget, args.pages)
+        Path(args.json).write_text(json.dumps(result))
         return
 
     load = os.getloadavg()
@@ -284,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
                 __file__,
                 *("--measure", url, "--json", str(out)),
                 *("--requests", str(args.requests), "--budget", str(args.budget)),
+                *(("--pages", ",".join(args.pages)) if args.pages else ()),
             )
             results.append(json.loads(out.read_text()))
     print_table(*results, requests=args.requests, load=load)

@@ -1,7 +1,8 @@
 """The dashboard pages: thin views over models, runlog, stats and services.
 
 Every page needs a login except /health/. Reads are bounded whatever the
-history holds: the overview reads a fixed number of recent runs per job, the
+history holds: the overview reads a fixed number of recent runs per job on
+its page (and two index probes per job for the counts), the
 job page and /failures/ page by id (keyset) instead of COUNT(*) + OFFSET,
 rates and charts come from the daily rollups, and staleness is pure maths
 on each job (Job.stale_reason), so /stale/ costs the same for any history.
@@ -18,8 +19,9 @@ from datetime import datetime
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
+from django.core.paginator import Page, Paginator
 from django.db import connection
-from django.db.models import OuterRef, QuerySet, Subquery
+from django.db.models import Exists, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import (
     FileResponse,
@@ -38,6 +40,7 @@ from jobs import charts, runlog, services, stats
 from jobs.models import Artifact, Job, Run, RunLogChunk, Stale
 
 STRIP_LENGTH = 20  # recent runs per job on the overview
+JOBS_PAGE_SIZE = 50  # jobs a page on the overview and /stale/
 HISTORY_PAGE_SIZE = 25
 FLIPS_SHOWN = 10
 NOTIFICATIONS_SHOWN = 20
@@ -53,7 +56,7 @@ INLINE_LOG_CHARS = 1024 * 1024
 # --- Overview ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StripRun:
     """What the overview needs of a run: far cheaper than 20,000 model instances."""
 
@@ -101,15 +104,6 @@ class JobRow:
             if status in active:
                 return status
         return self.last_run.status if self.last_run else "never"
-
-    @property
-    def is_failing(self) -> bool:
-        """The latest run that ran to an end failed (skips say nothing about health)."""
-        for run in self.recent:
-            if run.is_active or run.status == Run.Status.SKIPPED:
-                continue
-            return run.is_failure
-        return False
 
 
 def _recent_runs_lateral(job_ids: list[int]) -> dict[int, list[StripRun]]:
@@ -177,30 +171,121 @@ def _recent_runs(job_ids: list[int]) -> dict[int, list[StripRun]]:
     return recent
 
 
+# The overview's filters: what an engineer on call looks for first.
+OVERVIEW_FILTERS = {
+    "all": "All jobs",
+    "failing": "Failing",
+    "stale": "Stale",
+    "running": "Running",
+    "paused": "Paused",
+}
+# What the overview reads of every job: enough for the counts, the filters
+# and staleness, and for the rows of the page (no JSON fields to decode).
+OVERVIEW_FIELDS = [
+    "name",
+    "slug",
+    "tags",
+    "schedule",
+    "timezone",
+    "enabled",
+    "grace",
+    "created_at",
+    "last_scheduled_for",
+    "last_success_at",
+    "next_fire_at",
+    "fire_basis",
+]
+
+
+def _jobs_with_state() -> QuerySet[Job]:
+    """Every job by name, with the status of its latest run that ran to an
+    end (skips say nothing about health) and whether a run is running: two
+    index probes per job (run_job_recent_idx, run_job_status_recent_idx),
+    whatever the length of the history."""
+    last_end = (
+        Run.objects.filter(job=OuterRef("pk"))
+        .exclude(status__in=[*Run.ACTIVE, Run.Status.SKIPPED])
+        .order_by("-id")
+        .values("status")[:1]
+    )
+    running = Run.objects.filter(job=OuterRef("pk"), status=Run.Status.RUNNING)
+    return (
+        Job.objects.only(*OVERVIEW_FIELDS)
+        .annotate(last_end_status=Subquery(last_end), is_running=Exists(running))
+        .order_by("name")
+    )
+
+
 @login_required
 @require_GET
 def overview(request: HttpRequest) -> HttpResponse:
+    """All jobs by name, JOBS_PAGE_SIZE a page, or only those a filter
+    (?show=failing, stale, running, paused) picks.
+
+    The counts cover every job: one query reads the jobs with their state
+    (no run history beyond two index probes per job), staleness is pure
+    maths on each, and only the page's jobs get their strips and rates.
+    """
+    show = request.GET.get("show", "").strip() or "all"
+    if show not in OVERVIEW_FILTERS:
+        return HttpResponseBadRequest(
+            f"Unknown filter ?show={show!r}; use one of {', '.join(OVERVIEW_FILTERS)}.",
+            content_type="text/plain",
+        )
+    try:
+        number = _page_param(request)
+    except ValueError as exc:
+        return HttpResponseBadRequest(str(exc), content_type="text/plain")
     now = timezone.now()
-    jobs = list(Job.objects.order_by("name"))
-    recent = _recent_runs([job.pk for job in jobs])
-    rates = stats.rates_by_job(jobs, now)
+    jobs = list(_jobs_with_state())
+    stale = {job.pk: reason for job in jobs if (reason := job.stale_reason(now))}
+    picked = {
+        "all": jobs,
+        "failing": [job for job in jobs if job.last_end_status in Run.FAILURES],
+        "stale": [job for job in jobs if job.pk in stale],
+        "running": [job for job in jobs if job.is_running],
+        "paused": [job for job in jobs if not job.enabled],
+    }
+    page = _page_of(picked[show], number)
+    recent = _recent_runs([job.pk for job in page])
+    rates = stats.rates_by_job(list(page), now)
     rows = [
         JobRow(
             job=job,
             recent=recent.get(job.pk, []),
             next_fire=_next_fire(job, now),
-            stale=job.stale_reason(now),
+            stale=stale.get(job.pk),
             rate=rates.get(job.pk),
         )
-        for job in jobs
+        for job in page
     ]
-    counts = {
-        "running": sum(1 for r in rows if r.status == Run.Status.RUNNING),
-        "failing": sum(1 for r in rows if r.is_failing),
-        "stale": sum(1 for r in rows if r.stale),
-        "paused": sum(1 for r in rows if not r.job.enabled),
+    context = {
+        "rows": rows,
+        "page": page,
+        "page_query": f"show={show}&",
+        "show": show,
+        "filters": [(key, label, len(picked[key])) for key, label in OVERVIEW_FILTERS.items()],
+        "counts": {key: len(found) for key, found in picked.items()},
+        "now": now,
     }
-    return render(request, "jobs/overview.html", {"rows": rows, "counts": counts, "now": now})
+    return render(request, "jobs/overview.html", context)
+
+
+def _page_of(items: list, number: int) -> Page:
+    """Page `number` of `items` (a list: counting it costs nothing); past
+    the end - the failing jobs recovered meanwhile - the last page."""
+    paginator = Paginator(items, JOBS_PAGE_SIZE)
+    return paginator.page(min(number, paginator.num_pages))
+
+
+def _page_param(request: HttpRequest) -> int:
+    """?page=, a page number from 1 (1 when absent); ValueError with a message if malformed."""
+    raw = request.GET.get("page", "").strip()
+    if not raw:
+        return 1
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"?page= must be a page number (1, 2, ...), not {raw!r}.")
+    return int(raw)
 
 
 def _next_fire(job: Job, now: datetime) -> datetime | None:
@@ -223,29 +308,53 @@ class StaleRow:
     last_run: Run | None
 
 
+# What /stale/ reads of a job: staleness needs no more, nor does its row.
+STALE_FIELDS = [
+    "name",
+    "slug",
+    "schedule",
+    "timezone",
+    "enabled",
+    "grace",
+    "created_at",
+    "last_scheduled_for",
+    "last_success_at",
+]
+
+
 @login_required
 @require_GET
 def stale(request: HttpRequest) -> HttpResponse:
-    """Every stale job, most overdue first.
+    """Every stale job, most overdue first, JOBS_PAGE_SIZE a page: with the
+    scheduler down, every scheduled job is stale at once.
 
-    Two queries whatever the number of jobs or runs: the scheduled jobs, each
-    with the id of its latest run (a correlated subquery on
-    run_job_recent_idx), then those runs of the stale ones. Staleness itself
-    is pure maths per job on last_scheduled_for / last_success_at.
+    Two queries whatever the number of jobs or runs: the scheduled jobs
+    (the columns staleness needs), then the latest run of each stale one on
+    the page (a correlated subquery per job on run_job_recent_idx).
+    Staleness itself is pure maths per job on last_scheduled_for /
+    last_success_at.
     """
+    try:
+        number = _page_param(request)
+    except ValueError as exc:
+        return HttpResponseBadRequest(str(exc), content_type="text/plain")
     now = timezone.now()
-    latest = Run.objects.filter(job=OuterRef("pk")).order_by("-id").values("id")[:1]
-    jobs = (
-        Job.objects.filter(enabled=True)
-        .exclude(schedule="")
-        .annotate(latest_run_id=Subquery(latest))
-    )
+    jobs = Job.objects.filter(enabled=True).exclude(schedule="").only(*STALE_FIELDS)
     found = [(job, reason) for job in jobs if (reason := job.stale_reason(now))]
     found.sort(key=lambda pair: (-pair[1].overdue, pair[0].name))
-    run_ids = [job.latest_run_id for job, _ in found if job.latest_run_id]
-    runs = Run.objects.in_bulk(run_ids) if run_ids else {}
-    rows = [StaleRow(job, reason, runs.get(job.latest_run_id)) for job, reason in found]
-    return render(request, "jobs/stale.html", {"rows": rows, "now": now})
+    page = _page_of(found, number)
+    last_runs = _latest_runs([job.pk for job, _ in page]) if found else {}
+    rows = [StaleRow(job, reason, last_runs.get(job.pk)) for job, reason in page]
+    context = {"rows": rows, "page": page, "page_query": "", "now": now}
+    return render(request, "jobs/stale.html", context)
+
+
+def _latest_runs(job_ids: list[int]) -> dict[int, Run]:
+    """Each job's latest run, by job id, in one query."""
+    latest = Run.objects.filter(job=OuterRef("pk")).order_by("-id").values("id")[:1]
+    ids = Job.objects.filter(pk__in=job_ids).values(latest_id=Subquery(latest))
+    runs = Run.objects.filter(pk__in=ids).only("job_id", "status", "queued_at")
+    return {run.job_id: run for run in runs}
 
 
 @login_required

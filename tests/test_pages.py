@@ -13,7 +13,7 @@ from django.test import override_settings
 from django.urls import reverse
 from django.utils import timezone
 
-from jobs import services
+from jobs import services, views
 from jobs.models import AlertFlip, Job, JobDailyStats, Notification, Run, RunLogChunk
 from jobs.templatetags.jobs_tags import duration
 from tests.conftest import browser_login, chromium_path
@@ -658,6 +658,120 @@ def test_overview_counts_stale_jobs_and_marks_their_rows(client, make_user, make
     assert '<tr data-job="every-five" class="stale">' in html
     assert '<tr data-job="by-hand">' in html
     assert "Stale · 1 min 30 s overdue" in html
+
+
+def overview_jobs(html: str) -> list[str]:
+    return re.findall(r'<tr data-job="([^"]+)"', html)
+
+
+@pytest.fixture
+def six_jobs(make_job, monkeypatch):
+    """Two jobs a page; one of each kind needing attention, on pages 2 and 3."""
+    monkeypatch.setattr(views, "JOBS_PAGE_SIZE", 2)
+    make_runs(make_job(name="a-fine"), [Run.Status.SUCCEEDED], start=NOON - timedelta(hours=2))
+    make_job(name="b-fine")
+    make_runs(make_job(name="c-broken"), [Run.Status.FAILED], start=NOON - timedelta(hours=2))
+    busy = make_runs(make_job(name="d-busy"), [Run.Status.SUCCEEDED], start=NOON)[0]
+    Run.objects.filter(pk=busy.pk).update(status=Run.Status.RUNNING, finished_at=None)
+    make_job(name="e-held", schedule="@daily", enabled=False)
+    scheduled_job(make_job, name="f-late", schedule="*/5 * * * *", created=NOON - timedelta(days=1))
+
+
+def get_at_noon(client, user, url: str):
+    with time_machine.travel(NOON, tick=False):
+        client.force_login(user)
+        return client.get(url)
+
+
+def test_overview_pages_jobs_by_name_with_links_between_pages(client, make_user, six_jobs):
+    user = make_user(superuser=True)
+
+    first = get_at_noon(client, user, "/").content.decode()
+    second = get_at_noon(client, user, "/?page=2").content.decode()
+    past_the_end = get_at_noon(client, user, "/?page=9").content.decode()
+
+    assert overview_jobs(first) == ["a-fine", "b-fine"]
+    assert 'href="?show=all&amp;page=2" rel="next"' in first and 'rel="prev"' not in first
+    assert "Page 1 of 3: jobs 1–2 of 6" in first
+    assert overview_jobs(second) == ["c-broken", "d-busy"]
+    assert 'href="?show=all&amp;page=1" rel="prev"' in second
+    assert 'href="?show=all&amp;page=3" rel="next"' in second
+    assert overview_jobs(past_the_end) == ["e-held", "f-late"]  # the last page
+
+
+def test_overview_counts_cover_the_jobs_on_other_pages(client, make_user, six_jobs):
+    html = get_at_noon(client, make_user(superuser=True), "/").content.decode()
+
+    assert overview_jobs(html) == ["a-fine", "b-fine"]
+    assert re.search(r"<strong>1</strong> running", html)
+    assert re.search(r"<strong>1</strong> failing", html)
+    assert re.search(r"<strong>1</strong> stale", html)
+    assert re.search(r"<strong>1</strong> paused", html)
+    assert re.search(r'data-filter="all">All jobs <span class="n">6</span>', html)
+
+
+@pytest.mark.parametrize(
+    "show, expected",
+    [("failing", "c-broken"), ("running", "d-busy"), ("paused", "e-held"), ("stale", "f-late")],
+)
+def test_overview_filter_shows_only_the_jobs_needing_attention(
+    client, make_user, six_jobs, show, expected
+):
+    html = get_at_noon(client, make_user(superuser=True), f"/?show={show}").content.decode()
+
+    assert overview_jobs(html) == [expected]
+    assert re.search(rf'class="current" aria-current="page" data-filter="{show}"', html)
+    # The counts still cover every job.
+    assert re.search(r'data-filter="all">All jobs <span class="n">6</span>', html)
+
+
+def test_overview_filter_with_nothing_to_show_says_so(admin_client, make_job):
+    make_job(name="fine")
+
+    html = admin_client.get("/?show=failing").content.decode()
+
+    assert overview_jobs(html) == []
+    assert "No failing jobs." in html
+
+
+@pytest.mark.parametrize(
+    "query, message",
+    [
+        ("page=two", "?page= must be a page number (1, 2, ...), not 'two'."),
+        ("page=0", "?page= must be a page number (1, 2, ...), not '0'."),
+        ("page=-1", "?page= must be a page number (1, 2, ...), not '-1'."),
+        ("show=broken", "Unknown filter ?show='broken'; use one of all, failing, stale"),
+    ],
+)
+def test_overview_rejects_a_bad_page_or_filter_with_a_message(
+    admin_client, make_job, query, message
+):
+    make_job()
+
+    response = admin_client.get(f"/?{query}")
+
+    assert response.status_code == 400
+    assert message in response.content.decode()
+
+
+def test_stale_page_pages_the_jobs_most_overdue_first(client, make_user, make_job, monkeypatch):
+    # With the scheduler down every scheduled job is stale at once: paged.
+    monkeypatch.setattr(views, "JOBS_PAGE_SIZE", 2)
+    for name, schedule in [("daily", "0 3 * * *"), ("five-a", "*/5 * * * *")]:
+        scheduled_job(make_job, name=name, schedule=schedule, created=NOON - timedelta(days=2))
+    scheduled_job(make_job, name="five-b", schedule="*/5 * * * *", created=NOON - timedelta(days=2))
+    user = make_user(superuser=True)
+
+    first = get_at_noon(client, user, "/stale/").content.decode()
+    second = get_at_noon(client, user, "/stale/?page=2").content.decode()
+    bad = get_at_noon(client, user, "/stale/?page=last")
+
+    assert list(stale_rows(first)) == ["daily", "five-a"]
+    assert "Page 1 of 2: jobs 1–2 of 3" in first and 'href="?page=2" rel="next"' in first
+    assert list(stale_rows(second)) == ["five-b"]
+    assert 'href="?page=1" rel="prev"' in second
+    assert bad.status_code == 400
+    assert "?page= must be a page number" in bad.content.decode()
 
 
 def test_stale_page_query_count_does_not_grow_with_jobs(
