@@ -294,3 +294,25 @@ def q2_timed_command(command: str, out: str, phase: str, intended: str | None = 
 def q2_run_true() -> int:
     """The raw django-q2 baseline for throughput: the same subprocess, nothing else."""
     return subprocess.run(["true"], check=False).returncode
+
+
+def session_cpu_seconds(session_id: int) -> float:
+    """CPU seconds (user + system) used so far by the processes of a session
+    (a process started with start_new_session=True leads one), including
+    their reaped children: workers that were recycled, the jobs' `true`.
+    Unlike runs/s this hardly moves when something else loads the machine."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        # After the command name: state ppid pgrp session ... utime(12) stime cutime cstime
+        if int(fields[3]) == session_id:
+            total += sum(int(value) for value in fields[11:15])
+    return total / ticks
+

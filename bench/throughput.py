@@ -21,6 +21,7 @@ Each time runs from the first enqueue to the last stored result.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import time
@@ -88,21 +89,24 @@ def measure(args: argparse.Namespace, directory: Path) -> None:
     )
     results: dict[str, list[float]] = {"floor": [], "django-q2": [], "jobsite": []}
     enqueue: dict[str, list[float]] = {"django-q2": [], "jobsite": []}
+    cpu: dict[str, list[float]] = {"django-q2": [], "jobsite": []}
     problems: list[str] = []
     with common.Processes(directory) as procs:
-        procs.start("qcluster", "qcluster", env=env)
+        cluster = procs.start("qcluster", "qcluster", env=env)
         # Warm up: the cluster is up and both paths have run once.
         jobsite_batch(job, 1, procs=procs, timeout=120)
         raw_batch(1, procs=procs, timeout=120)
         for repeat in range(1, args.repeat + 1):
             results["floor"].append(floor(args.runs))
-            rate, seconds, trouble = raw_batch(args.runs, procs=procs, timeout=args.timeout)
+            with cpu_per_run(cluster.pid, args.runs, cpu["django-q2"]):
+                rate, seconds, trouble = raw_batch(args.runs, procs=procs, timeout=args.timeout)
             results["django-q2"].append(rate)
             enqueue["django-q2"].append(seconds)
             problems += trouble
-            rate, seconds, trouble = jobsite_batch(
-                job, args.runs, procs=procs, timeout=args.timeout
-            )
+            with cpu_per_run(cluster.pid, args.runs, cpu["jobsite"]):
+                rate, seconds, trouble = jobsite_batch(
+                    job, args.runs, procs=procs, timeout=args.timeout
+                )
             results["jobsite"].append(rate)
             enqueue["jobsite"].append(seconds)
             problems += trouble
@@ -112,7 +116,17 @@ def measure(args: argparse.Namespace, directory: Path) -> None:
                 f"Jobsite {results['jobsite'][-1]:.1f}/s",
                 flush=True,
             )
-    report(args, results, enqueue, problems, load_at_start)
+    report(args, results, enqueue, cpu, problems, load_at_start)
+
+
+@contextlib.contextmanager
+def cpu_per_run(cluster_pid: int, runs: int, into: list[float]):
+    """Append the CPU milliseconds per run spent by the cluster's processes
+    (workers, pusher, monitor, the jobs' children) and by this one (enqueuing)."""
+    before = common.session_cpu_seconds(cluster_pid) + time.process_time()
+    yield
+    after = common.session_cpu_seconds(cluster_pid) + time.process_time()
+    into.append(1000 * (after - before) / runs)
 
 
 def floor(runs: int) -> float:
@@ -172,7 +186,7 @@ def jobsite_batch(job, runs: int, *, procs: common.Processes, timeout: float):
     return runs / elapsed, enqueued, trouble
 
 
-def report(args, results, enqueue, problems, load_at_start) -> None:
+def report(args, results, enqueue, cpu, problems, load_at_start) -> None:
     raw = results["django-q2"]
     ratios = {
         name: [ours / base for ours, base in zip(values, raw, strict=True)]
@@ -197,6 +211,7 @@ def report(args, results, enqueue, problems, load_at_start) -> None:
             labels[name],
             common.fmt_spread(values, 1),
             common.fmt_spread(enqueue[name], 1) if name in enqueue else "-",
+            common.fmt_spread(cpu[name], 1) if name in cpu else "-",
             common.fmt_spread(ratios[name], 2),
         ]
         for name, values in results.items()
@@ -205,6 +220,7 @@ def report(args, results, enqueue, problems, load_at_start) -> None:
         "figure",
         "runs/s min / median / max",
         "enqueue s min/med/max",
+        "CPU ms/run min/med/max",
         "ratio to raw django-q2",
     ]
     print(common.table(header, rows))

@@ -56,6 +56,7 @@ def run_create(
     rerun_of: Run | None = None,
     here: bool = False,
     now: datetime | None = None,
+    plan: tuple[str | None, bool] | None = None,
 ) -> Run:
     """Record a run for `job` and hand it to the workers.
 
@@ -68,8 +69,15 @@ def run_create(
     3. Otherwise the run is dispatched. `here=True` means the caller claims
        and executes it itself (manage.py runjob): it is marked dispatched but
        not sent to django-q2.
+
+    Steps 1 and 2 only read (`plan`, if the caller read them already), and
+    are done before the transaction: on SQLite it holds the one write lock
+    every worker waits for. A run created meanwhile by someone else cannot
+    make two runs of a job execute at once: the job's slot, taken at claim
+    time, still decides (run_claim).
     """
     now = now or timezone.now()
+    reason, wait = plan if plan is not None else run_plan(job, now=now)
     fields = dict(
         job=job,
         trigger=trigger,
@@ -79,9 +87,6 @@ def run_create(
         rerun_of=rerun_of,
     )
     with transaction.atomic():
-        reason = upstream_blocker(job, now=now)
-        if reason is None:
-            reason, wait = _apply_overlap(job, now=now)
         if trigger == Run.Trigger.SCHEDULE:
             _note_scheduled_for(job, fields["scheduled_for"])
         if reason is not None:
@@ -98,6 +103,15 @@ def run_create(
         if not wait and not here:
             _send(run)
     return run
+
+
+def run_plan(job: Job, *, now: datetime) -> tuple[str | None, bool]:
+    """(skip reason, must wait) for a new run of `job`: its upstream gate,
+    then its overlap policy. Reads only."""
+    reason = upstream_blocker(job, now=now)
+    if reason is not None:
+        return reason, False
+    return _apply_overlap(job, now=now)
 
 
 def _note_scheduled_for(job: Job, scheduled_for: datetime) -> None:
@@ -217,6 +231,11 @@ def run_rerun(*, run: Run, by: AbstractBaseUser | None) -> Run:
 
 def upstream_blocker(job: Job, *, now: datetime) -> str | None:
     """Why `job` may not run now because of its upstreams, or None."""
+    # Most jobs have none: ask the link table alone (no join, no model
+    # instances), since every run pays for this question.
+    links = Job.upstreams.through.objects.filter(from_job_id=job.pk)
+    if not links.exists():
+        return None
     for upstream in job.upstreams.all():
         if Run.objects.filter(job=upstream, status=Run.Status.RUNNING).exists():
             return f"waiting on {upstream.name}: still running"
@@ -280,11 +299,13 @@ def _find_path(edges: dict[int, list[int]], *, start: int) -> list[int] | None:
 def _trigger_downstreams(run: Run, *, now: datetime) -> None:
     """After a success: start each upstream-triggered downstream job whose
     upstreams have all succeeded since its own last run."""
-    triggered = run.job.downstreams.filter(enabled=True, trigger_on_upstream=True)
-    for pk in triggered.values_list("pk", flat=True):
+    links = Job.upstreams.through.objects.filter(to_job_id=run.job_id)  # no join: most have none
+    for pk in links.values_list("from_job_id", flat=True):
         with transaction.atomic():
             # Serialize with other finishing upstreams of the same job.
             down = Job.objects.select_for_update().get(pk=pk)
+            if not (down.enabled and down.trigger_on_upstream):
+                continue
             last = Run.objects.filter(job=down).order_by("-id").first()
             since = last.queued_at if last else None
             if all(_succeeded_since(up, since) for up in down.upstreams.all()):
@@ -310,14 +331,19 @@ def run_claim(*, run_id: int, worker: str, now: datetime | None = None) -> Run |
     (queue, replace).
     """
     now = now or timezone.now()
+    # Read first, outside any transaction: on SQLite a transaction holds the
+    # one write lock that every worker, the scheduler and django-q2's pusher
+    # and monitor queue for, so it should hold nothing but the writes.
+    run = Run.objects.select_related("job").filter(pk=run_id, status=Run.Status.QUEUED).first()
+    if run is None:
+        return None
+    job = run.job
+    claim = {"status": Run.Status.RUNNING, "started_at": now, "heartbeat_at": now, "worker": worker}
     with transaction.atomic():
-        claimed = Run.objects.filter(pk=run_id, status=Run.Status.QUEUED).update(
-            status=Run.Status.RUNNING, started_at=now, heartbeat_at=now, worker=worker
-        )
-        if not claimed:
+        if not Run.objects.filter(pk=run_id, status=Run.Status.QUEUED).update(**claim):
             return None
-        run = Run.objects.select_related("job").get(pk=run_id)
-        job = run.job
+        for name, value in claim.items():
+            setattr(run, name, value)
         if job.overlap == Job.Overlap.ALLOW or _take_slot(job, run):
             return run
         holder = Job.objects.values_list("active_run_id", flat=True).get(pk=job.pk)
@@ -394,7 +420,8 @@ def run_execute(run: Run, *, echo: Callable[[str], None] | None = None, reload: 
             return _reload(run) if reload else run
         shown = {"command": _what_runs(job), "environment": masked(env, job.secret_keys, secrets)}
         writer = RunLogWriter(run, redact=secrets, echo=echo)
-        status, summary, returncode = _supervise(run, child, env, writer, shown=shown)
+        watch = _Watch(run, shown=shown)
+        status, summary, returncode = _supervise(run, child, env, writer, watch)
         artifacts_stored = _retrying_database(lambda: artifacts.collect(run, workdir / "artifacts"))
         if status == Run.Status.SUCCEEDED and job.deliver_url:
             status, summary = _deliver(job, artifacts_stored or [], password, writer)
@@ -402,7 +429,13 @@ def run_execute(run: Run, *, echo: Callable[[str], None] | None = None, reload: 
             lambda: writer.close(f"[jobsite] {summary}" if status != Run.Status.SUCCEEDED else "")
         )
         _retrying_database(
-            lambda: run_finish(run=run, status=status, exit_code=returncode, summary=summary)
+            lambda: run_finish(
+                run=run,
+                status=status,
+                exit_code=returncode,
+                summary=summary,
+                also=watch.unsaved_start(),
+            )
         )
         return _reload(run) if reload else run
     finally:
@@ -434,12 +467,9 @@ def _what_runs(job: Job) -> str:
 
 
 def _supervise(
-    run: Run, child: kinds.Child, env: dict[str, str], writer: RunLogWriter, *, shown: dict
+    run: Run, child: kinds.Child, env: dict[str, str], writer: RunLogWriter, watch: _Watch
 ) -> tuple[str, str, int | None]:
-    """Run the child to its end: (status, summary, return code). `shown`
-    (what runs, the masked environment) is stored with the process group id
-    as the child starts, or as it fails to."""
-    watch = _Watch(run)
+    """Run the child to its end: (status, summary, return code)."""
     progress = _Progress(run)
     try:
         outcome = execution.run_process(
@@ -447,14 +477,14 @@ def _supervise(
             env=env | child.env,
             timeout=run.job.timeout,
             kill_grace=settings.JOBSITE_KILL_GRACE,
-            on_start=lambda pgid: Run.objects.filter(pk=run.pk).update(pid=pgid, **shown),
+            on_start=watch.started,
             on_output=writer.feed,
             on_tick=lambda: writer.tick() or progress.flush() or watch.should_stop(),
             on_progress=progress.update,
         )
     except Exception as exc:
         log.exception("run %s: execution failed", run.pk)
-        _retrying_database(lambda: Run.objects.filter(pk=run.pk, command="").update(**shown))
+        _retrying_database(lambda: Run.objects.filter(pk=run.pk, command="").update(**watch.shown))
         writer.feed(f"[jobsite] execution failed: {exc}\n".encode())
         return Run.Status.FAILED, f"Jobsite error: {exc}", None
     _retrying_database(lambda: progress.flush(force=True))
@@ -534,14 +564,29 @@ def _retrying_database(action: Callable[[], object], *, seconds: float = 120.0):
 
 class _Watch:
     """Heartbeats the run (its lease) and says when to stop: on a cancel
-    request, or when the run is no longer ours (the sweeper marked it lost)."""
+    request, or when the run is no longer ours (the sweeper marked it lost).
+
+    What runs (`shown`: the command, the masked environment) and the process
+    group id are written with the first check, a second after the start, or
+    with the outcome if the run ended sooner: a write less for every short
+    run, which on SQLite is a turn less at the database's single write lock.
+    Until then a lost worker's children die with it (PR_SET_PDEATHSIG)."""
 
     CHECK_SECONDS = 1.0
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, *, shown: dict | None = None) -> None:
         self.run_id = run.pk
         self.last_check = self.last_beat = time.monotonic()
         self.cancel_summary = ""
+        self.shown = shown or {}
+        self.start: dict = {}  # written with the next check
+        self.start_saved = False
+
+    def started(self, pgid: int) -> None:
+        self.start = {"pid": pgid, **self.shown}
+
+    def unsaved_start(self) -> dict:
+        return {} if self.start_saved else dict(self.start or self.shown)
 
     def should_stop(self) -> bool:
         now = time.monotonic()
@@ -560,6 +605,9 @@ class _Watch:
             return False
 
     def _check(self, now: float) -> bool:
+        if self.start and not self.start_saved:
+            Run.objects.filter(pk=self.run_id).update(**self.start)
+            self.start_saved = True
         if now - self.last_beat >= settings.JOBSITE_HEARTBEAT_SECONDS:
             self.last_beat = now
             Run.objects.filter(pk=self.run_id, status=Run.Status.RUNNING).update(
@@ -605,13 +653,19 @@ def run_finish(
     exit_code: int | None = None,
     summary: str = "",
     now: datetime | None = None,
+    also: dict | None = None,
 ) -> bool:
     """running -> a final status, then the consequences (see _after_finish).
-    False when the run was no longer running (someone else finished it)."""
+    False when the run was no longer running (someone else finished it).
+    `also`: more fields of the run to write with the outcome."""
     now = now or timezone.now()
     with transaction.atomic():
         done = Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING).update(
-            status=status, finished_at=now, exit_code=exit_code, error_summary=summary[:2000]
+            status=status,
+            finished_at=now,
+            exit_code=exit_code,
+            error_summary=summary[:2000],
+            **(also or {}),
         )
         if done:
             run.status, run.finished_at, run.exit_code = status, now, exit_code

@@ -82,11 +82,13 @@ if _default_db["ENGINE"] == "django.db.backends.sqlite3":
     _default_db["TEST"] = {
         "NAME": env.str("JOBSITE_TEST_DB", default=str(BASE_DIR / ".test-db.sqlite3"))
     }
-else:
-    # The ORM broker polls constantly: reconnecting on every poll cut
-    # throughput from 227 to 39 tasks/s on PostgreSQL (DESIGN.md).
-    _default_db["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=600)
-    _default_db["CONN_HEALTH_CHECKS"] = True
+# The ORM broker polls constantly: reconnecting on every poll cut throughput
+# from 227 to 39 tasks/s on PostgreSQL (DESIGN.md). On SQLite a connection is
+# a file open plus Django's set-up (PRAGMAs, ~30 SQL functions): 1.5 ms of CPU
+# that a worker paid for every run, as django-q2 closes old connections
+# after each task.
+_default_db["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=600)
+_default_db["CONN_HEALTH_CHECKS"] = True
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -170,7 +172,7 @@ _q_timeout = JOBSITE_MAX_TIMEOUT + JOBSITE_KILL_GRACE + 60
 Q_CLUSTER = {
     "name": env.str("Q_CLUSTER_NAME_PREFIX", default="jobsite"),
     "workers": env.int("Q_WORKERS", default=4),
-    "recycle": 500,
+    "recycle": env.int("Q_RECYCLE", default=500),
     # Jobsite enforces each job's timeout itself (process-group kill); this is
     # only the outer bound so a wedged worker is eventually replaced.
     "timeout": _q_timeout,
