@@ -315,4 +315,3 @@ def session_cpu_seconds(session_id: int) -> float:
         if int(fields[3]) == session_id:
             total += sum(int(value) for value in fields[11:15])
     return total / ticks
-
