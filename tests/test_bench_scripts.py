@@ -62,3 +62,12 @@ def test_lateness_script_reports_both_phases_for_jobsite_and_django_q2(tmp_path)
             rows = [r for r in table_rows if f"| {system} " in r and f"| {figure} " in r]
             assert len(rows) == 2, out  # one per phase
     assert "not succeeded" not in out
+
+
+def test_pipe_floor_script_reports_every_reader_against_dev_null():
+    out = run_script("pipe_floor.py", "--size", "2M", "--repeat", "1", timeout=60)
+    assert "## Pipe floor" in out
+    assert "load      start" in out
+    for reader in ("/dev/null", "| cat ", "python 64 KiB", "python 1 MiB"):
+        assert reader in out, out
+    assert "% of /dev/null" in out
