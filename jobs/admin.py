@@ -109,6 +109,31 @@ class LastStatusFilter(admin.SimpleListFilter):
         return queryset
 
 
+class RunJobFilter(admin.SimpleListFilter):
+    """Runs of one job, offering the jobs that need attention (failing or
+    stale, at most 20) and the one chosen: a list of every job rendered a
+    link each (1,000 on a busy site) cost the Run list ~100 ms per view.
+    Any job's runs are one search (its name) or one click on its page away."""
+
+    title = "job (failing or stale)"
+    parameter_name = "job"
+    SHOWN = 20
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        attention = Job.objects.exclude(alert_state=Job.AlertState.OK).order_by("name")
+        jobs = list(attention.values_list("pk", "name")[: self.SHOWN])
+        chosen = self.value()
+        if chosen and chosen.isdigit() and all(str(pk) != chosen for pk, _ in jobs):
+            jobs += list(Job.objects.filter(pk=chosen).values_list("pk", "name"))
+        return [(str(pk), name) for pk, name in jobs]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Run]) -> QuerySet[Run]:
+        value = self.value()
+        if value and value.isdigit():
+            return queryset.filter(job_id=int(value))
+        return queryset
+
+
 class RunPermissionMixin:
     """The custom permission behind Run now, Pause, Resume, Rerun and Cancel."""
 
@@ -165,6 +190,7 @@ class JobAdmin(RunPermissionMixin, admin.ModelAdmin):
         "timezone",
     ]
     search_fields = ["name", "slug", "description", "owner", "tags", "command", "callable"]
+    list_per_page = 50  # as the overview; 100 rows took ~130 ms to render
     prepopulated_fields = {"slug": ("name",)}
     form = JobAdminForm
     # A search box rather than a <select> of every job (there may be thousands).
@@ -545,11 +571,12 @@ class RunAdmin(RunPermissionMixin, admin.ModelAdmin):
     ]
     list_display_links = ["id", "job"]
     list_select_related = ["job", "triggered_by", "cancelled_by"]
-    list_filter = ["status", "trigger", "job"]
+    list_filter = ["status", "trigger", RunJobFilter]
     search_fields = ["job__name"]
     # COUNT(*) over the whole history on every page view is what grows with it.
     show_full_result_count = False
     paginator = CappedPaginator
+    list_per_page = 50  # rendering 100 rows x 11 columns was ~100 ms a view
     actions = ["rerun", "cancel"]
     fieldsets = [
         (None, {"fields": ["job", "status", "error_summary", "trigger", "triggered_by"]}),

@@ -1324,3 +1324,21 @@ def test_alert_history_changelist_query_count_does_not_grow_with_rows(
     many = _changelist_queries(admin_client, url)
 
     assert many == few
+
+
+def test_run_list_filters_by_a_job_offering_those_that_need_attention(admin_client, make_job):
+    """The job filter lists failing/stale jobs (and the chosen one), not every job."""
+    broken = make_job(name="broken-export")
+    Job.objects.filter(pk=broken.pk).update(alert_state=Job.AlertState.FAILING)
+    fine = make_job(name="fine-report")
+    make_run(broken, Run.Status.FAILED)
+    make_run(fine, Run.Status.SUCCEEDED)
+    changelist = reverse("admin:jobs_run_changelist")
+
+    every = admin_client.get(changelist).content.decode()
+    only_fine = admin_client.get(changelist, {"job": fine.pk})
+
+    assert f"?job={broken.pk}" in every and f"?job={fine.pk}" not in every
+    assert [r.job.name for r in only_fine.context["cl"].result_list] == ["fine-report"]
+    assert f"?job={fine.pk}" in only_fine.content.decode()  # the chosen job is offered
+    assert admin_client.get(changelist, {"job": "nope"}).status_code == 200
