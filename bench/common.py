@@ -79,25 +79,13 @@ def fresh_database(kind: str, name: str, *, directory: Path, pg_url: str = DEFAU
         return f"sqlite:///{path}"
     if kind != "postgres":
         raise ValueError(f"unknown database kind {kind!r}")
-    import psycopg2
-
     parsed = urlparse(pg_url)
-    admin = psycopg2.connect(
-        host=parsed.hostname or "127.0.0.1",
-        port=parsed.port or 5432,
-        user=parsed.username or "postgres",
-        password=parsed.password or None,
-        dbname="postgres",
-    )
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        cur.execute(f'CREATE DATABASE "{name}"')
-    admin.close()
     auth = parsed.username or "postgres"
     if parsed.password:
         auth += f":{parsed.password}"
-    return f"postgres://{auth}@{parsed.hostname or '127.0.0.1'}:{parsed.port or 5432}/{name}"
+    url = f"postgres://{auth}@{parsed.hostname or '127.0.0.1'}:{parsed.port or 5432}/{name}"
+    recreate_database(url)
+    return url
 
 
 def child_env(database_url: str, **extra: str) -> dict[str, str]:

@@ -179,12 +179,10 @@ OVERVIEW_FILTERS = {
     "running": "Running",
     "paused": "Paused",
 }
-# What the overview reads of every job: enough for the counts, the filters
-# and staleness, and for the rows of the page (no JSON fields to decode).
-OVERVIEW_FIELDS = [
+# What /stale/ reads of a job: staleness needs no more, nor does its row.
+STALE_FIELDS = [
     "name",
     "slug",
-    "tags",
     "schedule",
     "timezone",
     "enabled",
@@ -192,9 +190,10 @@ OVERVIEW_FIELDS = [
     "created_at",
     "last_scheduled_for",
     "last_success_at",
-    "next_fire_at",
-    "fire_basis",
 ]
+# What the overview reads of every job: the same, plus what its counts,
+# filters and rows show (no JSON fields to decode).
+OVERVIEW_FIELDS = [*STALE_FIELDS, "tags", "next_fire_at", "fire_basis"]
 
 
 def _jobs_with_state() -> list[Job]:
@@ -330,20 +329,6 @@ class StaleRow:
     job: Job
     stale: Stale
     last_run: Run | None
-
-
-# What /stale/ reads of a job: staleness needs no more, nor does its row.
-STALE_FIELDS = [
-    "name",
-    "slug",
-    "schedule",
-    "timezone",
-    "enabled",
-    "grace",
-    "created_at",
-    "last_scheduled_for",
-    "last_success_at",
-]
 
 
 @login_required
