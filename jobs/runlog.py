@@ -99,13 +99,55 @@ class RunLogWriter:
             self.flush()
 
     def close(self, note: str = "") -> None:
+        """The output is complete: add the decoder's rest and `note` (once,
+        however often this is tried again) and store everything."""
+        self.end(note)
+        self.flush()
+
+    def end(self, note: str = "") -> None:
+        """The output is complete: add the decoder's rest and `note`, once.
+        `store_last` (inside the outcome's transaction) or `flush` stores it."""
+        if self.closing:
+            return
         self.closing = True
         text = self.decoder.decode(b"", final=True)
         if text:
             self._add(text)
         if note:
             self._add(note if note.endswith("\n") else note + "\n")
-        self.flush()
+
+    def store_last(self) -> dict:
+        """Store what is pending in the caller's transaction, and return the
+        run's log counts for the caller to write in its own UPDATE of the run
+        (the outcome): the last chunk of a run costs no transaction of its own.
+        If the transaction fails, `restore(snapshot())` taken before it."""
+        return self._flush(save_counts=False)
+
+    def snapshot(self) -> tuple:
+        return (
+            list(self.pending),
+            self.pending_size,
+            self.head_used,
+            self.seq,
+            deque(self.tail),
+            self.tail_size,
+            self.saved_produced,
+            self.unsaved_dropped,
+        )
+
+    def restore(self, state: tuple) -> None:
+        """Back to `snapshot()`: what it stored since was rolled back."""
+        (
+            pending,
+            self.pending_size,
+            self.head_used,
+            self.seq,
+            tail,
+            self.tail_size,
+            self.saved_produced,
+            self.unsaved_dropped,
+        ) = state
+        self.pending, self.tail = list(pending), deque(tail)
 
     def _flush_due(self) -> bool:
         return time.monotonic() - self.last_flush >= self.flush_seconds
@@ -123,21 +165,11 @@ class RunLogWriter:
         """Store what is pending. If the database is away (a restart), keep
         the output and try again at the next flush; raise only from close()."""
         self.last_flush = time.monotonic()
-        saved = (
-            list(self.pending),
-            self.pending_size,
-            self.head_used,
-            self.seq,
-            deque(self.tail),
-            self.tail_size,
-        )
+        saved = self.snapshot()
         try:
             self._flush()
         except DatabaseError:
-            (pending, self.pending_size, self.head_used, self.seq, self.tail, self.tail_size) = (
-                saved
-            )
-            self.pending = pending
+            self.restore(saved)
             self.saved_produced = -1  # unknown now: save the counts next time
             self._bound_pending()
             if not connection.in_atomic_block:
@@ -156,10 +188,9 @@ class RunLogWriter:
         self.pending = [data[excess:]]
         self.pending_size = len(self.pending[0])
 
-    def _flush(self) -> None:
+    def _flush(self, *, save_counts: bool = True) -> dict:
         if not self.pending:
-            self._save_counts(0)
-            return
+            return self._save_counts(0) if save_counts else self._counts(0)
         data = "".join(self.pending).encode()
         self.pending, self.pending_size = [], 0
         rows = []
@@ -180,10 +211,12 @@ class RunLogWriter:
             rows.append(self._chunk(data, is_head=False))
             self.tail.append((self.seq, len(data)))
             self.tail_size += len(data)
-        with transaction.atomic():
+        # Inside the outcome's transaction (store_last) no savepoint: a
+        # failure rolls the whole outcome back, and the caller restores.
+        with transaction.atomic(savepoint=False):
             RunLogChunk.objects.bulk_create(rows)
             dropped += self._trim_tail()
-            self._save_counts(dropped)
+            return self._save_counts(dropped) if save_counts else self._counts(dropped)
 
     def _chunk(self, data: bytes, *, is_head: bool) -> RunLogChunk:
         self.seq += 1
@@ -207,15 +240,24 @@ class RunLogWriter:
             RunLogChunk.objects.filter(run_id=self.run_id, seq__in=doomed).delete()
         return dropped
 
-    def _save_counts(self, dropped: int) -> None:
+    def _save_counts(self, dropped: int) -> dict:
+        counts = self._counts(dropped)
+        if counts:
+            Run.objects.filter(pk=self.run_id).update(**counts)
+        return {}
+
+    def _counts(self, dropped: int) -> dict:
+        """The run's log fields to write now ({}: nothing new to say, as for a
+        silent job), counted as written."""
         dropped += self.unsaved_dropped
         if self.produced == self.saved_produced and not dropped:
-            return  # nothing new to say (a silent job: no write at all)
-        Run.objects.filter(pk=self.run_id).update(
-            log_bytes=self.produced, log_dropped_bytes=F("log_dropped_bytes") + dropped
-        )
+            return {}
         self.saved_produced = self.produced
         self.unsaved_dropped = 0
+        counts: dict = {"log_bytes": self.produced}
+        if dropped:
+            counts["log_dropped_bytes"] = F("log_dropped_bytes") + dropped
+        return counts
 
 
 def dropped_marker(dropped: int) -> str:

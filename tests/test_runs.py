@@ -193,6 +193,76 @@ def test_a_worker_runs_a_quiet_job_in_seven_statements(make_job):
     assert job.active_run_id is None and job.last_success_at == run.finished_at
 
 
+def _outer_transactions(run_pk: int):
+    """Run `run_pk` in a worker, noting for each statement the outermost
+    transaction it ran in (None: autocommit)."""
+    from django.db import connection
+
+    from jobs import tasks
+
+    base = len(connection.atomic_blocks)  # the test's own wrapper, if any
+    seen: list[tuple[str, object]] = []  # the block itself: an id() could be reused
+
+    def note(execute, sql, params, many, context):
+        blocks = connection.atomic_blocks
+        seen.append((sql, blocks[base] if len(blocks) > base else None))
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(note):
+        status = tasks.execute_run(run_pk)
+    return status, [(sql, outer) for sql, outer in seen if not sql.upper().startswith(_BOOKKEEPING)]
+
+
+def test_a_printing_run_stores_its_last_output_with_its_outcome(make_job):
+    """The last chunk of a run's log is written in the outcome's transaction:
+    on SQLite one turn at the write lock less for every run that prints."""
+    job = make_job(command="echo hi; exit 3", overlap=Job.Overlap.ALLOW)
+    run = services.run_create(job=job, trigger=Run.Trigger.MANUAL)
+    status, statements = _outer_transactions(run.pk)
+    assert status == Run.Status.FAILED
+    writes = [(sql, outer) for sql, outer in statements if not sql.startswith("SELECT")]
+    assert all(outer is not None for _sql, outer in writes), writes
+    chunk = next(outer for sql, outer in writes if "jobs_runlogchunk" in sql)
+    outcome = next(outer for sql, outer in writes if '"finished_at" =' in sql)
+    assert chunk is outcome
+    assert len({id(outer) for _sql, outer in writes}) == 2  # the claim; the outcome with its log
+    run.refresh_from_db()
+    assert runlog.read_log(run) == "hi\n[jobsite] Exit code 3\n"
+    assert run.log_bytes == 3 and run.exit_code == 3
+
+
+def test_an_outcome_the_database_refused_once_is_stored_once_with_its_whole_log(
+    transactional_db, make_job, monkeypatch
+):
+    """The database fails the outcome's transaction (a restart): the worker
+    tries again, and the log is neither lost nor doubled."""
+    from django.db import OperationalError
+
+    from jobs import stats
+
+    job = make_job(command="echo one; echo two; exit 4", overlap=Job.Overlap.ALLOW)
+    run = services.run_create(job=job, trigger=Run.Trigger.MANUAL)
+    real = stats.record_finished
+    failures = []
+
+    def refuse_once(finished):
+        if not failures:
+            failures.append(finished.pk)
+            raise OperationalError("server closed the connection unexpectedly")
+        return real(finished)
+
+    monkeypatch.setattr(stats, "record_finished", refuse_once)
+    from jobs import tasks
+
+    assert tasks.execute_run(run.pk) == Run.Status.FAILED
+    assert failures == [run.pk]
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED and run.error_summary == "Exit code 4"
+    assert runlog.read_log(run) == "one\ntwo\n[jobsite] Exit code 4\n"
+    assert run.log_bytes == len("one\ntwo\n")
+    assert list(RunLogChunk.objects.filter(run=run).values_list("seq", flat=True)) == [1]
+
+
 def test_run_now_writes_the_run_and_its_task_in_one_transaction(make_job):
     """With the ORM broker the task row is part of the run's transaction: a
     rollback leaves neither a run nor a task behind."""
