@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
@@ -28,6 +29,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils import formats, timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
+from django.utils.translation import gettext
 from django.views.decorators.http import require_POST
 
 from jobs import runlog, scheduling, services
@@ -167,8 +169,22 @@ class RunPermissionMixin:
         return super().change_view(request, object_id, form_url, extra_context)
 
 
+class QuickCheckboxMixin:
+    """The change list's action checkbox as Django renders it, built as a
+    string: Django renders a form widget template for every row, which was
+    a fifth of a 50-row list's time."""
+
+    def action_checkbox(self, obj) -> str:
+        return format_html(
+            '<input type="checkbox" name="{}" value="{}" class="action-select" aria-label="{}">',
+            helpers.ACTION_CHECKBOX_NAME,
+            obj.pk,
+            gettext("Select this object for an action - {}").format(obj),
+        )
+
+
 @admin.register(Job)
-class JobAdmin(RunPermissionMixin, admin.ModelAdmin):
+class JobAdmin(QuickCheckboxMixin, RunPermissionMixin, admin.ModelAdmin):
     list_display = [
         "name",
         "kind",
@@ -555,7 +571,7 @@ class CappedPaginator(Paginator):
 
 
 @admin.register(Run)
-class RunAdmin(RunPermissionMixin, admin.ModelAdmin):
+class RunAdmin(QuickCheckboxMixin, RunPermissionMixin, admin.ModelAdmin):
     list_display = [
         "id",
         "job",
