@@ -28,7 +28,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -41,6 +40,7 @@ BIG_URL = "postgres://postgres@127.0.0.1:5432/jobsite_pages"
 TARGET_MS = 150.0
 TARGET_RATIO = 1.3
 WARMUP = 3
+BLOCK = 5  # requests in a turn, before the other history's turn
 BASELINE = "baseline: q2 admin Success"
 
 
@@ -130,8 +130,8 @@ def logged_in_client():
     return client
 
 
-def measure(database_url: str, requests: int, budget: float, only: list[str] | None = None) -> dict:
-    """In this process: time every page of one seeded database (or those in `only`)."""
+def setup(database_url: str) -> None:
+    """In this process: Django on `database_url`, as a web worker runs it."""
     os.environ["DATABASE_URL"] = database_url
     os.environ["DEBUG"] = "False"
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "jobsite.settings")
@@ -142,26 +142,17 @@ def measure(database_url: str, requests: int, budget: float, only: list[str] | N
     # WhiteNoise warns about a missing STATIC_ROOT (collectstatic not run): irrelevant here.
     warnings.filterwarnings("ignore", message="No directory at")
     from django.conf import settings
-    from django.db import connection
     from django.test.utils import setup_test_environment
-
-    from jobs.models import Job, Run
 
     setup_test_environment(debug=False)  # lets the test Client's host in
     assert not settings.DEBUG
-    client = logged_in_client()
-    resolved = resolve_pages()
-    if unknown := set(only or ()) - {label for label, _url in resolved}:
-        known = ", ".join(repr(label) for label, _url in resolved)
-        raise SystemExit(f"unknown page(s) {sorted(unknown)}; the pages are {known}")
-    pages = []
-    for label, url in resolved:
-        if only and label not in only:
-            continue
-        queries = count_queries(client, url)  # also the first warm-up request
-        time_page(client, url, WARMUP - 1, budget / 10)
-        times = time_page(client, url, requests, budget)
-        pages.append({"label": label, "url": url, "queries": queries, "times": times})
+
+
+def describe_database() -> dict:
+    from django.db import connection
+
+    from jobs.models import Job, Run
+
     if connection.vendor == "postgresql":
         database = f"PostgreSQL {connection.pg_version // 10000}"
     else:
@@ -174,8 +165,97 @@ def measure(database_url: str, requests: int, budget: float, only: list[str] | N
         "database": database,
         "jobs": Job.objects.count(),
         "runs": last - first + 1 if last else 0,  # ids are dense: no COUNT(*) needed
-        "pages": pages,
     }
+
+
+def serve(database_url: str) -> None:
+    """The child: one database per process (settings are read once). It
+    answers the parent's commands on stdin, one JSON line each on stdout:
+    `warm LABEL` (query count, then warm-up requests), `time LABEL N`
+    (milliseconds of N requests), `quit`."""
+    setup(database_url)
+    client = logged_in_client()
+    pages = dict(resolve_pages())
+    answer = sys.stdout
+    sys.stdout = sys.stderr  # only answers on the real stdout
+    answer.write(json.dumps({**describe_database(), "labels": list(pages)}) + "\n")
+    answer.flush()
+    for line in sys.stdin:
+        command, _, rest = line.rstrip("\n").partition(" ")
+        if command == "quit":
+            return
+        if command == "warm":
+            queries = count_queries(client, pages[rest])  # also the first warm-up request
+            time_page(client, pages[rest], WARMUP - 1)
+            reply: object = queries
+        else:  # time
+            label, _, n = rest.rpartition(" ")
+            reply = time_page(client, pages[label], int(n))
+        answer.write(json.dumps(reply) + "\n")
+        answer.flush()
+
+
+class Child:
+    """A `serve` process for one database."""
+
+    def __init__(self, url: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve", url],
+            cwd=BASE_DIR,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.info = self._answer()
+
+    def ask(self, command: str):
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def _answer(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"the measuring process stopped (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        self.proc.wait()
+
+
+def measure_interleaved(
+    urls: tuple[str, str], requests: int, budget: float, only: list[str] | None
+) -> list[dict]:
+    """Time every page on both databases in turns of BLOCK requests, small
+    history then big, so a slower spell of a shared machine falls on both
+    and the ratio compares like with like. A page stops at `budget` seconds
+    a database (a page taking seconds is measured enough)."""
+    children = [Child(url) for url in urls]
+    try:
+        labels = children[0].info["labels"]
+        if unknown := set(only or ()) - set(labels):
+            known = ", ".join(repr(label) for label in labels)
+            raise SystemExit(f"unknown page(s) {sorted(unknown)}; the pages are {known}")
+        results = [{**c.info, "pages": []} for c in children]
+        for label in labels:
+            if only and label not in only:
+                continue
+            queries = [c.ask(f"warm {label}") for c in children]
+            times: list[list[float]] = [[], []]
+            while any(len(t) < requests and sum(t) < budget * 1000 for t in times):
+                for i, child in enumerate(children):
+                    if len(times[i]) < requests and sum(times[i]) < budget * 1000:
+                        n = min(BLOCK, requests - len(times[i]))
+                        times[i] += child.ask(f"time {label} {n}")
+            for result, q, t in zip(results, queries, times, strict=True):
+                result["pages"].append({"label": label, "queries": q, "times": t})
+        return results
+    finally:
+        for child in children:
+            child.close()
 
 
 def short(n: int) -> str:
@@ -196,7 +276,8 @@ def print_table(small: dict, big: dict, requests: int, load: tuple, out=sys.stdo
     print(
         f"workload  {big['jobs']:,} jobs; {small['runs']:,} runs vs {big['runs']:,} runs "
         f"(as many django-q2 Success rows); {requests} requests per page, "
-        "Django test Client in process, DEBUG off, logged-in superuser",
+        f"Django test Client in process, DEBUG off, logged-in superuser; the two histories "
+        f"in turns of {BLOCK} requests",
         file=out,
     )
     print(file=out)
@@ -275,13 +356,11 @@ def main(argv: list[str] | None = None) -> None:
         type=lambda text: [label.strip() for label in text.split(",") if label.strip()],
         help='only these pages, by label, comma-separated: e.g. "/,/stale/" (default: all)',
     )
-    parser.add_argument("--measure", metavar="DATABASE_URL", help=argparse.SUPPRESS)
-    parser.add_argument("--json", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", metavar="DATABASE_URL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    if args.measure:  # the child: one database per process (settings are read once)
-        result = measure(args.measure, args.requests, args.budget, args.pages)
-        Path(args.json).write_text(json.dumps(result))
+    if args.serve:
+        serve(args.serve)
         return
 
     load = os.getloadavg()
@@ -289,18 +368,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_seed:
         for url, runs in ((args.small_url, args.small_runs), (args.big_url, args.big_runs)):
             run_child(seeder, "--database-url", url, "--jobs", str(args.jobs), "--runs", str(runs))
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, url in (("small", args.small_url), ("big", args.big_url)):
-            out = Path(tmp) / f"{name}.json"
-            print(f"measuring {url} …", flush=True)
-            run_child(
-                __file__,
-                *("--measure", url, "--json", str(out)),
-                *("--requests", str(args.requests), "--budget", str(args.budget)),
-                *(("--pages", ",".join(args.pages)) if args.pages else ()),
-            )
-            results.append(json.loads(out.read_text()))
+    print(f"measuring {args.small_url} and {args.big_url} in turns …", flush=True)
+    results = measure_interleaved(
+        (args.small_url, args.big_url), args.requests, args.budget, args.pages
+    )
     print_table(*results, requests=args.requests, load=load)
 
 
