@@ -135,12 +135,11 @@ def setup(database_url: str) -> None:
     os.environ["DATABASE_URL"] = database_url
     os.environ["DEBUG"] = "False"
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "jobsite.settings")
+    # WhiteNoise warns about a missing STATIC_ROOT (collectstatic not run): irrelevant here.
+    warnings.filterwarnings("ignore", message="No directory at")
     # Set up as gunicorn's workers are (`manage.py runall`): jobsite.wsgi
     # also moves the startup objects out of the garbage collector's way.
     import jobsite.wsgi  # noqa: F401
-
-    # WhiteNoise warns about a missing STATIC_ROOT (collectstatic not run): irrelevant here.
-    warnings.filterwarnings("ignore", message="No directory at")
     from django.conf import settings
     from django.test.utils import setup_test_environment
 
