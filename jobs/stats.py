@@ -3,12 +3,12 @@ pages and digests read from them (never a scan of the run history)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
-from django.db import IntegrityError, transaction
-from django.db.models import F, Sum, Value
-from django.db.models.functions import Greatest
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Sum
 from django.utils import timezone
 
 from jobs.models import Job, JobDailyStats, Run
@@ -28,25 +28,51 @@ def record_finished(run: Run) -> None:
     if run.status not in COUNTED or run.finished_at is None:
         return
     day = timezone.localdate(run.finished_at)
-    updates: dict = {run.status: F(run.status) + 1}
+    params: list = []
     if run.started_at is not None:
         duration = max(0.0, (run.finished_at - run.started_at).total_seconds())
         lateness = max(0.0, (run.started_at - run.scheduled_for).total_seconds())
-        updates.update(
-            executed=F("executed") + 1,
-            duration_total=F("duration_total") + duration,
-            duration_max=Greatest(F("duration_max"), Value(duration)),
-            lateness_total=F("lateness_total") + lateness,
-            lateness_max=Greatest(F("lateness_max"), Value(lateness)),
-        )
+        params = [duration, duration, duration, lateness, lateness, lateness]
+    sql = _rollup_sql(connection.vendor, run.status, executed=bool(params))
+    params += [run.job_id, connection.ops.adapt_datefield_value(day)]
     with transaction.atomic(savepoint=False):  # the caller's transaction, if any, suffices
-        if not JobDailyStats.objects.filter(job_id=run.job_id, day=day).update(**updates):
-            try:
-                with transaction.atomic():
-                    JobDailyStats.objects.create(job_id=run.job_id, day=day)
-            except IntegrityError:
-                pass  # created meanwhile by another process
-            JobDailyStats.objects.filter(job_id=run.job_id, day=day).update(**updates)
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            if cursor.rowcount:
+                return
+        try:
+            with transaction.atomic():
+                JobDailyStats.objects.create(job_id=run.job_id, day=day)
+        except IntegrityError:
+            pass  # created meanwhile by another process
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+
+
+@functools.lru_cache(maxsize=64)
+def _rollup_sql(vendor: str, status: str, *, executed: bool) -> str:
+    """The rollup UPDATE for one finished run, written out: every run pays
+    for it, and building it with F() and Greatest() cost ten times the
+    statement itself (1.0 ms of CPU against 0.1). Parameters: duration x3,
+    lateness x3 (when `executed`), job id, day."""
+    qn = connection.ops.quote_name
+    meta = JobDailyStats._meta
+
+    def col(name: str) -> str:
+        return qn(meta.get_field(name).column)
+
+    counted = col(status)  # status is one of COUNTED: a field of the model
+    sets = [f"{counted} = {counted} + 1"]
+    if executed:
+        sets.append(f"{col('executed')} = {col('executed')} + 1")
+        for kind in ("duration", "lateness"):
+            total, most = col(f"{kind}_total"), col(f"{kind}_max")
+            sets.append(f"{total} = {total} + %s")
+            sets.append(f"{most} = CASE WHEN {most} < %s THEN %s ELSE {most} END")
+    return (
+        f"UPDATE {qn(meta.db_table)} SET {', '.join(sets)} "
+        f"WHERE {col('job')} = %s AND {col('day')} = %s"
+    )
 
 
 @dataclass(frozen=True)

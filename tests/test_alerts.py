@@ -125,6 +125,39 @@ def test_rollups_equal_a_full_recount(make_job):
     assert row.timed_out == 1 and row.duration_max >= 1.0
 
 
+def test_rollups_keep_the_totals_and_maxima_of_durations_and_lateness(make_job):
+    """Three runs of one day: totals add up, maxima keep the largest (the
+    rollup UPDATE is written out by hand for speed: this pins what it does)."""
+    from jobs.models import Run
+
+    job = make_job()
+    day = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+    for status, late, took in (
+        ("succeeded", 2.0, 30.0),
+        ("failed", 5.0, 10.0),
+        ("succeeded", 1.0, 20.0),
+    ):
+        started = day + timedelta(seconds=late)
+        run = Run.objects.create(
+            job=job,
+            status=status,
+            scheduled_for=day,
+            queued_at=day,
+            started_at=started,
+            finished_at=started + timedelta(seconds=took),
+        )
+        stats.record_finished(run)
+    stats.record_finished(
+        Run.objects.create(
+            job=job, status="skipped", scheduled_for=day, queued_at=day, finished_at=day
+        )
+    )
+    row = JobDailyStats.objects.get(job=job)
+    assert (row.succeeded, row.failed, row.skipped, row.executed) == (2, 1, 1, 3)
+    assert (row.duration_total, row.duration_max) == (60.0, 30.0)
+    assert (row.lateness_total, row.lateness_max) == (8.0, 5.0)
+
+
 def test_rates_come_from_rollups(make_job):
     job = make_job()
     today = timezone.localdate()
