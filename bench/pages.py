@@ -137,11 +137,12 @@ def setup(database_url: str) -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "jobsite.settings")
     # WhiteNoise warns about a missing STATIC_ROOT (collectstatic not run): irrelevant here.
     warnings.filterwarnings("ignore", message="No directory at")
+    from django.conf import settings
+    from django.test.utils import setup_test_environment
+
     # Set up as gunicorn's workers are (`manage.py runall`): jobsite.wsgi
     # also moves the startup objects out of the garbage collector's way.
     import jobsite.wsgi  # noqa: F401
-    from django.conf import settings
-    from django.test.utils import setup_test_environment
 
     setup_test_environment(debug=False)  # lets the test Client's host in
     assert not settings.DEBUG

@@ -127,16 +127,22 @@ def _apply_overlap(job: Job, *, now: datetime) -> tuple[str | None, bool]:
     """(skip reason, must wait) for a new run under the job's overlap policy."""
     if job.overlap == Job.Overlap.ALLOW:
         return None, False
-    active = list(Run.objects.filter(job=job, status__in=Run.ACTIVE).order_by("id"))
+    # (id, status) pairs, not instances: every fire of the clock asks this,
+    # and building the SELECT of a whole run cost more than the query.
+    active = list(
+        Run.objects.filter(job=job, status__in=Run.ACTIVE)
+        .order_by("id")
+        .values_list("pk", "status")
+    )
     if job.overlap == Job.Overlap.SKIP:
         if active:
-            return f"run #{active[0].pk} still {active[0].status}", False
+            return f"run #{active[0][0]} still {active[0][1]}", False
         return None, False
-    running = [r for r in active if r.status == Run.Status.RUNNING]
+    running = [pk for pk, status in active if status == Run.Status.RUNNING]
     if job.overlap == Job.Overlap.QUEUE:
-        waiting = [r for r in active if r.status == Run.Status.QUEUED]
+        waiting = [pk for pk, status in active if status == Run.Status.QUEUED]
         if waiting:
-            return f"run #{waiting[0].pk} is already waiting", False
+            return f"run #{waiting[0]} is already waiting", False
         return None, bool(running)
     return None, bool(running)  # replace: wait for the cancelled run to end
 

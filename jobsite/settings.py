@@ -190,7 +190,11 @@ Q_CLUSTER = {
     "catch_up": False,
     # Our own scheduler (manage.py scheduler) replaces django-q2's 30 s one.
     "scheduler": False,
-    "poll": 0.2,
+    # How long the ORM broker's pusher sleeps when the queue is empty: the
+    # wait before a new run reaches a worker. 0.2 s made the first runs of a
+    # burst start 0.15-0.25 s late; 0.05 costs one indexed SELECT 20 times a
+    # second while idle (docs/PERFORMANCE.md). Redis needs no polling.
+    "poll": env.float("Q_POLL", default=0.05),
     "guard_cycle": 0.5,
     "label": "Task queue",
 }
