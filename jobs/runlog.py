@@ -17,6 +17,10 @@ from jobs.models import SECRET_MASK, Run, RunLogChunk
 log = logging.getLogger(__name__)
 
 
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
+
+
 def _cut_utf8(data: bytes, limit: int) -> int:
     """The largest cut <= limit that does not split a UTF-8 character."""
     cut = min(limit, len(data))
@@ -82,11 +86,23 @@ class RunLogWriter:
             self.flush()
 
     def _trim_pending(self) -> None:
-        data = "".join(self.pending)
-        cut = len(data) - self.tail_cap
-        self.unsaved_dropped += len(data[:cut].encode())
-        self.pending = [data[cut:]]
-        self.pending_size = len(self.pending[0])
+        """Keep the last tail_cap characters pending. Whole pieces go first,
+        so a flood is not joined and re-encoded just to be thrown away (that
+        was a third of the capture's CPU)."""
+        excess = self.pending_size - self.tail_cap
+        gone = 0
+        whole = 0  # leading pieces dropped whole
+        while whole < len(self.pending) and len(self.pending[whole]) <= excess:
+            excess -= len(self.pending[whole])
+            gone += _utf8_size(self.pending[whole])
+            whole += 1
+        rest = self.pending[whole:]
+        if excess and rest:
+            gone += _utf8_size(rest[0][:excess])
+            rest[0] = rest[0][excess:]
+        self.unsaved_dropped += gone
+        self.pending = rest
+        self.pending_size = sum(len(piece) for piece in rest)
 
     @property
     def last_line(self) -> str:
@@ -157,7 +173,7 @@ class RunLogWriter:
             text = text.replace(secret, SECRET_MASK)
         if self.echo:
             self.echo(text)
-        self.recent = (self.recent + text)[-2000:]
+        self.recent = (self.recent + text[-2000:])[-2000:]
         self.pending.append(text)
         self.pending_size += len(text)
 

@@ -144,6 +144,25 @@ def test_log_is_capped_keeping_head_and_tail_with_a_marker(make_job):
     assert f"[… {run.log_dropped_bytes:,} bytes of output dropped here (log cap) …]" in text
 
 
+@override_settings(
+    JOBSITE_LOG_HEAD_BYTES=1000, JOBSITE_LOG_TAIL_BYTES=3000, JOBSITE_LOG_FLUSH_BYTES=500
+)
+def test_a_capped_log_of_multibyte_text_accounts_for_every_byte(make_job):
+    """Past the head, a flood is trimmed in memory piece by piece: the bytes
+    dropped plus the bytes stored are exactly the bytes printed."""
+    job = make_job(command="seq 1 20000 | sed 's/^/grüße /'")
+    run = services.run_foreground(job=job, **quiet)
+    printed = sum(len(f"grüße {n}\n".encode()) for n in range(1, 20001))
+    run.refresh_from_db()
+    assert run.log_bytes == printed
+    stored = sum(RunLogChunk.objects.filter(run=run).values_list("size", flat=True))
+    assert stored <= 1000 + 3000
+    assert run.log_dropped_bytes == printed - stored
+    text = runlog.read_log(run)
+    assert text.startswith("grüße 1\ngrüße 2\n")
+    assert text.endswith("grüße 19999\ngrüße 20000\n")
+
+
 def test_multibyte_characters_split_across_reads_survive(make_job):
     job = make_job(command="printf 'gr\\303'; sleep 0.2; printf '\\274\\303\\237e\\n'")
     run = services.run_foreground(job=job, **quiet)
