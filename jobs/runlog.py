@@ -137,7 +137,7 @@ class RunLogWriter:
         run's log counts for the caller to write in its own UPDATE of the run
         (the outcome): the last chunk of a run costs no transaction of its own.
         If the transaction fails, `restore(snapshot())` taken before it."""
-        return self._flush(save_counts=False)
+        return self._store_pending()
 
     def snapshot(self) -> tuple:
         return (
@@ -196,17 +196,21 @@ class RunLogWriter:
 
     def _bound_pending(self) -> None:
         """While the database is away, keep at most the tail cap in memory."""
-        if self.pending_size <= self.tail_cap:
-            return
-        data = "".join(self.pending)
-        excess = len(data) - self.tail_cap
-        self.unsaved_dropped += len(data[:excess].encode())
-        self.pending = [data[excess:]]
-        self.pending_size = len(self.pending[0])
+        if self.pending_size > self.tail_cap:
+            self._trim_pending()
 
-    def _flush(self, *, save_counts: bool = True) -> dict:
+    def _flush(self) -> None:
         if not self.pending:
-            return self._save_counts(0) if save_counts else self._counts(0)
+            self._write_counts(self._counts(0))  # a count alone needs no transaction
+            return
+        with transaction.atomic():
+            self._write_counts(self._store_pending())
+
+    def _store_pending(self) -> dict:
+        """Write the pending output as chunks, in the caller's transaction,
+        dropping tail chunks past the cap; the run's log counts to write with them."""
+        if not self.pending:
+            return self._counts(0)
         data = "".join(self.pending).encode()
         self.pending, self.pending_size = [], 0
         rows = []
@@ -227,12 +231,9 @@ class RunLogWriter:
             rows.append(self._chunk(data, is_head=False))
             self.tail.append((self.seq, len(data)))
             self.tail_size += len(data)
-        # Inside the outcome's transaction (store_last) no savepoint: a
-        # failure rolls the whole outcome back, and the caller restores.
-        with transaction.atomic(savepoint=False):
-            RunLogChunk.objects.bulk_create(rows)
-            dropped += self._trim_tail()
-            return self._save_counts(dropped) if save_counts else self._counts(dropped)
+        RunLogChunk.objects.bulk_create(rows)
+        dropped += self._trim_tail()
+        return self._counts(dropped)
 
     def _chunk(self, data: bytes, *, is_head: bool) -> RunLogChunk:
         self.seq += 1
@@ -256,11 +257,9 @@ class RunLogWriter:
             RunLogChunk.objects.filter(run_id=self.run_id, seq__in=doomed).delete()
         return dropped
 
-    def _save_counts(self, dropped: int) -> dict:
-        counts = self._counts(dropped)
+    def _write_counts(self, counts: dict) -> None:
         if counts:
             Run.objects.filter(pk=self.run_id).update(**counts)
-        return {}
 
     def _counts(self, dropped: int) -> dict:
         """The run's log fields to write now ({}: nothing new to say, as for a
