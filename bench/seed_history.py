@@ -14,7 +14,8 @@ real installation writes them:
 - alert flips (and notifications for jobs with recipients) where a job
   went from ok to failing and back; a few upstream dependencies;
 - JobDailyStats computed from the runs in SQL (GROUP BY), and each job's
-  last_scheduled_for, last_success_at, alert state and active run;
+  last_scheduled_for, last_success_at, latest outcome, alert state and
+  active run;
 - as many rows in django-q2's Success table (django_q_task, success=True)
   as runs, for the baseline.
 
@@ -104,6 +105,7 @@ class JobPlan:
     failing_since: datetime | None = None
     consecutive_failures: int = 0
     active_run_id: int | None = None
+    last_end: tuple[int, str] | None = None  # the latest ended run: (id, status)
     runs: int = 0
     env_json: str = ""
     command: str = ""
@@ -587,6 +589,8 @@ def _one_run(plan, run_id, minute, rng, now, active: str | None) -> dict:
         run["log_bytes"] = len(run["log"].encode())
     if status == "running":
         plan.active_run_id = run_id
+    elif status not in ("queued", "skipped"):
+        plan.last_end = (run_id, status)
     plan.last_run_id = run_id
     return run
 
@@ -652,6 +656,7 @@ def _finish_jobs(plans: list[JobPlan], end: int) -> None:
         job.alert_state = "failing" if plan.failing_since else "ok"
         job.alert_state_since = plan.failing_since
         job.active_run_id = plan.active_run_id
+        job.last_end_run_id, job.last_end_status = plan.last_end or (None, "")
         job.next_fire_at = _at((_last_fire(plan, end) + plan.interval) * 60.0)
         job.fire_basis = job.current_fire_basis
     fields = [
@@ -661,6 +666,8 @@ def _finish_jobs(plans: list[JobPlan], end: int) -> None:
         "alert_state",
         "alert_state_since",
         "active_run",
+        "last_end_run_id",
+        "last_end_status",
         "next_fire_at",
         "fire_basis",
     ]

@@ -180,6 +180,14 @@ class Job(models.Model):
     # Kept by services so staleness needs no scan of the run history.
     last_scheduled_for = models.DateTimeField(null=True, blank=True, editable=False)
     last_success_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # The outcome of the job's latest run that ran to an end (not active,
+    # not skipped), with that run's id: "latest" is by id, as in the run
+    # strip, so a run that ends after a newer one has no say. Kept in the
+    # UPDATE of the job row that every end of a run makes (services); the
+    # overview reads it instead of probing the run history of every job.
+    # Pruning or deleting runs leaves it as it was.
+    last_end_status = models.CharField(max_length=12, blank=True, editable=False)
+    last_end_run_id = models.BigIntegerField(null=True, blank=True, editable=False)
 
     # The scheduler's state. `fire_basis` is the "schedule|timezone" that
     # next_fire_at was computed from: when it differs from the current

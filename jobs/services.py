@@ -30,7 +30,7 @@ from pathlib import Path
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import DatabaseError, IntegrityError, connection, transaction
-from django.db.models import Case, F, Q, When
+from django.db.models import BigIntegerField, Case, CharField, F, Q, Value, When
 from django.utils import timezone
 
 from jobs import alerts, artifacts, delivery, execution, kinds, stats
@@ -725,12 +725,28 @@ def _after_finish(run: Run, *, now: datetime) -> None:
     retry = _schedule_retry(run, now=now) if run.status in Run.FAILURES else None
     free_slot = Case(When(active_run=run.pk, then=None), default=F("active_run"))
     alerts.on_run_finished(
-        run, now=now, retrying=retry is not None, job_updates={"active_run": free_slot}
+        run,
+        now=now,
+        retrying=retry is not None,
+        job_updates={"active_run": free_slot, **_last_end(run)},
     )
     if run.job.overlap != Job.Overlap.ALLOW or retry is not None:
         dispatch_waiting(now=now, job=run.job)
     if run.status == Run.Status.SUCCEEDED:
         _trigger_downstreams(run, now=now)
+
+
+def _last_end(run: Run) -> dict:
+    """The job's latest outcome (Job.last_end_status), for its UPDATE: this
+    run's status, unless a newer run of the job has already ended."""
+    newer = Q(last_end_run_id__isnull=True) | Q(last_end_run_id__lt=run.pk)
+    return {
+        name: Case(When(newer, then=Value(value)), default=F(name), output_field=field)
+        for name, value, field in (
+            ("last_end_status", run.status, CharField()),
+            ("last_end_run_id", run.pk, BigIntegerField()),
+        )
+    }
 
 
 def retry_delay(job: Job, attempt: int, *, jitter: float | None = None) -> float:
@@ -779,6 +795,7 @@ def run_cancel(
             error_summary=summary,
         ):
             stats.record_finished(_reload(run))
+            Job.objects.filter(pk=run.job_id).update(**_last_end(run))
             dispatch_waiting(now=now, job=run.job)
             return "cancelled"
         if Run.objects.filter(

@@ -199,20 +199,12 @@ OVERVIEW_FIELDS = [*STALE_FIELDS, "tags", "next_fire_at", "fire_basis"]
 
 def _jobs_with_state() -> list[Job]:
     """Every job by name, with the status of its latest run that ran to an
-    end (skips say nothing about health) and whether a run is running: two
-    index probes per job (run_job_recent_idx, run_job_status_recent_idx),
-    whatever the length of the history."""
-    last_end = (
-        Run.objects.filter(job=OuterRef("pk"))
-        .exclude(status__in=[*Run.ACTIVE, Run.Status.SKIPPED])
-        .order_by("-id")
-        .values("status")[:1]
-    )
+    end (Job.last_end_status, kept as runs end) and whether a run is
+    running: one index probe per job (run_job_status_recent_idx), whatever
+    the length of the history."""
     running = Run.objects.filter(job=OuterRef("pk"), status=Run.Status.RUNNING)
-    jobs = Job.objects.annotate(
-        last_end_status=Subquery(last_end), is_running=Exists(running)
-    ).order_by("name")
-    return _load_jobs(jobs, OVERVIEW_FIELDS, ("last_end_status", "is_running"))
+    jobs = Job.objects.annotate(is_running=Exists(running)).order_by("name")
+    return _load_jobs(jobs, [*OVERVIEW_FIELDS, "last_end_status"], ("is_running",))
 
 
 def _load_jobs(

@@ -37,7 +37,12 @@ def make_runs(job: Job, statuses: list[str], *, start: datetime | None = None) -
                 exit_code=0 if status == Run.Status.SUCCEEDED else 1,
             )
         )
-    return Run.objects.bulk_create(runs)
+    runs = Run.objects.bulk_create(runs)
+    ended = [run for run in runs if run.status not in (*Run.ACTIVE, Run.Status.SKIPPED)]
+    if ended:  # what the end of each run records on the job (services)
+        job.last_end_run_id, job.last_end_status = ended[-1].pk, ended[-1].status
+        job.save(update_fields=["last_end_run_id", "last_end_status"])
+    return runs
 
 
 # Session, user, job, upstreams, downstreams, missed fires, history page;

@@ -161,6 +161,8 @@ def test_cancelling_a_queued_run_is_immediate_and_records_who(make_job, make_use
     assert run.status == Run.Status.CANCELLED
     assert run.cancelled_by == user
     assert run.error_summary == "Cancelled by oncall"
+    job.refresh_from_db()
+    assert (job.last_end_status, job.last_end_run_id) == (Run.Status.CANCELLED, run.pk)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -215,7 +217,9 @@ def test_a_run_whose_heartbeat_stopped_is_lost_and_retried(make_job):
     run.refresh_from_db()
     assert run.status == Run.Status.LOST
     assert "stopped heartbeating" in run.error_summary
-    assert Job.objects.get(pk=job.pk).active_run_id is None, "slot still held"
+    job.refresh_from_db()
+    assert job.active_run_id is None, "slot still held"
+    assert (job.last_end_status, job.last_end_run_id) == (Run.Status.LOST, run.pk)
     assert Run.objects.get(retry_of=run).attempt == 2
 
 
@@ -231,6 +235,7 @@ def test_a_queued_run_the_broker_lost_is_sent_again_then_given_up(make_job):
     run.refresh_from_db()
     assert run.status == Run.Status.LOST
     assert "no worker picked it up after 2 deliveries" in run.error_summary
+    assert Job.objects.get(pk=job.pk).last_end_status == Run.Status.LOST
 
 
 def test_a_stale_worker_notices_it_lost_its_run_and_stops(make_job):

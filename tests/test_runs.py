@@ -106,6 +106,63 @@ def test_finishing_frees_the_slot_for_the_next_run(make_job):
     assert again.status == Run.Status.SUCCEEDED and again.pk != run.pk
 
 
+def test_the_job_keeps_the_outcome_of_its_newest_ended_run(make_job):
+    """The overview reads a job's health off the job row: the status of
+    its newest run (by id, as in the run strip) that ran to an end."""
+    job = make_job(overlap=Job.Overlap.ALLOW)
+    older, newer = (
+        services.run_claim(
+            run_id=services.run_create(job=job, trigger=Run.Trigger.MANUAL, here=True).pk,
+            worker="w:1",
+        )
+        for _ in range(2)
+    )
+    services.run_finish(run=newer, status=Run.Status.FAILED, exit_code=1)
+    job.refresh_from_db()
+    assert (job.last_end_status, job.last_end_run_id) == (Run.Status.FAILED, newer.pk)
+
+    # The older run ends last: the newer run's outcome stands.
+    services.run_finish(run=older, status=Run.Status.SUCCEEDED, exit_code=0)
+    job.refresh_from_db()
+    assert (job.last_end_status, job.last_end_run_id) == (Run.Status.FAILED, newer.pk)
+
+    # A skip says nothing about health; the next run that ends does.
+    job.overlap = Job.Overlap.SKIP
+    job.save()
+    services.run_claim(
+        run_id=services.run_create(job=job, trigger=Run.Trigger.MANUAL, here=True).pk,
+        worker="w:1",
+    )
+    skipped = services.run_create(job=job, trigger=Run.Trigger.MANUAL, here=True)
+    assert skipped.status == Run.Status.SKIPPED
+    job.refresh_from_db()
+    assert job.last_end_run_id == newer.pk
+
+
+def test_the_migration_fills_in_each_jobs_latest_outcome(make_job):
+    import importlib
+
+    from django.apps import apps
+
+    backfill = importlib.import_module("jobs.migrations.0006_job_last_end").backfill
+    job, idle = make_job(name="busy"), make_job(name="idle")
+    at = job.created_at
+    runs = {
+        status: Run.objects.create(
+            job=job, trigger="manual", scheduled_for=at, queued_at=at, status=status
+        )
+        for status in (Run.Status.FAILED, Run.Status.SUCCEEDED, Run.Status.SKIPPED, "queued")
+    }
+
+    backfill(apps, None)
+
+    job.refresh_from_db()
+    idle.refresh_from_db()
+    succeeded = runs[Run.Status.SUCCEEDED].pk
+    assert (job.last_end_status, job.last_end_run_id) == (Run.Status.SUCCEEDED, succeeded)
+    assert (idle.last_end_status, idle.last_end_run_id) == ("", None)
+
+
 def test_rerun_keeps_the_logical_time_and_links_the_original(make_job, make_user):
     job = make_job()
     original = services.run_foreground(job=job, **quiet)
