@@ -72,6 +72,9 @@ if _default_db["ENGINE"] == "django.db.backends.sqlite3":
     # django-q2 loses 25-32% of results under 8 workers with SQLite's defaults
     # ("database is locked" inside the result-pruning transaction). WAL plus
     # IMMEDIATE transactions plus a busy timeout lost none (DESIGN.md).
+    # Django's backend, but a transaction waits for the write lock by
+    # polling, not by SQLite's ever longer sleeps (jobsite/db/sqlite3).
+    _default_db["ENGINE"] = "jobsite.db.sqlite3"
     _default_db["OPTIONS"] = {
         "transaction_mode": "IMMEDIATE",
         "timeout": env.int("SQLITE_TIMEOUT", default=20),
@@ -202,6 +205,10 @@ if REDIS_URL:
     Q_CLUSTER["redis"] = REDIS_URL
 else:
     Q_CLUSTER["orm"] = "default"
+    # Hands out up to `bulk` due tasks per turn at the database's write
+    # lock, where django-q2's ORM broker takes one turn per task (jobs/broker.py).
+    Q_CLUSTER["broker_class"] = "jobs.broker.BatchingOrmBroker"
+    Q_CLUSTER["bulk"] = env.int("Q_BULK", default=10)
 
 # --- Email ----------------------------------------------------------------
 

@@ -163,6 +163,36 @@ def test_the_migration_fills_in_each_jobs_latest_outcome(make_job):
     assert (idle.last_end_status, idle.last_end_run_id) == ("", None)
 
 
+def test_the_claim_reads_the_run_and_its_job_as_the_orm_does(make_job):
+    """The claim's SELECT is compiled once per process (services._queued_run):
+    every field of the run and of its job comes back as the ORM loads it,
+    JSON, booleans and aware datetimes included."""
+    job = make_job(
+        environment={"TARGET": "reports", "N": "1"},
+        secret_keys=["TOKEN"],
+        tags="nightly, billing",
+        overlap=Job.Overlap.ALLOW,
+        enabled=True,
+    )
+    queued = services.run_create(job=job, trigger=Run.Trigger.MANUAL, here=True)
+    expected_run = Run.objects.get(pk=queued.pk)
+    expected_job = Job.objects.get(pk=job.pk)
+
+    claimed = services.run_claim(run_id=queued.pk, worker="w:1")
+
+    for field in Run._meta.concrete_fields:
+        if field.name not in ("status", "started_at", "heartbeat_at", "worker"):
+            name = field.attname
+            assert getattr(claimed, name) == getattr(expected_run, name), name
+    for field in Job._meta.concrete_fields:
+        name = field.attname
+        assert getattr(claimed.job, name) == getattr(expected_job, name), name
+    assert claimed.job.environment == {"TARGET": "reports", "N": "1"}
+    assert claimed.queued_at.tzinfo is not None and claimed.job.enabled is True
+    assert not claimed._state.adding and claimed.job._state.db == "default"
+    assert services.run_claim(run_id=queued.pk, worker="w:2") is None  # no longer queued
+
+
 def test_rerun_keeps_the_logical_time_and_links_the_original(make_job, make_user):
     job = make_job()
     original = services.run_foreground(job=job, **quiet)
