@@ -110,33 +110,42 @@ def test_the_job_keeps_the_outcome_of_its_newest_ended_run(make_job):
     """The overview reads a job's health off the job row: the status of
     its newest run (by id, as in the run strip) that ran to an end."""
     job = make_job(overlap=Job.Overlap.ALLOW)
-    older, newer = (
+    oldest, older, newest = (
         services.run_claim(
             run_id=services.run_create(job=job, trigger=Run.Trigger.MANUAL, here=True).pk,
             worker="w:1",
         )
-        for _ in range(2)
+        for _ in range(3)
     )
-    services.run_finish(run=newer, status=Run.Status.FAILED, exit_code=1)
+    services.run_finish(run=newest, status=Run.Status.SUCCEEDED, exit_code=0)
     job.refresh_from_db()
-    assert (job.last_end_status, job.last_end_run_id) == (Run.Status.FAILED, newer.pk)
+    assert (job.last_end_status, job.last_end_run_id) == (Run.Status.SUCCEEDED, newest.pk)
 
-    # The older run ends last: the newer run's outcome stands.
+    # Older runs end last: the newest run's outcome stands, whether the
+    # job row is written by the success path or by the alerts' path.
     services.run_finish(run=older, status=Run.Status.SUCCEEDED, exit_code=0)
     job.refresh_from_db()
-    assert (job.last_end_status, job.last_end_run_id) == (Run.Status.FAILED, newer.pk)
+    assert (job.last_end_status, job.last_end_run_id) == (Run.Status.SUCCEEDED, newest.pk)
+    services.run_finish(run=oldest, status=Run.Status.FAILED, exit_code=1)
+    job.refresh_from_db()
+    assert (job.last_end_status, job.last_end_run_id) == (Run.Status.SUCCEEDED, newest.pk)
+    assert job.alert_state == Job.AlertState.FAILING  # the failure still counted
 
     # A skip says nothing about health; the next run that ends does.
     job.overlap = Job.Overlap.SKIP
     job.save()
-    services.run_claim(
+    running = services.run_claim(
         run_id=services.run_create(job=job, trigger=Run.Trigger.MANUAL, here=True).pk,
         worker="w:1",
     )
     skipped = services.run_create(job=job, trigger=Run.Trigger.MANUAL, here=True)
     assert skipped.status == Run.Status.SKIPPED
     job.refresh_from_db()
-    assert job.last_end_run_id == newer.pk
+    assert job.last_end_run_id == newest.pk
+    services.run_finish(run=running, status=Run.Status.SUCCEEDED, exit_code=0)
+    job.refresh_from_db()
+    assert (job.last_end_status, job.last_end_run_id) == (Run.Status.SUCCEEDED, running.pk)
+    assert job.alert_state == Job.AlertState.OK
 
 
 def test_the_migration_fills_in_each_jobs_latest_outcome(make_job):
