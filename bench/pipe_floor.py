@@ -11,6 +11,15 @@ The log-flood target compares capture speed with the same command writing to
                    a selector, as jobs/execution.py reads (nothing stored);
   python 1 MiB     the same with the pipe enlarged to 1 MiB (F_SETPIPE_SZ)
                    and 1 MiB reads.
+  python splice    piped, and moved on to /dev/null by os.splice: the
+                   reader wakes for every write but copies nothing into
+                   Python (what skipping a flood's middle would cost).
+  file             no pipe: the output goes to an anonymous temporary file
+                   (in --file-dir), whose size is polled every 10 ms and
+                   whose bytes are never read (the floor of capturing to
+                   a file and tailing it).
+  file + punch     the same, punching holes (fallocate PUNCH_HOLE) behind
+                   every 10 ms, so the disk holds only the last moments.
 
 Each is MB/s and its ratio to /dev/null, min/median/max over the repeats.
 
@@ -21,11 +30,13 @@ Each is MB/s and its ratio to /dev/null, min/median/max over the repeats.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import fcntl
 import os
 import selectors
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,10 +92,55 @@ def to_python(size: int, *, pipe_bytes: int | None) -> float:
     return time.perf_counter() - started
 
 
+def to_splice(size: int) -> float:
+    started = time.perf_counter()
+    proc = subprocess.Popen(["sh", "-c", flood_command(size)], stdout=subprocess.PIPE)
+    fd = proc.stdout.fileno()
+    sink = os.open(os.devnull, os.O_WRONLY)
+    received = 0
+    while moved := os.splice(fd, sink, 1 << 20):  # blocks until data or EOF
+        received += moved
+    os.close(sink)
+    proc.stdout.close()
+    proc.wait()
+    if received != size:
+        raise RuntimeError(f"moved {received} bytes, expected {size}")
+    return time.perf_counter() - started
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def to_file(size: int, *, directory: str | None, punch: bool) -> float:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    with tempfile.TemporaryFile(dir=directory, buffering=0) as out:
+        fd = out.fileno()
+        started = time.perf_counter()
+        proc = subprocess.Popen(["sh", "-c", flood_command(size)], stdout=fd)
+        punched = 0
+        while True:
+            gone = proc.poll() is not None
+            end = os.fstat(fd).st_size // 4096 * 4096
+            if punch and end > punched:
+                flags = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+                if libc.fallocate(fd, flags, punched, end - punched) != 0:
+                    raise OSError(ctypes.get_errno(), "fallocate(PUNCH_HOLE) failed")
+                punched = end
+            if gone:
+                break
+            time.sleep(0.01)
+        elapsed = time.perf_counter() - started
+        if os.fstat(fd).st_size != size:
+            raise RuntimeError(f"file holds {os.fstat(fd).st_size} bytes, expected {size}")
+    return elapsed
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=parse_size, default=500 * 10**6, help="bytes: 500M")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--file-dir", help="where the file readers write (default: $TMPDIR)")
     args = parser.parse_args(argv)
     load_at_start = common.load_text()
     readers = {
@@ -92,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         "cat": to_cat,
         "python 64 KiB": lambda size: to_python(size, pipe_bytes=None),
         "python 1 MiB": lambda size: to_python(size, pipe_bytes=1024 * 1024),
+        "python splice": to_splice,
+        "file": lambda size: to_file(size, directory=args.file_dir, punch=False),
+        "file + punch": lambda size: to_file(size, directory=args.file_dir, punch=True),
     }
     speeds: dict[str, list[float]] = {name: [] for name in readers}
     for repeat in range(1, args.repeat + 1):

@@ -117,9 +117,11 @@ def fire(job: Job, now: datetime) -> list[Run]:
     plan = services.run_plan(job, now=now) if len(to_run) == 1 else None
     try:
         with transaction.atomic():
+            # The claim notes the latest fire too (staleness reads it): one
+            # UPDATE of the job row per fire, not two.
             claimed = Job.objects.filter(
                 pk=job.pk, next_fire_at=job.next_fire_at, fire_basis=job.fire_basis
-            ).update(next_fire_at=nxt)
+            ).update(next_fire_at=nxt, **(services.note_fire(max(to_run)) if to_run else {}))
             if not claimed:
                 return []
             if gap:
@@ -134,7 +136,12 @@ def fire(job: Job, now: datetime) -> list[Run]:
             if len(to_run) <= 1:
                 return [
                     services.run_create(
-                        job=job, trigger=Run.Trigger.SCHEDULE, scheduled_for=at, now=now, plan=plan
+                        job=job,
+                        trigger=Run.Trigger.SCHEDULE,
+                        scheduled_for=at,
+                        now=now,
+                        plan=plan,
+                        noted=True,
                     )
                     for at in to_run
                 ]

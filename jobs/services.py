@@ -59,6 +59,7 @@ def run_create(
     here: bool = False,
     now: datetime | None = None,
     plan: tuple[str | None, bool] | None = None,
+    noted: bool = False,
 ) -> Run:
     """Record a run for `job` and hand it to the workers.
 
@@ -71,6 +72,10 @@ def run_create(
     3. Otherwise the run is dispatched. `here=True` means the caller claims
        and executes it itself (manage.py runjob): it is marked dispatched but
        not sent to django-q2.
+
+    A scheduled run notes its time on the job (staleness reads it), unless
+    the caller did (`noted`: the clock does it in the UPDATE that claims the
+    fire).
 
     Steps 1 and 2 only read (`plan`, if the caller read them already), and
     are done before the transaction: on SQLite it holds the one write lock
@@ -89,8 +94,8 @@ def run_create(
         rerun_of=rerun_of,
     )
     with transaction.atomic():
-        if trigger == Run.Trigger.SCHEDULE:
-            _note_scheduled_for(job, fields["scheduled_for"])
+        if trigger == Run.Trigger.SCHEDULE and not noted:
+            Job.objects.filter(pk=job.pk).update(**note_fire(fields["scheduled_for"]))
         if reason is not None:
             skipped = Run.objects.create(
                 **fields, status=Run.Status.SKIPPED, finished_at=now, error_summary=reason
@@ -116,13 +121,15 @@ def run_plan(job: Job, *, now: datetime) -> tuple[str | None, bool]:
     return _apply_overlap(job, now=now)
 
 
-def _note_scheduled_for(job: Job, scheduled_for: datetime) -> None:
-    """Keep Job.last_scheduled_for (staleness reads it instead of the history).
-    Only clock fires count: a manual run does not prove the schedule works,
-    and skipping the write spares the job row a lock on every manual run."""
-    Job.objects.filter(pk=job.pk).filter(
-        Q(last_scheduled_for__isnull=True) | Q(last_scheduled_for__lt=scheduled_for)
-    ).update(last_scheduled_for=scheduled_for)
+def note_fire(latest: datetime) -> dict:
+    """Job.last_scheduled_for to write in an UPDATE of the job: `latest`
+    unless a later fire was noted already. Only clock fires count: a manual
+    run does not prove that the schedule works (and skipping the write spares
+    the job row a lock on every manual run)."""
+    newer = Q(last_scheduled_for__isnull=True) | Q(last_scheduled_for__lt=latest)
+    return {
+        "last_scheduled_for": Case(When(newer, then=Value(latest)), default=F("last_scheduled_for"))
+    }
 
 
 def _apply_overlap(job: Job, *, now: datetime) -> tuple[str | None, bool]:
@@ -187,9 +194,10 @@ def run_enqueue(run: Run) -> None:
     async_task("jobs.tasks.execute_run", run.pk, q_options=options)
 
 
-def dispatch_waiting(*, now: datetime, job: Job | None = None) -> int:
+def dispatch_waiting(*, now: datetime, job: Job | None = None, asked: bool = False) -> int:
     """Send waiting runs (retries whose delay has passed, runs queued behind
-    another, catch-up runs) to the workers when their job is free."""
+    another, catch-up runs) to the workers when their job is free.
+    `asked`: the caller already knows that something of `job` waits."""
     waiting = (
         Run.objects.filter(status=Run.Status.QUEUED, enqueued_at__isnull=True)
         .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
@@ -202,7 +210,9 @@ def dispatch_waiting(*, now: datetime, job: Job | None = None) -> int:
         # compiling the run-and-job SELECT below (2.7 ms of CPU) or even the
         # question (0.7 ms) costs more than the query, inside the finishing
         # run's transaction.
-        if not _fetch(_sql(connection.vendor, "waiting"), [job.pk, Run.Status.QUEUED]):
+        if not asked and not _fetch(
+            _sql(connection.vendor, "waiting"), [job.pk, Run.Status.QUEUED]
+        ):
             return 0
         waiting = waiting.filter(job=job)
     sent = 0
@@ -311,10 +321,13 @@ def _find_path(edges: dict[int, list[int]], *, start: int) -> list[int] | None:
     return None
 
 
-def _trigger_downstreams(run: Run, *, now: datetime) -> None:
+def _trigger_downstreams(run: Run, *, now: datetime, downstreams: list[int] | None = None) -> None:
     """After a success: start each upstream-triggered downstream job whose
-    upstreams have all succeeded since its own last run."""
-    for (pk,) in _fetch(_sql(connection.vendor, "downstreams"), [run.job_id]):  # most have none
+    upstreams have all succeeded since its own last run. `downstreams`: the
+    linked jobs' ids, when the caller has asked already."""
+    if downstreams is None:  # most jobs have none
+        downstreams = [pk for (pk,) in _fetch(_sql(connection.vendor, "downstreams"), [run.job_id])]
+    for pk in downstreams:
         with transaction.atomic():
             # Serialize with other finishing upstreams of the same job.
             down = Job.objects.select_for_update().get(pk=pk)
@@ -410,6 +423,14 @@ def _sql(vendor: str, name: str) -> str:
         ),
         # Params: the upstream job's id.
         "downstreams": f"SELECT from_job_id FROM {links} WHERE to_job_id = %s",
+        # Both questions in one round trip, after a success of a job that
+        # does not allow overlap: a row of -1 if a run waits, then the
+        # downstream jobs' ids. Params: job id, queued, job id.
+        "waiting_and_downstreams": (
+            f"SELECT -1 WHERE EXISTS (SELECT 1 FROM {runs} WHERE job_id = %s AND status = %s"
+            f" AND enqueued_at IS NULL) UNION ALL SELECT from_job_id FROM {links}"
+            " WHERE to_job_id = %s"
+        ),
     }[name]
 
 
@@ -822,7 +843,16 @@ def _after_finish(run: Run, *, now: datetime) -> None:
             retrying=retry is not None,
             job_updates={"active_run": free_slot, **_last_end(run)},
         )
-    if run.job.overlap != Job.Overlap.ALLOW or retry is not None:
+    dispatch = run.job.overlap != Job.Overlap.ALLOW or retry is not None
+    if dispatch and run.status == Run.Status.SUCCEEDED:
+        # One round trip for both questions (on PostgreSQL each is one).
+        params = [run.job_id, Run.Status.QUEUED, run.job_id]
+        ids = [pk for (pk,) in _fetch(_sql(connection.vendor, "waiting_and_downstreams"), params)]
+        if -1 in ids:
+            dispatch_waiting(now=now, job=run.job, asked=True)
+        _trigger_downstreams(run, now=now, downstreams=[pk for pk in ids if pk != -1])
+        return
+    if dispatch:
         dispatch_waiting(now=now, job=run.job)
     if run.status == Run.Status.SUCCEEDED:
         _trigger_downstreams(run, now=now)

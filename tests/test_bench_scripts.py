@@ -68,6 +68,8 @@ def test_pipe_floor_script_reports_every_reader_against_dev_null():
     out = run_script("pipe_floor.py", "--size", "2M", "--repeat", "1", timeout=60)
     assert "## Pipe floor" in out
     assert "load      start" in out
-    for reader in ("/dev/null", "| cat ", "python 64 KiB", "python 1 MiB"):
+    for reader in ("/dev/null", "| cat ", "python 64 KiB", "python 1 MiB", "python splice"):
+        assert reader in out, out
+    for reader in ("| file ", "| file + punch "):
         assert reader in out, out
     assert "% of /dev/null" in out

@@ -308,6 +308,43 @@ def test_a_worker_runs_a_quiet_job_in_seven_statements(make_job):
     assert job.active_run_id is None and job.last_success_at == run.finished_at
 
 
+def test_a_success_asks_for_waiting_runs_and_downstreams_in_one_statement(make_job):
+    """A job that does not allow overlap must ask, after a success, whether
+    a run of it waits and which jobs run after it: one round trip, not two
+    (on PostgreSQL every statement is one). Both answers still act."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from jobs import tasks
+
+    job = make_job(command="true", overlap=Job.Overlap.QUEUE)
+    after = make_job(slug="after", command="true", trigger_on_upstream=True)
+    after.upstreams.add(job)
+    tasks.execute_run(services.run_create(job=job, trigger=Run.Trigger.MANUAL).pk)
+    assert Run.objects.filter(job=after).count() == 1  # triggered once
+    run = services.run_create(job=job, trigger=Run.Trigger.MANUAL)
+    waiting = Run.objects.create(
+        job=job,
+        trigger=Run.Trigger.MANUAL,
+        status=Run.Status.QUEUED,
+        queued_at=run.queued_at,
+        scheduled_for=run.queued_at,
+    )
+    with CaptureQueriesContext(connection) as captured:
+        assert tasks.execute_run(run.pk) == Run.Status.SUCCEEDED
+    # The two questions (written out in services._sql), before anything acts on them.
+    asks = [
+        s
+        for s in _statements(captured)
+        if s.startswith(("SELECT 1 FROM", "SELECT -1 ", "SELECT from_job_id "))
+    ]
+    assert len(asks) == 1, asks
+    assert "jobs_run" in asks[0] and "jobs_job_upstreams" in asks[0], asks[0]
+    waiting.refresh_from_db()
+    assert waiting.enqueued_at is not None  # sent to the workers once the slot was free
+    assert Run.objects.filter(job=after).count() == 2
+
+
 def _outer_transactions(run_pk: int):
     """Run `run_pk` in a worker, noting for each statement the outermost
     transaction it ran in (None: autocommit)."""

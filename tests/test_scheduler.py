@@ -169,3 +169,35 @@ def test_the_clock_wakes_up_for_a_waiting_retry(make_job):
     clock.tick(now=retry.not_before)
     retry.refresh_from_db()
     assert retry.enqueued_at == retry.not_before
+
+
+def test_a_fire_notes_its_time_for_staleness_in_the_claim_itself(make_job):
+    """Job.last_scheduled_for (what staleness reads) is written by the same
+    UPDATE that claims the fire: one write of the job row per fire, not two
+    (100 jobs due at once made 100 more round trips). A manual run does not
+    count: it does not prove the schedule works."""
+    from django.test.utils import CaptureQueriesContext
+
+    job = make_job(schedule="*/5 * * * *")
+    clock.sync(now=T0)
+    clock.sync(now=T0 + timedelta(minutes=5))
+    with CaptureQueriesContext(connection) as captured:
+        (run,) = clock.fire_due(now=T0 + timedelta(minutes=5))
+    job_writes = [q["sql"] for q in captured if q["sql"].startswith('UPDATE "jobs_job"')]
+    assert len(job_writes) == 1, job_writes
+    job.refresh_from_db()
+    assert job.last_scheduled_for == run.scheduled_for == datetime(2026, 6, 1, 12, 5, tzinfo=UTC)
+    services.run_create(job=job, trigger=Run.Trigger.MANUAL, now=T0 + timedelta(minutes=7))
+    job.refresh_from_db()
+    assert job.last_scheduled_for == datetime(2026, 6, 1, 12, 5, tzinfo=UTC)
+    assert job.stale_reason(now=T0 + timedelta(minutes=7)) is None
+
+
+def test_catching_up_notes_the_latest_fire_it_ran(make_job):
+    job = make_job(schedule="*/10 * * * *", catchup=Job.Catchup.ALL, overlap=Job.Overlap.QUEUE)
+    clock.sync(now=T0)
+    runs = fire_all(T0 + timedelta(minutes=45))
+    assert len(runs) > 1
+    job.refresh_from_db()
+    assert job.last_scheduled_for == max(r.scheduled_for for r in runs)
+    assert job.last_scheduled_for == datetime(2026, 6, 1, 12, 40, tzinfo=UTC)
