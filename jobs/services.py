@@ -358,6 +358,19 @@ def run_claim(*, run_id: int, worker: str, now: datetime | None = None) -> Run |
     (queue, replace).
     """
     now = now or timezone.now()
+    at = connection.ops.adapt_datetimefield_value(now)
+    params = [Run.Status.RUNNING, at, at, worker, run_id, Run.Status.QUEUED]
+    query = _queued_run_query(connections[connection.alias])
+    statement = _claim_statement(query[0]) if query and connection.vendor == "postgresql" else None
+    if statement is not None:
+        claimed = _claim_in_one_statement(statement, query, params)
+        if claimed is None:
+            return None
+        run, slot_taken = claimed
+        if run.job.overlap == Job.Overlap.ALLOW or slot_taken:
+            return run
+        with transaction.atomic():
+            return _slot_held(run, now=now)
     # Read first, outside any transaction: on SQLite a transaction holds the
     # one write lock that every worker, the scheduler and django-q2's pusher
     # and monitor queue for, so it should hold nothing but the writes.
@@ -366,8 +379,6 @@ def run_claim(*, run_id: int, worker: str, now: datetime | None = None) -> Run |
         return None
     job = run.job
     claim = {"status": Run.Status.RUNNING, "started_at": now, "heartbeat_at": now, "worker": worker}
-    at = connection.ops.adapt_datetimefield_value(now)
-    params = [Run.Status.RUNNING, at, at, worker, run_id, Run.Status.QUEUED]
     with transaction.atomic():
         if not _execute(_sql(connection.vendor, "claim"), params):
             return None
@@ -375,20 +386,74 @@ def run_claim(*, run_id: int, worker: str, now: datetime | None = None) -> Run |
             setattr(run, name, value)
         if job.overlap == Job.Overlap.ALLOW or _take_slot(job, run):
             return run
-        holder = Job.objects.values_list("active_run_id", flat=True).get(pk=job.pk)
-        if job.overlap == Job.Overlap.SKIP:
-            Run.objects.filter(pk=run_id).update(
-                status=Run.Status.SKIPPED,
-                finished_at=now,
-                error_summary=f"run #{holder} still running",
-            )
-            run.refresh_from_db()
-            stats.record_finished(run)
-        else:
-            Run.objects.filter(pk=run_id).update(
-                status=Run.Status.QUEUED, started_at=None, heartbeat_at=None, enqueued_at=None
-            )
+        return _slot_held(run, now=now)
+
+
+def _slot_held(run: Run, *, now: datetime) -> None:
+    """The run was claimed but another run holds its job's slot: skip it
+    (policy skip) or send it back to waiting (queue, replace). In the
+    caller's transaction."""
+    job, run_id = run.job, run.pk
+    holder = Job.objects.values_list("active_run_id", flat=True).get(pk=job.pk)
+    if job.overlap == Job.Overlap.SKIP:
+        Run.objects.filter(pk=run_id).update(
+            status=Run.Status.SKIPPED,
+            finished_at=now,
+            error_summary=f"run #{holder} still running",
+        )
+        run.refresh_from_db()
+        stats.record_finished(run)
+    else:
+        Run.objects.filter(pk=run_id).update(
+            status=Run.Status.QUEUED, started_at=None, heartbeat_at=None, enqueued_at=None
+        )
     return None
+
+
+def _claim_in_one_statement(statement: str, query: tuple, params: list) -> tuple[Run, bool] | None:
+    """PostgreSQL: claim the run, take its job's slot (unless the job allows
+    overlap) and read run and job back, all in one statement: one round trip
+    instead of five (the SELECT, then BEGIN, the claim, the slot, COMMIT).
+    On a server that shares the workers' cores each round trip costs a
+    context switch both ways. (run, whether the slot was taken), or None
+    when the run is not queued (another worker has it)."""
+    _select, compiler, converters, split = query
+    rows = _fetch(statement, [*params, Job.Overlap.ALLOW, *Run.ACTIVE, params[4]])
+    if not rows:
+        return None
+    (row,) = compiler.apply_converters(rows, converters) if converters else rows
+    *row, slot_taken = row
+    run = Run.from_db(connection.alias, [f.attname for f in Run._meta.concrete_fields], row[:split])
+    job = Job.from_db(connection.alias, [f.attname for f in Job._meta.concrete_fields], row[split:])
+    Run.job.field.set_cached_value(run, job)
+    return run, bool(slot_taken)
+
+
+@functools.lru_cache(maxsize=4)
+def _claim_statement(select: str) -> str | None:
+    """The claim's UPDATE and the slot's, as data-modifying CTEs in front of
+    the compiled run-and-job SELECT (aliased so that its columns still
+    resolve). The job's columns are as they were before the slot was taken.
+    Params: the claim's six, overlap "allow", the active statuses, run id.
+    None if the SELECT is not shaped as expected (the general way then)."""
+    qn = connection.ops.quote_name
+    jobs, runs = qn(Job._meta.db_table), qn(Run._meta.db_table)
+    active = ", ".join(["%s"] * len(Run.ACTIVE))
+    source = f" FROM {runs} "
+    if select.count(source) != 1 or select.count(" WHERE ") != 1:
+        return None
+    columns, rest = select.split(source)
+    joined, _where = rest.split(" WHERE ")
+    return (
+        f"WITH claimed AS ({_sql('postgresql', 'claim')} RETURNING *),"
+        f" slot AS (UPDATE {jobs} SET active_run_id = c.id FROM claimed c"
+        f" WHERE {jobs}.id = c.job_id AND {jobs}.overlap <> %s AND ("
+        f"{jobs}.active_run_id IS NULL OR {jobs}.active_run_id = c.id OR NOT EXISTS ("
+        f"SELECT 1 FROM {runs} r WHERE r.id = {jobs}.active_run_id AND r.status IN ({active})))"
+        " RETURNING 1)"
+        f"{columns}, (SELECT count(*) FROM slot) FROM claimed AS {runs} {joined}"
+        f" WHERE {runs}.id = %s"
+    )
 
 
 @functools.lru_cache(maxsize=16)

@@ -89,6 +89,31 @@ def test_claim_under_skip_takes_the_slot_and_a_second_claim_is_skipped(make_job)
     assert sneaky.error_summary == f"run #{first.pk} still running"
 
 
+def test_on_postgresql_a_claim_is_one_statement_and_takes_the_slot(make_job):
+    """PostgreSQL: the run's claim, its job's slot and the read of both are one
+    round trip (it was five: SELECT, BEGIN, UPDATE, UPDATE, COMMIT). The
+    claimed run and job are what the ORM would load."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's data-modifying WITH; SQLite claims in one short transaction")
+    job = make_job()
+    run = services.run_create(job=job, trigger=Run.Trigger.MANUAL, here=True)
+    with CaptureQueriesContext(connection) as captured:
+        claimed = services.run_claim(run_id=run.pk, worker="w:1")
+    assert [q["sql"][:16] for q in captured] == ["WITH claimed AS "]
+    loaded = Run.objects.select_related("job").get(pk=run.pk)
+    assert loaded.status == claimed.status == Run.Status.RUNNING
+    for field in Run._meta.concrete_fields:
+        assert getattr(claimed, field.attname) == getattr(loaded, field.attname), field.name
+    for field in Job._meta.concrete_fields:
+        if field.attname != "active_run_id":  # read as it was before the claim took it
+            assert getattr(claimed.job, field.attname) == getattr(loaded.job, field.attname)
+    assert loaded.job.active_run_id == run.pk
+    assert services.run_claim(run_id=run.pk, worker="w:2") is None
+
+
 def test_a_redelivered_task_finds_nothing_to_claim(make_job):
     job = make_job()
     run = services.run_create(job=job, trigger=Run.Trigger.MANUAL, here=True)
@@ -373,11 +398,14 @@ def test_a_printing_run_stores_its_last_output_with_its_outcome(make_job):
     status, statements = _outer_transactions(run.pk)
     assert status == Run.Status.FAILED
     writes = [(sql, outer) for sql, outer in statements if not sql.startswith("SELECT")]
-    assert all(outer is not None for _sql, outer in writes), writes
+    # Outside a transaction only PostgreSQL's claim, one statement (atomic by itself).
+    alone = [sql for sql, outer in writes if outer is None]
+    assert all(sql.startswith("WITH claimed AS") for sql in alone), alone
     chunk = next(outer for sql, outer in writes if "jobs_runlogchunk" in sql)
     outcome = next(outer for sql, outer in writes if '"finished_at" =' in sql)
     assert chunk is outcome
-    assert len({id(outer) for _sql, outer in writes}) == 2  # the claim; the outcome with its log
+    units = {id(outer) for _sql, outer in writes if outer is not None} | set(alone)
+    assert len(units) == 2  # the claim; the outcome with its log
     run.refresh_from_db()
     assert runlog.read_log(run) == "hi\n[jobsite] Exit code 3\n"
     assert run.log_bytes == 3 and run.exit_code == 3
