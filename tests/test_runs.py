@@ -463,3 +463,54 @@ def test_run_now_writes_the_run_and_its_task_in_one_transaction(make_job):
     run = services.run_create(job=job, trigger=Run.Trigger.MANUAL)
     assert run.enqueued_at is not None and run.enqueue_count == 1
     assert OrmQ.objects.count() == tasks_before + 1
+
+
+def test_a_worker_does_not_ping_the_database_before_each_run(
+    transactional_db, make_job, monkeypatch
+):
+    """django-q2 resets Django's connection health check before every task,
+    which on PostgreSQL is a SELECT 1 round trip per run. The worker trusts
+    its kept connection instead (see the next test for a dropped one)."""
+    from django.db import close_old_connections, connection
+
+    from jobs import tasks
+
+    job = make_job(command="true", overlap=Job.Overlap.ALLOW)
+    run = services.run_create(job=job, trigger=Run.Trigger.MANUAL)
+    assert connection.health_check_enabled
+    pings = []
+    real = connection.is_usable
+    monkeypatch.setattr(connection, "is_usable", lambda: pings.append(1) or real())
+    close_old_connections()  # what django-q2 does before a task
+    assert tasks.execute_run(run.pk) == Run.Status.SUCCEEDED
+    assert pings == []
+
+
+def test_a_worker_whose_connection_the_server_dropped_reconnects_and_runs(
+    transactional_db, make_job
+):
+    """The server ends the worker's connection between two tasks (a restart,
+    an idle timeout): the claim fails once, reconnects, and the run runs."""
+    import psycopg2
+    from django.db import close_old_connections, connection
+
+    from jobs import tasks
+
+    if connection.vendor != "postgresql":
+        pytest.skip("needs a database server to drop the connection")
+    job = make_job(command="echo ran", overlap=Job.Overlap.ALLOW)
+    run = services.run_create(job=job, trigger=Run.Trigger.MANUAL)
+    connection.ensure_connection()
+    pid = connection.connection.info.backend_pid
+    other = psycopg2.connect(**connection.get_connection_params())
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+        other.commit()
+    finally:
+        other.close()
+    close_old_connections()  # what django-q2 does before a task
+    assert tasks.execute_run(run.pk) == Run.Status.SUCCEEDED
+    run.refresh_from_db()
+    assert runlog.read_log(run) == "ran\n"
+    assert connection.connection.info.backend_pid != pid
