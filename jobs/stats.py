@@ -23,30 +23,41 @@ COUNTED = {
 }
 
 
-def record_finished(run: Run) -> None:
-    """Add a run that reached a final state to its job's row for that day."""
+def record_finished(run: Run, *, tried: bool = False) -> None:
+    """Add a run that reached a final state to its job's row for that day.
+    `tried`: the caller ran rollup_statement() already and it found no row."""
     if run.status not in COUNTED or run.finished_at is None:
         return
-    day = timezone.localdate(run.finished_at)
+    sql, params = rollup_statement(run)
+    with transaction.atomic(savepoint=False):  # the caller's transaction, if any, suffices
+        if not tried:
+            with connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                if cursor.rowcount:
+                    return
+        try:
+            with transaction.atomic():
+                JobDailyStats.objects.create(
+                    job_id=run.job_id, day=timezone.localdate(run.finished_at)
+                )
+        except IntegrityError:
+            pass  # created meanwhile by another process
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+
+
+def rollup_statement(run: Run) -> tuple[str, list]:
+    """The UPDATE that adds a finished run (a status of COUNTED) to its job's
+    row for the day, and its parameters. It changes no row when that row
+    does not exist yet (record_finished creates it)."""
     params: list = []
     if run.started_at is not None:
         duration = max(0.0, (run.finished_at - run.started_at).total_seconds())
         lateness = max(0.0, (run.started_at - run.scheduled_for).total_seconds())
         params = [duration, duration, duration, lateness, lateness, lateness]
     sql = _rollup_sql(connection.vendor, run.status, executed=bool(params))
-    params += [run.job_id, connection.ops.adapt_datefield_value(day)]
-    with transaction.atomic(savepoint=False):  # the caller's transaction, if any, suffices
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            if cursor.rowcount:
-                return
-        try:
-            with transaction.atomic():
-                JobDailyStats.objects.create(job_id=run.job_id, day=day)
-        except IntegrityError:
-            pass  # created meanwhile by another process
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
+    day = timezone.localdate(run.finished_at)
+    return sql, [*params, run.job_id, connection.ops.adapt_datefield_value(day)]
 
 
 @functools.lru_cache(maxsize=64)

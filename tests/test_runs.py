@@ -357,17 +357,84 @@ def test_a_success_asks_for_waiting_runs_and_downstreams_in_one_statement(make_j
     )
     with CaptureQueriesContext(connection) as captured:
         assert tasks.execute_run(run.pk) == Run.Status.SUCCEEDED
-    # The two questions (written out in services._sql), before anything acts on them.
+    # The two questions (written out in services._sql; on PostgreSQL part of
+    # the outcome's one statement), before anything acts on them.
     asks = [
         s
         for s in _statements(captured)
-        if s.startswith(("SELECT 1 FROM", "SELECT -1 ", "SELECT from_job_id "))
+        if s.startswith(("SELECT 1 FROM", "SELECT -1 ", "SELECT from_job_id ", "WITH finished"))
     ]
     assert len(asks) == 1, asks
     assert "jobs_run" in asks[0] and "jobs_job_upstreams" in asks[0], asks[0]
     waiting.refresh_from_db()
     assert waiting.enqueued_at is not None  # sent to the workers once the slot was free
     assert Run.objects.filter(job=after).count() == 2
+
+
+def test_on_postgresql_a_success_and_its_consequences_are_one_statement(make_job):
+    """PostgreSQL: the outcome, the day's rollup, the job row and the two
+    questions after a success (a waiting run? downstream jobs?) are one
+    statement after the log's last chunk: one round trip, not four. What
+    they decide still happens: counts, slot, the waiting run, the downstream."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from jobs import stats, tasks
+
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's data-modifying WITH")
+    job = make_job(command="echo hi", overlap=Job.Overlap.QUEUE)
+    after = make_job(slug="after", command="true", trigger_on_upstream=True)
+    after.upstreams.add(job)
+    first = services.run_create(job=job, trigger=Run.Trigger.MANUAL)
+    assert tasks.execute_run(first.pk) == Run.Status.SUCCEEDED  # the day's row: created
+    run = services.run_create(job=job, trigger=Run.Trigger.MANUAL)
+    waiting = Run.objects.create(
+        job=job,
+        trigger=Run.Trigger.MANUAL,
+        status=Run.Status.QUEUED,
+        queued_at=run.queued_at,
+        scheduled_for=run.queued_at,
+    )
+    with CaptureQueriesContext(connection) as captured:
+        assert tasks.execute_run(run.pk) == Run.Status.SUCCEEDED
+    sqls = _statements(captured)
+    outcome = [s for s in sqls if s.startswith("WITH finished AS")]
+    assert len(outcome) == 1, sqls
+    rollups = [s for s in sqls if s.startswith('UPDATE "jobs_jobdailystats" SET "succeeded"')]
+    assert not rollups, sqls  # (the downstream's own skip is counted apart)
+    assert not [s for s in sqls if "consecutive_failures" in s and s.startswith("UPDATE")], sqls
+    run.refresh_from_db()
+    job.refresh_from_db()
+    waiting.refresh_from_db()
+    assert runlog.read_log(run) == "hi\n" and run.log_bytes == 3
+    assert job.active_run_id is None and job.last_success_at == run.finished_at
+    assert job.last_end_run_id == run.pk and job.last_end_status == Run.Status.SUCCEEDED
+    assert stats.JobDailyStats.objects.get(job=job).succeeded == 2
+    assert waiting.enqueued_at is not None
+    assert Run.objects.filter(job=after).count() == 2
+
+
+def test_a_success_of_a_failing_job_on_a_new_day_is_counted_and_clears_the_alert(make_job):
+    """The rare branches of a success (every database): no rollup row for the
+    day yet, and a job that was failing flips back to ok."""
+    from jobs import stats, tasks
+
+    job = make_job(command="exit 1", overlap=Job.Overlap.ALLOW)
+    assert tasks.execute_run(services.run_create(job=job, trigger="manual").pk) == "failed"
+    job.refresh_from_db()
+    assert job.alert_state == Job.AlertState.FAILING and job.consecutive_failures == 1
+    stats.JobDailyStats.objects.filter(job=job).delete()  # as at midnight
+    Job.objects.filter(pk=job.pk).update(command="true")
+    job.refresh_from_db()
+    run = services.run_create(job=job, trigger="manual")
+    assert tasks.execute_run(run.pk) == Run.Status.SUCCEEDED
+    job.refresh_from_db()
+    run.refresh_from_db()
+    assert job.alert_state == Job.AlertState.OK and job.consecutive_failures == 0
+    assert job.last_success_at == run.finished_at and job.last_end_run_id == run.pk
+    day = stats.JobDailyStats.objects.get(job=job)
+    assert (day.succeeded, day.failed, day.executed) == (1, 0, 1)
 
 
 def _outer_transactions(run_pk: int):
