@@ -424,10 +424,7 @@ def _claim_in_one_statement(statement: str, query: tuple, params: list) -> tuple
         return None
     (row,) = compiler.apply_converters(rows, converters) if converters else rows
     *row, slot_taken = row
-    run = Run.from_db(connection.alias, [f.attname for f in Run._meta.concrete_fields], row[:split])
-    job = Job.from_db(connection.alias, [f.attname for f in Job._meta.concrete_fields], row[split:])
-    Run.job.field.set_cached_value(run, job)
-    return run, bool(slot_taken)
+    return _run_and_job(row, split), bool(slot_taken)
 
 
 @functools.lru_cache(maxsize=4)
@@ -526,6 +523,12 @@ def _queued_run(run_id: int) -> Run | None:
     if not rows:
         return None
     (row,) = compiler.apply_converters(rows, converters) if converters else rows
+    return _run_and_job(row, split)
+
+
+def _run_and_job(row, split: int) -> Run:
+    """The run, with its job cached, from a converted row of the claim's
+    SELECT (the job's columns start at `split`), built as the ORM does."""
     run = Run.from_db(connection.alias, [f.attname for f in Run._meta.concrete_fields], row[:split])
     job = Job.from_db(connection.alias, [f.attname for f in Job._meta.concrete_fields], row[split:])
     Run.job.field.set_cached_value(run, job)

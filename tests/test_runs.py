@@ -333,6 +333,17 @@ def test_a_worker_runs_a_quiet_job_in_seven_statements(make_job):
     assert job.active_run_id is None and job.last_success_at == run.finished_at
 
 
+def _waiting_behind(run: Run) -> Run:
+    """A run of the same job waiting for its slot (queued, not yet sent)."""
+    return Run.objects.create(
+        job=run.job,
+        trigger=Run.Trigger.MANUAL,
+        status=Run.Status.QUEUED,
+        queued_at=run.queued_at,
+        scheduled_for=run.queued_at,
+    )
+
+
 def test_a_success_asks_for_waiting_runs_and_downstreams_in_one_statement(make_job):
     """A job that does not allow overlap must ask, after a success, whether
     a run of it waits and which jobs run after it: one round trip, not two
@@ -348,13 +359,7 @@ def test_a_success_asks_for_waiting_runs_and_downstreams_in_one_statement(make_j
     tasks.execute_run(services.run_create(job=job, trigger=Run.Trigger.MANUAL).pk)
     assert Run.objects.filter(job=after).count() == 1  # triggered once
     run = services.run_create(job=job, trigger=Run.Trigger.MANUAL)
-    waiting = Run.objects.create(
-        job=job,
-        trigger=Run.Trigger.MANUAL,
-        status=Run.Status.QUEUED,
-        queued_at=run.queued_at,
-        scheduled_for=run.queued_at,
-    )
+    waiting = _waiting_behind(run)
     with CaptureQueriesContext(connection) as captured:
         assert tasks.execute_run(run.pk) == Run.Status.SUCCEEDED
     # The two questions (written out in services._sql; on PostgreSQL part of
@@ -389,13 +394,7 @@ def test_on_postgresql_a_success_and_its_consequences_are_one_statement(make_job
     first = services.run_create(job=job, trigger=Run.Trigger.MANUAL)
     assert tasks.execute_run(first.pk) == Run.Status.SUCCEEDED  # the day's row: created
     run = services.run_create(job=job, trigger=Run.Trigger.MANUAL)
-    waiting = Run.objects.create(
-        job=job,
-        trigger=Run.Trigger.MANUAL,
-        status=Run.Status.QUEUED,
-        queued_at=run.queued_at,
-        scheduled_for=run.queued_at,
-    )
+    waiting = _waiting_behind(run)
     with CaptureQueriesContext(connection) as captured:
         assert tasks.execute_run(run.pk) == Run.Status.SUCCEEDED
     sqls = _statements(captured)
