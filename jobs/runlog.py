@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -52,7 +53,12 @@ class RunLogWriter:
         self.flush_bytes = settings.JOBSITE_LOG_FLUSH_BYTES
         self.flush_seconds = settings.JOBSITE_LOG_FLUSH_SECONDS
         # Longest first, so a secret containing another is masked whole.
-        self.redact = sorted({s for s in (redact or []) if len(s) >= 3}, key=len, reverse=True)
+        secrets = sorted({s for s in (redact or []) if len(s) >= 3}, key=len, reverse=True)
+        self.redact = re.compile("|".join(map(re.escape, secrets))) if secrets else None
+        # The output's last characters wait for the next read (or the end):
+        # a secret read in two pieces is masked whole.
+        self.held = ""
+        self.hold = len(secrets[0]) - 1 if secrets else 0
         self.echo = echo
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.pending: list[str] = []
@@ -127,10 +133,10 @@ class RunLogWriter:
             return
         self.closing = True
         text = self.decoder.decode(b"", final=True)
-        if text:
-            self._add(text)
+        if text or self.held:
+            self._add(text, final=True)
         if note:
-            self._add(note if note.endswith("\n") else note + "\n")
+            self._add(note if note.endswith("\n") else note + "\n", final=True)
 
     def store_last(self) -> dict:
         """Store what is pending in the caller's transaction, and return the
@@ -168,14 +174,37 @@ class RunLogWriter:
     def _flush_due(self) -> bool:
         return time.monotonic() - self.last_flush >= self.flush_seconds
 
-    def _add(self, text: str) -> None:
-        for secret in self.redact:
-            text = text.replace(secret, SECRET_MASK)
+    def _add(self, text: str, *, final: bool = False) -> None:
+        if self.redact:
+            text = self._masked(self.held + text, final=final)
+            if not text:
+                return
         if self.echo:
             self.echo(text)
         self.recent = (self.recent + text[-2000:])[-2000:]
         self.pending.append(text)
         self.pending_size += len(text)
+
+    def _masked(self, text: str, *, final: bool) -> str:
+        """`text` with every secret masked, but for its last `hold`
+        characters (kept in `held`), which may begin a secret that the next
+        output completes. A secret that begins before them is complete here
+        (hold = longest secret - 1) and is masked now, even if it reaches
+        into them; one that begins among them is decided next time, with
+        what follows (a shorter secret inside a longer one must not be
+        masked before the longer one is complete)."""
+        boundary = len(text) if final else len(text) - self.hold
+        shown: list[str] = []
+        at = 0
+        for match in self.redact.finditer(text):
+            if match.start() >= boundary:
+                break
+            shown += [text[at : match.start()], SECRET_MASK]
+            at = match.end()
+        cut = max(at, boundary)
+        shown.append(text[at:cut])
+        self.held = text[cut:]
+        return "".join(shown)
 
     def flush(self) -> None:
         """Store what is pending. If the database is away (a restart), keep

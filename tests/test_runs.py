@@ -6,7 +6,7 @@ import pytest
 from django.test import override_settings
 
 from jobs import runlog, services
-from jobs.models import Job, Run, RunLogChunk
+from jobs.models import SECRET_MASK, Job, Run, RunLogChunk
 
 quiet = {"echo": lambda text: None}
 
@@ -580,3 +580,43 @@ def test_a_worker_whose_connection_the_server_dropped_reconnects_and_runs(
     run.refresh_from_db()
     assert runlog.read_log(run) == "ran\n"
     assert connection.connection.info.backend_pid != pid
+
+
+def test_a_secret_printed_in_two_pieces_is_still_redacted(make_job):
+    """The job prints its secret in two writes, so the worker reads it in two
+    pieces (as at a 64 KiB boundary of a long output): the log, the live
+    view and the terminal echo see the mask, never the secret or a piece
+    of it run together."""
+    first, rest = "${TOKEN%????}", "${TOKEN#????}"
+    job = make_job(
+        command=(
+            f"printf 'token: %s' \"{first}\"; sleep 0.3; printf '%s done\\n' \"{rest}\"; exit 3"
+        ),
+        environment={"TOKEN": "hunter22"},
+        secret_keys=["TOKEN"],
+    )
+    echoed: list[str] = []
+    run = services.run_foreground(job=job, trigger=Run.Trigger.MANUAL, echo=echoed.append)
+    assert run.status == Run.Status.FAILED
+    log = runlog.read_log(run)
+    assert log == f"token: {SECRET_MASK} done\n[jobsite] Exit code 3\n"
+    assert "".join(echoed) == log  # nothing held back at the end, the note included
+    assert run.log_bytes == len("token: hunter22 done\n")
+
+
+def test_secrets_fed_a_byte_at_a_time_are_masked_and_nothing_else_changes(make_job):
+    """The worst split: every byte its own read, with a secret inside another
+    and multibyte text around them. What is stored is the whole output with
+    each secret masked, as if it had come in one piece."""
+    job = make_job()
+    run = services.run_create(job=job, trigger=Run.Trigger.MANUAL, here=True)
+    secrets = ["pässwörd-42", "wörd"]
+    text = "grüße pässwörd-42 und wörd, dann pässwörd-4 (kein Geheimnis) wö\n"
+    writer = runlog.RunLogWriter(run, redact=secrets)
+    for byte in text.encode():
+        writer.feed(bytes([byte]))
+    writer.close()
+    run.refresh_from_db()
+    expected = text.replace("pässwörd-42", SECRET_MASK).replace("wörd", SECRET_MASK)
+    assert runlog.read_log(run) == expected
+    assert run.log_bytes == len(text.encode())
