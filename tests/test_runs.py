@@ -367,7 +367,9 @@ def test_a_success_asks_for_waiting_runs_and_downstreams_in_one_statement(make_j
     asks = [
         s
         for s in _statements(captured)
-        if s.startswith(("SELECT 1 FROM", "SELECT -1 ", "SELECT from_job_id ", "WITH finished"))
+        if s.startswith(
+            ('SELECT 1 FROM "jobs_run"', "SELECT -1 ", "SELECT from_job_id ", "WITH finished")
+        )
     ]
     assert len(asks) == 1, asks
     assert "jobs_run" in asks[0] and "jobs_job_upstreams" in asks[0], asks[0]
