@@ -364,7 +364,7 @@ def run_claim(*, run_id: int, worker: str, now: datetime | None = None) -> Run |
     query = _queued_run_query(connections[connection.alias])
     statement = _claim_statement(query[0]) if query and connection.vendor == "postgresql" else None
     if statement is not None:
-        claimed = _claim_in_one_statement(statement, query, params)
+        claimed = _claim_in_one_statement(statement, query, params, run_id=run_id)
         if claimed is None:
             return None
         run, slot_taken = claimed
@@ -375,7 +375,7 @@ def run_claim(*, run_id: int, worker: str, now: datetime | None = None) -> Run |
     # Read first, outside any transaction: on SQLite a transaction holds the
     # one write lock that every worker, the scheduler and django-q2's pusher
     # and monitor queue for, so it should hold nothing but the writes.
-    run = _queued_run(run_id)
+    run = _queued_run(run_id, query)
     if run is None:
         return None
     job = run.job
@@ -411,7 +411,9 @@ def _slot_held(run: Run, *, now: datetime) -> None:
     return None
 
 
-def _claim_in_one_statement(statement: str, query: tuple, params: list) -> tuple[Run, bool] | None:
+def _claim_in_one_statement(
+    statement: str, query: tuple, params: list, *, run_id: int
+) -> tuple[Run, bool] | None:
     """PostgreSQL: claim the run, take its job's slot (unless the job allows
     overlap) and read run and job back, all in one statement: one round trip
     instead of five (the SELECT, then BEGIN, the claim, the slot, COMMIT).
@@ -419,7 +421,7 @@ def _claim_in_one_statement(statement: str, query: tuple, params: list) -> tuple
     context switch both ways. (run, whether the slot was taken), or None
     when the run is not queued (another worker has it)."""
     _select, compiler, converters, split = query
-    rows = _fetch(statement, [*params, Job.Overlap.ALLOW, *Run.ACTIVE, params[4]])
+    rows = _fetch(statement, [*params, Job.Overlap.ALLOW, *Run.ACTIVE, run_id])
     if not rows:
         return None
     (row,) = compiler.apply_converters(rows, converters) if converters else rows
@@ -436,7 +438,7 @@ def _claim_statement(select: str) -> str | None:
     None if the SELECT is not shaped as expected (the general way then)."""
     qn = connection.ops.quote_name
     jobs, runs = qn(Job._meta.db_table), qn(Run._meta.db_table)
-    active = ", ".join(["%s"] * len(Run.ACTIVE))
+    free = _sql("postgresql", "slot_free").format(run="c.id")
     source = f" FROM {runs} "
     if select.count(source) != 1 or select.count(" WHERE ") != 1:
         return None
@@ -445,10 +447,7 @@ def _claim_statement(select: str) -> str | None:
     return (
         f"WITH claimed AS ({_sql('postgresql', 'claim')} RETURNING *),"
         f" slot AS (UPDATE {jobs} SET active_run_id = c.id FROM claimed c"
-        f" WHERE {jobs}.id = c.job_id AND {jobs}.overlap <> %s AND ("
-        f"{jobs}.active_run_id IS NULL OR {jobs}.active_run_id = c.id OR NOT EXISTS ("
-        f"SELECT 1 FROM {runs} r WHERE r.id = {jobs}.active_run_id AND r.status IN ({active})))"
-        " RETURNING 1)"
+        f" WHERE {jobs}.id = c.job_id AND {jobs}.overlap <> %s AND {free} RETURNING 1)"
         f"{columns}, (SELECT count(*) FROM slot) FROM claimed AS {runs} {joined}"
         f" WHERE {runs}.id = %s"
     )
@@ -464,6 +463,9 @@ def _sql(vendor: str, name: str) -> str:
     jobs, runs = qn(Job._meta.db_table), qn(Run._meta.db_table)
     links = qn(Job.upstreams.through._meta.db_table)
     newer = "last_end_run_id IS NULL OR last_end_run_id < %s"
+    # Params: job id, queued. / The upstream job's id.
+    waiting = f"SELECT 1 FROM {runs} WHERE job_id = %s AND status = %s AND enqueued_at IS NULL"
+    downstreams = f"SELECT from_job_id FROM {links} WHERE to_job_id = %s"
     return {
         # Params: status, started_at, heartbeat_at, worker, run id, queued.
         "claim": (
@@ -479,22 +481,24 @@ def _sql(vendor: str, name: str) -> str:
             f" last_end_run_id = CASE WHEN {newer} THEN %s ELSE last_end_run_id END"
             " WHERE id = %s AND alert_state = %s"
         ),
-        # Params: job id, queued.
-        "waiting": (
-            f"SELECT 1 FROM {runs} WHERE job_id = %s AND status = %s"
-            " AND enqueued_at IS NULL LIMIT 1"
-        ),
-        # Params: the upstream job's id.
-        "downstreams": f"SELECT from_job_id FROM {links} WHERE to_job_id = %s",
+        "waiting": f"{waiting} LIMIT 1",
+        "downstreams": downstreams,
         # Params: the downstream job's id.
         "has_upstreams": f"SELECT 1 FROM {links} WHERE from_job_id = %s LIMIT 1",
         # Both questions in one round trip, after a success of a job that
         # does not allow overlap: a row of -1 if a run waits, then the
         # downstream jobs' ids. Params: job id, queued, job id.
-        "waiting_and_downstreams": (
-            f"SELECT -1 WHERE EXISTS (SELECT 1 FROM {runs} WHERE job_id = %s AND status = %s"
-            f" AND enqueued_at IS NULL) UNION ALL SELECT from_job_id FROM {links}"
-            " WHERE to_job_id = %s"
+        "waiting_and_downstreams": f"SELECT -1 WHERE EXISTS ({waiting}) UNION ALL {downstreams}",
+        # The same two as columns (PostgreSQL: a bool and an array), for the
+        # outcome's one statement. Params: job id, queued, job id.
+        "waiting_and_downstreams_columns": f"EXISTS ({waiting}), ARRAY({downstreams})",
+        # Whether the job row's slot (active_run_id) is free for the run
+        # `{run}` names: empty, already that run's, or held by a run that is
+        # no longer active. Params: the active statuses.
+        "slot_free": (
+            "(active_run_id IS NULL OR active_run_id = {run} OR NOT EXISTS ("
+            f"SELECT 1 FROM {runs} r WHERE r.id = {jobs}.active_run_id"
+            f" AND r.status IN ({', '.join(['%s'] * len(Run.ACTIVE))})))"
         ),
     }[name]
 
@@ -511,13 +515,13 @@ def _fetch(sql: str, params: list) -> list[tuple]:
         return cursor.fetchall()
 
 
-def _queued_run(run_id: int) -> Run | None:
+def _queued_run(run_id: int, query: tuple | None) -> Run | None:
     """The run, with its job, if it is queued: the claim's first question,
     asked with SQL compiled once per process. The ORM took 1.5-2.5 ms of
     CPU to build this SELECT of 80 columns and its two instances, against
     0.1 ms to run it, on every run (6 ms a claim in a burst, 4 workers on
-    2 cores). Rows are converted and instances built as the ORM does."""
-    query = _queued_run_query(connections[connection.alias])
+    2 cores). Rows are converted and instances built as the ORM does.
+    `query`: _queued_run_query() of this connection."""
     if query is None:  # not the shape expected: the ORM's way
         return Run.objects.select_related("job").filter(pk=run_id, status=Run.Status.QUEUED).first()
     sql, compiler, converters, split = query
@@ -561,17 +565,15 @@ def _take_slot(job: Job, run: Run) -> bool:
 
     Written out: every claim pays for it, and the ORM took 1.0 ms of CPU
     to build this UPDATE (with its join) against 0.05 ms to run it."""
-    qn = connection.ops.quote_name
-    jobs, runs = qn(Job._meta.db_table), qn(Run._meta.db_table)
-    active = ", ".join(["%s"] * len(Run.ACTIVE))
-    sql = (
-        f"UPDATE {jobs} SET active_run_id = %s WHERE id = %s AND ("
-        f"active_run_id IS NULL OR active_run_id = %s OR NOT EXISTS ("
-        f"SELECT 1 FROM {runs} r WHERE r.id = {jobs}.active_run_id AND r.status IN ({active})))"
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [run.pk, job.pk, run.pk, *Run.ACTIVE])
-        return cursor.rowcount > 0
+    return _execute(_take_slot_sql(connection.vendor), [run.pk, job.pk, run.pk, *Run.ACTIVE]) > 0
+
+
+@functools.lru_cache(maxsize=4)
+def _take_slot_sql(vendor: str) -> str:
+    """Params: run id, job id, run id, the active statuses."""
+    free = _sql(vendor, "slot_free").format(run="%s")
+    jobs = connection.ops.quote_name(Job._meta.db_table)
+    return f"UPDATE {jobs} SET active_run_id = %s WHERE id = %s AND {free}"
 
 
 def jobsite_variables(run: Run) -> dict[str, str]:
@@ -882,16 +884,14 @@ def run_finish(
             )
             if status == Run.Status.SUCCEEDED and connection.vendor == "postgresql":
                 done = _finish_success_in_one_statement(run, fields, now=now)
-                if not done and counts:
-                    Run.objects.filter(pk=run.pk).update(**counts)
-                return done
-            done = Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING).update(**fields)
-            if done:
-                run.status, run.finished_at, run.exit_code = status, now, exit_code
-                run.error_summary = summary[:2000]
-                _after_finish(run, now=now)
-            elif counts:  # finished by someone else (cancelled, lost): keep the log's size
-                Run.objects.filter(pk=run.pk).update(**counts)
+            else:
+                done = Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING).update(**fields)
+                if done:
+                    run.status, run.finished_at, run.exit_code = status, now, exit_code
+                    run.error_summary = summary[:2000]
+                    _after_finish(run, now=now)
+            if not done and counts:  # finished by someone else (cancelled, lost)
+                Run.objects.filter(pk=run.pk).update(**counts)  # keep the log's size
     except BaseException:
         if log:
             log.restore(before)
@@ -913,12 +913,8 @@ def _after_finish(run: Run, *, now: datetime) -> None:
     retry = None
     if run.status != Run.Status.SUCCEEDED or not _end_success(run, at=run.finished_at or now):
         retry = _schedule_retry(run, now=now) if run.status in Run.FAILURES else None
-        free_slot = Case(When(active_run=run.pk, then=None), default=F("active_run"))
         alerts.on_run_finished(
-            run,
-            now=now,
-            retrying=retry is not None,
-            job_updates={"active_run": free_slot, **_last_end(run)},
+            run, now=now, retrying=retry is not None, job_updates=_job_row_at_end(run)
         )
     dispatch = run.job.overlap != Job.Overlap.ALLOW or retry is not None
     if dispatch and run.status == Run.Status.SUCCEEDED:
@@ -951,17 +947,12 @@ def _finish_success_in_one_statement(run: Run, fields: dict, *, now: datetime) -
     finish_sql, finish_params = query.get_compiler(connection.alias).as_sql()
     rollup_sql, rollup_params = stats.rollup_statement(run)
     job_sql, job_params = _sql("postgresql", "end_success"), _end_success_params(run, at=now)
-    qn = connection.ops.quote_name
-    runs, links = qn(Run._meta.db_table), qn(Job.upstreams.through._meta.db_table)
     then = "AND EXISTS (SELECT 1 FROM finished) RETURNING 1"
     sql = (
         f"WITH finished AS ({finish_sql} RETURNING 1),"
         f" rollup AS ({rollup_sql} {then}), job AS ({job_sql} {then})"
         " SELECT (SELECT count(*) FROM finished), (SELECT count(*) FROM rollup),"
-        " (SELECT count(*) FROM job),"
-        f" EXISTS (SELECT 1 FROM {runs} WHERE job_id = %s AND status = %s"
-        " AND enqueued_at IS NULL),"
-        f" ARRAY(SELECT from_job_id FROM {links} WHERE to_job_id = %s)"
+        f" (SELECT count(*) FROM job), {_sql('postgresql', 'waiting_and_downstreams_columns')}"
     )
     params = [*finish_params, *rollup_params, *job_params]
     params += [run.job_id, Run.Status.QUEUED, run.job_id]
@@ -972,15 +963,7 @@ def _finish_success_in_one_statement(run: Run, fields: dict, *, now: datetime) -
     if not counted:  # the job's first counted run of the day
         stats.record_finished(run, tried=True)
     if not job_ok:  # the job was failing or stale: alerts flips it back
-        alerts.on_run_finished(
-            run,
-            now=now,
-            retrying=False,
-            job_updates={
-                "active_run": Case(When(active_run=run.pk, then=None), default=F("active_run")),
-                **_last_end(run),
-            },
-        )
+        alerts.on_run_finished(run, now=now, retrying=False, job_updates=_job_row_at_end(run))
     if waiting and run.job.overlap != Job.Overlap.ALLOW:
         dispatch_waiting(now=now, job=run.job, asked=True)
     _trigger_downstreams(run, now=now, downstreams=list(downstreams))
@@ -997,6 +980,13 @@ def _end_success(run: Run, *, at: datetime) -> bool:
 def _end_success_params(run: Run, *, at: datetime) -> list:
     newest = connection.ops.adapt_datetimefield_value(at)
     return [newest, run.pk, run.pk, run.status, run.pk, run.pk, run.job_id, Job.AlertState.OK]
+
+
+def _job_row_at_end(run: Run) -> dict:
+    """The job row's updates when `run` ends (alerts.on_run_finished adds
+    its own): the slot freed if this run held it, the latest outcome."""
+    free_slot = Case(When(active_run=run.pk, then=None), default=F("active_run"))
+    return {"active_run": free_slot, **_last_end(run)}
 
 
 def _last_end(run: Run) -> dict:
