@@ -284,6 +284,46 @@ def q2_run_true() -> int:
     return subprocess.run(["true"], check=False).returncode
 
 
+RECORD_TABLE = "bench_recorded_run"
+
+
+def create_record_table() -> None:
+    """The table of the "recorded" throughput reference: the least a run
+    record can hold (status, three times, exit code). Same SQL on both engines."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"CREATE TABLE IF NOT EXISTS {RECORD_TABLE} (id INTEGER PRIMARY KEY, "
+            "status VARCHAR(10) NOT NULL, queued_at DOUBLE PRECISION NOT NULL, "
+            "started_at DOUBLE PRECISION, finished_at DOUBLE PRECISION, exit_code INTEGER)"
+        )
+
+
+def q2_recorded_true(record_id: int) -> int:
+    """The "recorded" throughput reference: raw django-q2 plus the least any
+    run record costs. Claim the record (queued -> running, one UPDATE), run
+    the same subprocess, store the outcome (one UPDATE). The enqueue inserted
+    the record in the task's own transaction."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {RECORD_TABLE} SET status = 'running', started_at = %s "
+            "WHERE id = %s AND status = 'queued'",
+            [time.time(), record_id],
+        )
+        if cursor.rowcount != 1:
+            return -1
+        code = subprocess.run(["true"], check=False).returncode
+        cursor.execute(
+            f"UPDATE {RECORD_TABLE} SET status = %s, finished_at = %s, exit_code = %s "
+            "WHERE id = %s",
+            ["succeeded" if code == 0 else "failed", time.time(), code, record_id],
+        )
+    return code
+
+
 def session_cpu_seconds(session_id: int) -> float:
     """CPU seconds (user + system) used so far by the processes of a session
     (a process started with start_new_session=True leads one), including

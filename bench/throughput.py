@@ -8,6 +8,11 @@ workers, Jobsite's Q_CLUSTER settings) serve, one after another, in every repeat
   django-q2  --runs `async_task` calls of a function that runs the same
              subprocess, same broker and database; done when the broker's
              queue is empty (every result stored and acknowledged);
+  recorded   the same, plus the least any run record costs: the enqueue
+             INSERTs a row in the task's transaction, the task claims it
+             (one UPDATE), runs the subprocess and stores the outcome (one
+             UPDATE); done when every row is finished and the queue is empty.
+             What Jobsite could reach at best while keeping a run's history;
   Jobsite    --runs `services.run_create` of a shell job `true` with
              overlap=allow (the path "Run now" takes); done when every run is
              finished in the database and the broker's queue is empty.
@@ -32,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402
 
 RAW_FUNC = "bench.common.q2_run_true"
+RECORDED_FUNC = "bench.common.q2_recorded_true"
 TARGET = 0.70
 
 
@@ -87,21 +93,30 @@ def measure(args: argparse.Namespace, directory: Path) -> None:
     job = Job.objects.create(
         name="throughput", slug="throughput", command="true", overlap=Job.Overlap.ALLOW, timeout=60
     )
-    results: dict[str, list[float]] = {"floor": [], "django-q2": [], "jobsite": []}
-    enqueue: dict[str, list[float]] = {"django-q2": [], "jobsite": []}
-    cpu: dict[str, list[float]] = {"django-q2": [], "jobsite": []}
+    common.create_record_table()
+    results: dict[str, list[float]] = {"floor": [], "django-q2": [], "recorded": [], "jobsite": []}
+    enqueue: dict[str, list[float]] = {"django-q2": [], "recorded": [], "jobsite": []}
+    cpu: dict[str, list[float]] = {"django-q2": [], "recorded": [], "jobsite": []}
     problems: list[str] = []
     with common.Processes(directory) as procs:
         cluster = procs.start("qcluster", "qcluster", env=env)
         # Warm up: the cluster is up and both paths have run once.
         jobsite_batch(job, 1, procs=procs, timeout=120)
         raw_batch(1, procs=procs, timeout=120)
+        recorded_batch(1, procs=procs, timeout=120)
         for repeat in range(1, args.repeat + 1):
             results["floor"].append(floor(args.runs))
             with cpu_per_run(cluster.pid, args.runs, cpu["django-q2"]):
                 rate, seconds, trouble = raw_batch(args.runs, procs=procs, timeout=args.timeout)
             results["django-q2"].append(rate)
             enqueue["django-q2"].append(seconds)
+            problems += trouble
+            with cpu_per_run(cluster.pid, args.runs, cpu["recorded"]):
+                rate, seconds, trouble = recorded_batch(
+                    args.runs, procs=procs, timeout=args.timeout
+                )
+            results["recorded"].append(rate)
+            enqueue["recorded"].append(seconds)
             problems += trouble
             with cpu_per_run(cluster.pid, args.runs, cpu["jobsite"]):
                 rate, seconds, trouble = jobsite_batch(
@@ -113,6 +128,7 @@ def measure(args: argparse.Namespace, directory: Path) -> None:
             print(
                 f"  repeat {repeat}: floor {results['floor'][-1]:.0f}/s, "
                 f"django-q2 {results['django-q2'][-1]:.1f}/s, "
+                f"recorded {results['recorded'][-1]:.1f}/s, "
                 f"Jobsite {results['jobsite'][-1]:.1f}/s",
                 flush=True,
             )
@@ -156,6 +172,51 @@ def raw_batch(runs: int, *, procs: common.Processes, timeout: float) -> tuple[fl
     elapsed = time.perf_counter() - started
     failed = Task.objects.filter(func=RAW_FUNC, success=False).count() - failed_before
     return runs / elapsed, enqueued, [f"django-q2: {failed} failed tasks"] if failed else []
+
+
+def recorded_batch(
+    runs: int, *, procs: common.Processes, timeout: float
+) -> tuple[float, float, list]:
+    """(runs/s end to end, seconds spent enqueuing, problems)."""
+    from django.db import connection, transaction
+    from django_q.tasks import async_task
+
+    table = common.RECORD_TABLE
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}")
+        after = cursor.fetchone()[0]
+    started = time.perf_counter()
+    for record_id in range(after + 1, after + runs + 1):
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {table} (id, status, queued_at) VALUES (%s, 'queued', %s)",
+                [record_id, time.time()],
+            )
+            async_task(RECORDED_FUNC, record_id)
+    enqueued = time.perf_counter() - started
+
+    def unfinished() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT COUNT(*) FROM {table} WHERE id > %s AND finished_at IS NULL", [after]
+            )
+            return cursor.fetchone()[0]
+
+    common.wait_until(
+        lambda: unfinished() == 0 and queue_empty(),
+        timeout=timeout,
+        interval=0.1,
+        procs=procs,
+        what="all recorded runs finished",
+    )
+    elapsed = time.perf_counter() - started
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT COUNT(*) FROM {table} WHERE id > %s AND status = 'succeeded'", [after]
+        )
+        succeeded = cursor.fetchone()[0]
+    trouble = [f"recorded: {succeeded} of {runs} succeeded"] if succeeded != runs else []
+    return runs / elapsed, enqueued, trouble
 
 
 def jobsite_batch(job, runs: int, *, procs: common.Processes, timeout: float):
@@ -204,6 +265,7 @@ def report(args, results, enqueue, cpu, problems, load_at_start) -> None:
     labels = {
         "floor": 'bare subprocess.run(["true"]) loop (floor)',
         "django-q2": "raw django-q2 async_task -> same subprocess",
+        "recorded": "django-q2 + run record (INSERT, claim, outcome)",
         "jobsite": "Jobsite run_create -> run finished (shell `true`)",
     }
     rows = [
@@ -230,6 +292,14 @@ def report(args, results, enqueue, cpu, problems, load_at_start) -> None:
     print(
         f"target    Jobsite >= {TARGET:.0%} of raw django-q2 "
         f"(median ratio {median_ratio:.0%}): {verdict}"
+    )
+    recorded = common.spread(ratios["recorded"])[1]
+    against_recorded = common.spread(
+        [ours / base for ours, base in zip(results["jobsite"], results["recorded"], strict=True)]
+    )[1]
+    print(
+        f"reference the least a run record costs keeps django-q2 at {recorded:.0%} of itself; "
+        f"Jobsite runs at {against_recorded:.0%} of that reference"
     )
     for problem in problems:
         print(f"PROBLEM   {problem}")
