@@ -2,6 +2,8 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
+PDEATHSIG := $(VENV)/bin/jobsite-pdeathsig
+CC ?= cc
 
 .PHONY: run test lint install clean
 
@@ -11,16 +13,23 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	@touch $@
 
-install: $(VENV)/.installed
+# The launcher that gives a job's process SIGKILL when its worker dies. A
+# static binary starts in half the time of setpriv, which Jobsite uses when
+# there is no C compiler to build this.
+$(PDEATHSIG): jobs/native/pdeathsig.c $(VENV)/.installed
+	@$(CC) -O2 -static -o $@ $< 2>/dev/null || $(CC) -O2 -o $@ $< 2>/dev/null \
+		|| echo "note: no C compiler; jobs start through setpriv instead of $@"
 
-run: $(VENV)/.installed
+install: $(VENV)/.installed $(PDEATHSIG)
+
+run: $(VENV)/.installed $(PDEATHSIG)
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py createcachetable
 	$(PY) manage.py collectstatic --noinput -v0
 	$(PY) manage.py seed_demo
 	$(PY) manage.py runall
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(PDEATHSIG)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 

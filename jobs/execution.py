@@ -14,9 +14,11 @@ import selectors
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 # Variables the child inherits from the server's environment; everything
 # else it gets comes from the job's definition and the JOBSITE_* variables,
@@ -80,13 +82,24 @@ def build_environment(
     return env
 
 
-# setpriv (util-linux) sets the parent-death signal and execs the command. It
-# spares a preexec_fn, which forces a full fork() of the (large) worker
-# process instead of vfork(): that fork was 80 % of starting a run.
+# The child gets SIGKILL if the worker that started it dies. A launcher sets
+# that and execs the command, which spares a preexec_fn: that forces a full
+# fork() of the (large) worker process instead of vfork(), 80 % of starting a
+# run. jobsite-pdeathsig (jobs/native/pdeathsig.c, built by `make install`)
+# costs half of what setpriv (util-linux) does; setpriv is the fallback.
+def _launcher(name: str) -> str | None:
+    """`name` beside this Python (the virtualenv's bin/), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if os.access(beside, os.X_OK) else shutil.which(name)
+
+
+PDEATHSIG = _launcher("jobsite-pdeathsig")
 SETPRIV = shutil.which("setpriv")
 
 
 def _with_parent_death_signal(argv: list[str]) -> list[str]:
+    if PDEATHSIG:
+        return [PDEATHSIG, str(os.getpid()), *argv]
     if SETPRIV:
         return [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
     return argv
@@ -149,7 +162,7 @@ def run_process(
             env=env,
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=None if SETPRIV else _die_with_parent,
+            preexec_fn=None if PDEATHSIG or SETPRIV else _die_with_parent,
             pass_fds=(progress.write_fd,) if progress else (),
         )
     finally:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +111,81 @@ def test_unresolved_reference_is_an_error_naming_key_and_variable():
             jobsite_variables={},
             server_env={"PATH": "/bin"},
         )
+
+
+# --- the parent-death launcher ---------------------------------------------------
+
+WORKER = """
+import sys
+from jobs import execution
+launcher = sys.argv[1]
+execution.PDEATHSIG = launcher if launcher.endswith("jobsite-pdeathsig") else None
+execution.SETPRIV = launcher if launcher.endswith("setpriv") else None
+execution.run_process(
+    ["/bin/sh", "-c", "exec sleep 1000"],
+    env={"PATH": "/usr/bin:/bin"},
+    timeout=600,
+    kill_grace=1,
+    on_start=lambda pid: print(pid, flush=True),
+    on_output=lambda data: None,
+    on_tick=lambda: False,
+)
+"""
+
+
+def _launchers():
+    built = execution._launcher("jobsite-pdeathsig")
+    return [
+        pytest.param(
+            built, marks=pytest.mark.skipif(not built, reason="jobsite-pdeathsig not built (no cc)")
+        ),
+        pytest.param(
+            execution.SETPRIV,
+            marks=pytest.mark.skipif(not execution.SETPRIV, reason="no setpriv"),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("launcher", _launchers(), ids=["jobsite-pdeathsig", "setpriv"])
+def test_the_jobs_process_is_killed_when_its_worker_is_killed(launcher):
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WORKER, launcher],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pid = int(worker.stdout.readline())
+        assert group_alive(pid, wait=0), "the job never started"
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+        assert not group_alive(pid, wait=3), "the job outlived its killed worker"
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_make_install_builds_the_fast_launcher_where_there_is_a_c_compiler():
+    if not shutil.which("cc"):
+        pytest.skip("no C compiler: jobs start through setpriv")
+    assert execution.PDEATHSIG, "make install did not build .venv/bin/jobsite-pdeathsig"
+    argv = execution._with_parent_death_signal(["/bin/true"])
+    assert argv == [execution.PDEATHSIG, str(os.getpid()), "/bin/true"]
+
+
+@pytest.mark.skipif(not execution.PDEATHSIG, reason="jobsite-pdeathsig not built (no cc)")
+def test_the_launcher_reports_a_missing_command_and_refuses_an_orphaned_start(tmp_path):
+    missing = subprocess.run(
+        [execution.PDEATHSIG, str(os.getpid()), str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 127
+    assert "nope: No such file or directory" in missing.stderr
+
+    marker = tmp_path / "started"
+    not_my_parent = subprocess.run(
+        [execution.PDEATHSIG, "1", "/bin/sh", "-c", f"touch {marker}"], capture_output=True
+    )
+    assert not_my_parent.returncode == 128 + signal.SIGKILL
+    assert not marker.exists(), "a command whose worker was gone still started"
