@@ -119,10 +119,8 @@ def fire(job: Job, now: datetime) -> list[Run]:
         with transaction.atomic():
             # The claim notes the latest fire too (staleness reads it): one
             # UPDATE of the job row per fire, not two.
-            claimed = Job.objects.filter(
-                pk=job.pk, next_fire_at=job.next_fire_at, fire_basis=job.fire_basis
-            ).update(next_fire_at=nxt, **(services.note_fire(max(to_run)) if to_run else {}))
-            if not claimed:
+            latest = max(to_run) if to_run else None
+            if not services.claim_fire(job, following=nxt, latest=latest):
                 return []
             if gap:
                 MissedFires.objects.create(

@@ -122,6 +122,21 @@ def run_plan(job: Job, *, now: datetime) -> tuple[str | None, bool]:
     return _apply_overlap(job, now=now)
 
 
+def claim_fire(job: Job, *, following: datetime | None, latest: datetime | None) -> bool:
+    """The clock's claim of `job`'s due fires, as read: next_fire_at moves to
+    `following`, and `latest` (if any) is noted as note_fire() does. One
+    UPDATE, written out (the ORM spent 0.8 ms of the clock's CPU per fire
+    building it). False if another scheduler claimed them first."""
+    if job.next_fire_at is None:  # not due; "= NULL" would match nothing either
+        return False
+    adapt = connection.ops.adapt_datetimefield_value
+    claimed = [job.pk, adapt(job.next_fire_at), job.fire_basis]
+    if latest is None:
+        return bool(_execute(_sql(connection.vendor, "claim_fire"), [adapt(following), *claimed]))
+    noted = [adapt(following), adapt(latest), adapt(latest), *claimed]
+    return bool(_execute(_sql(connection.vendor, "claim_fire_noted"), noted))
+
+
 def note_fire(latest: datetime) -> dict:
     """Job.last_scheduled_for to write in an UPDATE of the job: `latest`
     unless a later fire was noted already. Only clock fires count: a manual
@@ -137,13 +152,9 @@ def _apply_overlap(job: Job, *, now: datetime) -> tuple[str | None, bool]:
     """(skip reason, must wait) for a new run under the job's overlap policy."""
     if job.overlap == Job.Overlap.ALLOW:
         return None, False
-    # (id, status) pairs, not instances: every fire of the clock asks this,
-    # and building the SELECT of a whole run cost more than the query.
-    active = list(
-        Run.objects.filter(job=job, status__in=Run.ACTIVE)
-        .order_by("id")
-        .values_list("pk", "status")
-    )
+    # (id, status) pairs, written out: every fire of the clock asks this,
+    # and the ORM took longer to build the SELECT than the database to run it.
+    active = _fetch(_sql(connection.vendor, "active_runs"), [job.pk, *Run.ACTIVE])
     if job.overlap == Job.Overlap.SKIP:
         if active:
             return f"run #{active[0][0]} still {active[0][1]}", False
@@ -482,6 +493,26 @@ def _sql(vendor: str, name: str) -> str:
             " WHERE id = %s AND alert_state = %s"
         ),
         "waiting": f"{waiting} LIMIT 1",
+        # The job's queued and running runs as (id, status), oldest first.
+        # Params: job id, the active statuses.
+        "active_runs": (
+            f"SELECT id, status FROM {runs} WHERE job_id = %s"
+            f" AND status IN ({', '.join(['%s'] * len(Run.ACTIVE))}) ORDER BY id"
+        ),
+        # The clock's claim of a job's due fires: the next fire time moves on
+        # from the value read, and (with "_noted") the latest fire is noted
+        # as note_fire() does. Params: next fire[, latest fire x2], job id,
+        # next_fire_at as read, fire_basis as read.
+        "claim_fire": (
+            f"UPDATE {jobs} SET next_fire_at = %s WHERE id = %s AND next_fire_at = %s"
+            " AND fire_basis = %s"
+        ),
+        "claim_fire_noted": (
+            f"UPDATE {jobs} SET next_fire_at = %s, last_scheduled_for = CASE WHEN"
+            " last_scheduled_for IS NULL OR last_scheduled_for < %s THEN %s"
+            " ELSE last_scheduled_for END"
+            " WHERE id = %s AND next_fire_at = %s AND fire_basis = %s"
+        ),
         "downstreams": downstreams,
         # Params: the downstream job's id.
         "has_upstreams": f"SELECT 1 FROM {links} WHERE from_job_id = %s LIMIT 1",

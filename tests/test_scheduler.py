@@ -201,3 +201,25 @@ def test_catching_up_notes_the_latest_fire_it_ran(make_job):
     job.refresh_from_db()
     assert job.last_scheduled_for == max(r.scheduled_for for r in runs)
     assert job.last_scheduled_for == datetime(2026, 6, 1, 12, 40, tzinfo=UTC)
+
+
+def test_a_fire_claim_is_refused_when_read_stale_and_never_notes_backwards(make_job):
+    """services.claim_fire, the clock's written-out claim: it moves
+    next_fire_at on only from the value read, and the noted latest fire
+    only forwards."""
+    job = make_job(schedule="*/5 * * * *")
+    clock.sync(now=T0)
+    job.refresh_from_db()
+    due, following = job.next_fire_at, job.next_fire_at + timedelta(minutes=5)
+    later = due + timedelta(hours=1)
+    Job.objects.filter(pk=job.pk).update(last_scheduled_for=later)
+
+    assert services.claim_fire(job, following=following, latest=due)
+    fresh = Job.objects.get(pk=job.pk)
+    assert fresh.next_fire_at == following
+    assert fresh.last_scheduled_for == later, "an older fire moved the note backwards"
+
+    assert not services.claim_fire(job, following=following, latest=due), "claimed twice"
+    Job.objects.filter(pk=job.pk).update(last_scheduled_for=None)
+    assert services.claim_fire(fresh, following=following + timedelta(minutes=5), latest=None)
+    assert Job.objects.get(pk=job.pk).last_scheduled_for is None  # missed fires note nothing
