@@ -3,7 +3,6 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 PDEATHSIG := $(VENV)/bin/jobsite-pdeathsig
-CC ?= cc
 
 .PHONY: run test lint install clean
 

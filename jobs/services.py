@@ -96,7 +96,7 @@ def run_create(
     )
     with transaction.atomic():
         if trigger == Run.Trigger.SCHEDULE and not noted:
-            Job.objects.filter(pk=job.pk).update(**note_fire(fields["scheduled_for"]))
+            _note_fire(job, fields["scheduled_for"])
         if reason is not None:
             skipped = Run.objects.create(
                 **fields, status=Run.Status.SKIPPED, finished_at=now, error_summary=reason
@@ -124,7 +124,7 @@ def run_plan(job: Job, *, now: datetime) -> tuple[str | None, bool]:
 
 def claim_fire(job: Job, *, following: datetime | None, latest: datetime | None) -> bool:
     """The clock's claim of `job`'s due fires, as read: next_fire_at moves to
-    `following`, and `latest` (if any) is noted as note_fire() does. One
+    `following`, and `latest` (if any) is noted as _note_fire() does. One
     UPDATE, written out (the ORM spent 0.8 ms of the clock's CPU per fire
     building it). False if another scheduler claimed them first."""
     if job.next_fire_at is None:  # not due; "= NULL" would match nothing either
@@ -137,15 +137,13 @@ def claim_fire(job: Job, *, following: datetime | None, latest: datetime | None)
     return bool(_execute(_sql(connection.vendor, "claim_fire_noted"), noted))
 
 
-def note_fire(latest: datetime) -> dict:
-    """Job.last_scheduled_for to write in an UPDATE of the job: `latest`
-    unless a later fire was noted already. Only clock fires count: a manual
-    run does not prove that the schedule works (and skipping the write spares
-    the job row a lock on every manual run)."""
-    newer = Q(last_scheduled_for__isnull=True) | Q(last_scheduled_for__lt=latest)
-    return {
-        "last_scheduled_for": Case(When(newer, then=Value(latest)), default=F("last_scheduled_for"))
-    }
+def _note_fire(job: Job, latest: datetime) -> None:
+    """Job.last_scheduled_for := `latest`, unless a later fire was noted
+    already. Only clock fires count: a manual run does not prove that the
+    schedule works (and skipping the write spares the job row a lock on
+    every manual run). The clock notes in its claim instead (claim_fire)."""
+    at = connection.ops.adapt_datetimefield_value(latest)
+    _execute(_sql(connection.vendor, "note_fire"), [at, at, job.pk])
 
 
 def _apply_overlap(job: Job, *, now: datetime) -> tuple[str | None, bool]:
@@ -477,6 +475,11 @@ def _sql(vendor: str, name: str) -> str:
     # Params: job id, queued. / The upstream job's id.
     waiting = f"SELECT 1 FROM {runs} WHERE job_id = %s AND status = %s AND enqueued_at IS NULL"
     downstreams = f"SELECT from_job_id FROM {links} WHERE to_job_id = %s"
+    note = (
+        "last_scheduled_for = CASE WHEN last_scheduled_for IS NULL"
+        " OR last_scheduled_for < %s THEN %s ELSE last_scheduled_for END"
+    )
+    claimed = "WHERE id = %s AND next_fire_at = %s AND fire_basis = %s"
     return {
         # Params: status, started_at, heartbeat_at, worker, run id, queued.
         "claim": (
@@ -499,20 +502,15 @@ def _sql(vendor: str, name: str) -> str:
             f"SELECT id, status FROM {runs} WHERE job_id = %s"
             f" AND status IN ({', '.join(['%s'] * len(Run.ACTIVE))}) ORDER BY id"
         ),
+        # A fire noted on its job (staleness reads it), forward only.
+        # Params: latest fire x2, job id.
+        "note_fire": f"UPDATE {jobs} SET {note} WHERE id = %s",
         # The clock's claim of a job's due fires: the next fire time moves on
         # from the value read, and (with "_noted") the latest fire is noted
-        # as note_fire() does. Params: next fire[, latest fire x2], job id,
+        # as above. Params: next fire[, latest fire x2], job id,
         # next_fire_at as read, fire_basis as read.
-        "claim_fire": (
-            f"UPDATE {jobs} SET next_fire_at = %s WHERE id = %s AND next_fire_at = %s"
-            " AND fire_basis = %s"
-        ),
-        "claim_fire_noted": (
-            f"UPDATE {jobs} SET next_fire_at = %s, last_scheduled_for = CASE WHEN"
-            " last_scheduled_for IS NULL OR last_scheduled_for < %s THEN %s"
-            " ELSE last_scheduled_for END"
-            " WHERE id = %s AND next_fire_at = %s AND fire_basis = %s"
-        ),
+        "claim_fire": f"UPDATE {jobs} SET next_fire_at = %s {claimed}",
+        "claim_fire_noted": f"UPDATE {jobs} SET next_fire_at = %s, {note} {claimed}",
         "downstreams": downstreams,
         # Params: the downstream job's id.
         "has_upstreams": f"SELECT 1 FROM {links} WHERE from_job_id = %s LIMIT 1",
