@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from jobs import execution
-from tests.conftest import group_alive
+from tests.conftest import group_alive, wait_for
 
 
 def run(command: str, *, timeout: float = 10, grace: float = 1, cancel_after: float | None = None):
@@ -157,12 +157,23 @@ def test_the_jobs_process_is_killed_when_its_worker_is_killed(launcher):
     try:
         pid = int(worker.stdout.readline())
         assert group_alive(pid, wait=0), "the job never started"
+        # Kill the worker once the launcher has set the signal and exec'd the
+        # job. setpriv, unlike jobsite-pdeathsig, does not notice a worker
+        # that died before that; the sweeper kills such a group (lost run).
+        wait_for(lambda: _command_name(pid) == "sleep", timeout=5, interval=0.01)
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait()
         assert not group_alive(pid, wait=3), "the job outlived its killed worker"
     finally:
         worker.kill()
         worker.wait()
+
+
+def _command_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def test_make_install_builds_the_fast_launcher_where_there_is_a_c_compiler():
