@@ -139,12 +139,14 @@ class RunLogWriter:
         if note:
             self._add(note if note.endswith("\n") else note + "\n", final=True)
 
-    def store_last(self) -> dict:
+    def store_last(self, rows: list[RunLogChunk] | None = None) -> dict:
         """Store what is pending in the caller's transaction, and return the
         run's log counts for the caller to write in its own UPDATE of the run
         (the outcome): the last chunk of a run costs no transaction of its own.
+        `rows`: the chunks are added to it for the caller to insert in its own
+        statement, instead of being inserted here.
         If the transaction fails, `restore(snapshot())` taken before it."""
-        return self._store_pending()
+        return self._store_pending(rows)
 
     def snapshot(self) -> tuple:
         return (
@@ -242,9 +244,11 @@ class RunLogWriter:
         with transaction.atomic():
             self._write_counts(self._store_pending())
 
-    def _store_pending(self) -> dict:
+    def _store_pending(self, unsaved: list[RunLogChunk] | None = None) -> dict:
         """Write the pending output as chunks, in the caller's transaction,
-        dropping tail chunks past the cap; the run's log counts to write with them."""
+        dropping tail chunks past the cap; the run's log counts to write with
+        them. `unsaved`: the chunks go there instead, for the caller to insert
+        (only the newest tail chunk is among them, and trimming never drops it)."""
         if not self.pending:
             return self._counts(0)
         data = "".join(self.pending).encode()
@@ -267,7 +271,10 @@ class RunLogWriter:
             rows.append(self._chunk(data, is_head=False))
             self.tail.append((self.seq, len(data)))
             self.tail_size += len(data)
-        RunLogChunk.objects.bulk_create(rows)
+        if unsaved is None:
+            RunLogChunk.objects.bulk_create(rows)
+        else:
+            unsaved.extend(rows)
         dropped += self._trim_tail()
         return self._counts(dropped)
 

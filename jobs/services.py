@@ -18,11 +18,9 @@ import json
 import logging
 import os
 import random
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -30,14 +28,14 @@ from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import DatabaseError, IntegrityError, connection, connections, transaction
+from django.db import DatabaseError, IntegrityError, connection, connections, models, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import BigIntegerField, Case, CharField, F, Q, Value, When
 from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 
-from jobs import alerts, artifacts, delivery, execution, kinds, stats
-from jobs.models import SECRET_MASK, Job, Run
+from jobs import alerts, artifacts, delivery, execution, kinds, scratch, stats
+from jobs.models import SECRET_MASK, Job, Run, RunLogChunk
 from jobs.runlog import RunLogWriter
 
 log = logging.getLogger(__name__)
@@ -98,19 +96,105 @@ def run_create(
         if trigger == Run.Trigger.SCHEDULE and not noted:
             _note_fire(job, fields["scheduled_for"])
         if reason is not None:
-            skipped = Run.objects.create(
+            skipped = _insert_run(
                 **fields, status=Run.Status.SKIPPED, finished_at=now, error_summary=reason
             )
             stats.record_finished(skipped)
             return skipped
         if not wait:  # dispatched as it is created: one INSERT, no UPDATE after it
             fields.update(enqueued_at=now, enqueue_count=1)
-        run = Run.objects.create(**fields, status=Run.Status.QUEUED)
+        run = _insert_run(**fields, status=Run.Status.QUEUED)
         if job.overlap == Job.Overlap.REPLACE:
             _replace_others(job, run, now=now)
         if not wait and not here:
             _send(run)
     return run
+
+
+def _insert_run(**fields) -> Run:
+    """Run.objects.create(**fields), with the INSERT written out once per
+    database: the ORM spent more CPU building it and preparing its 30
+    values than the database spent storing the row, on every run."""
+    run = Run(**fields)
+    sql, columns, returning = _run_insert(connection.vendor)
+    params = [_prepared(field, kind, getattr(run, field.attname)) for field, kind in columns]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        run.pk = cursor.fetchone()[0] if returning else cursor.lastrowid
+    run._state.adding = False
+    run._state.db = connection.alias
+    return run
+
+
+def _update_run(run_id: int, fields: dict, *, status: str) -> int:
+    """Run.objects.filter(pk=run_id, status=status).update(**fields)."""
+    return _execute(*_run_update_sql(run_id, fields, status=status))
+
+
+def _run_update_sql(run_id: int, fields: dict, *, status: str) -> tuple[str, list]:
+    """(SQL, params) of the run's UPDATE (fields) if it has `status`, written
+    out as _insert_run is: the outcome's UPDATE, which every run pays for
+    inside the write transaction. Expressions (F()) go the ORM's way."""
+    columns = _run_columns(connection.vendor)
+    if any(name not in columns or hasattr(v, "resolve_expression") for name, v in fields.items()):
+        query = Run.objects.filter(pk=run_id, status=status).query.chain(UpdateQuery)
+        query.add_update_values(fields)
+        return query.get_compiler(connection.alias).as_sql()
+    sets, params = [], []
+    for name, value in fields.items():
+        column, field, kind = columns[name]
+        sets.append(f"{column} = %s")
+        params.append(_prepared(field, kind, value))
+    table = connection.ops.quote_name(Run._meta.db_table)
+    sql = f"UPDATE {table} SET {', '.join(sets)} WHERE id = %s AND status = %s"
+    return sql, [*params, run_id, status]
+
+
+def _prepared(field, kind: str, value):
+    if kind == "datetime":
+        return connection.ops.adapt_datetimefield_value(value)
+    if kind == "prepare":
+        return field.get_db_prep_save(value, connection)
+    return value
+
+
+@functools.lru_cache(maxsize=4)
+def _run_columns(vendor: str) -> dict[str, tuple]:
+    """A run's plain fields by name: (quoted column, field, how its value is
+    prepared: passed as it is, adapted as a datetime, or (JSON, anything
+    not plain) prepared by the field as the ORM does)."""
+    plain = (models.CharField, models.TextField, models.IntegerField, models.BooleanField)
+    columns = {}
+    for field in Run._meta.concrete_fields:
+        if isinstance(field, models.DateTimeField):
+            kind = "datetime"
+        elif isinstance(field.target_field if field.is_relation else field, plain):
+            kind = "as is"
+        else:
+            kind = "prepare"
+        columns[field.name if not field.is_relation else field.attname] = (
+            connection.ops.quote_name(field.column),
+            field,
+            kind,
+        )
+    return columns
+
+
+@functools.lru_cache(maxsize=4)
+def _run_insert(vendor: str) -> tuple[str, list[tuple], bool]:
+    """(INSERT of a run's columns but its id, each column's (field, how its
+    value is prepared; see _run_columns), whether the INSERT returns the new id)."""
+    qn = connection.ops.quote_name
+    fields = [f for f in Run._meta.concrete_fields if not f.primary_key]
+    kinds = {field: kind for _column, field, kind in _run_columns(vendor).values()}
+    columns = [(field, kinds[field]) for field in fields]
+    names = ", ".join(qn(f.column) for f in fields)
+    marks = ", ".join(["%s"] * len(fields))
+    sql = f"INSERT INTO {qn(Run._meta.db_table)} ({names}) VALUES ({marks})"
+    returning = connection.features.can_return_columns_from_insert
+    if returning:
+        sql += f" RETURNING {qn(Run._meta.pk.column)}"
+    return sql, columns, returning
 
 
 def run_plan(job: Job, *, now: datetime) -> tuple[str | None, bool]:
@@ -640,7 +724,7 @@ def run_execute(run: Run, *, echo: Callable[[str], None] | None = None, reload: 
     """Run a claimed run's job to the end and record the outcome.
 
     1. Resolve the environment and secrets (a missing ${NAME} fails the run
-       before anything starts), make the run's scratch directory.
+       before anything starts); the run gets a scratch directory (jobs.scratch).
     2. Run the kind's child process: output to the log, progress to the run.
     3. Collect $JOBSITE_ARTIFACTS_DIR, judge the outcome, deliver on success.
 
@@ -648,7 +732,7 @@ def run_execute(run: Run, *, echo: Callable[[str], None] | None = None, reload: 
     fields are current; the worker needs no more, and saves a query).
     """
     job = run.job
-    workdir = Path(tempfile.mkdtemp(prefix=f"jobsite-run-{run.pk}-", dir=settings.JOBSITE_WORK_DIR))
+    workdir = scratch.take()
     try:
         try:
             env, secrets, password = _resolve(run, workdir)
@@ -676,14 +760,13 @@ def run_execute(run: Run, *, echo: Callable[[str], None] | None = None, reload: 
         )
         return _reload(run) if reload else run
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        scratch.give_back(workdir)
 
 
 def _resolve(run: Run, workdir: Path) -> tuple[dict[str, str], list[str], str]:
     """(child environment, secret values to redact, delivery password)."""
     job = run.job
     env = child_environment(run)
-    (workdir / "artifacts").mkdir()
     env["JOBSITE_ARTIFACTS_DIR"] = str(workdir / "artifacts")
     secrets = [env[k] for k in job.secret_keys if k in env]
     password = ""
@@ -902,7 +985,9 @@ def run_finish(
     before = log.snapshot() if log else None
     try:
         with transaction.atomic():
-            counts = log.store_last() if log else {}
+            in_one = status == Run.Status.SUCCEEDED and connection.vendor == "postgresql"
+            chunks: list = []  # the log's last chunks, for the one statement to insert
+            counts = (log.store_last(chunks if in_one else None)) if log else {}
             fields = dict(
                 status=status,
                 finished_at=now,
@@ -911,10 +996,10 @@ def run_finish(
                 **(also or {}),
                 **counts,
             )
-            if status == Run.Status.SUCCEEDED and connection.vendor == "postgresql":
-                done = _finish_success_in_one_statement(run, fields, now=now)
+            if in_one:
+                done = _finish_success_in_one_statement(run, fields, now=now, chunks=chunks)
             else:
-                done = Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING).update(**fields)
+                done = _update_run(run.pk, fields, status=Run.Status.RUNNING)
                 if done:
                     run.status, run.finished_at, run.exit_code = status, now, exit_code
                     run.error_summary = summary[:2000]
@@ -960,30 +1045,36 @@ def _after_finish(run: Run, *, now: datetime) -> None:
         _trigger_downstreams(run, now=now)
 
 
-def _finish_success_in_one_statement(run: Run, fields: dict, *, now: datetime) -> bool:
+def _finish_success_in_one_statement(
+    run: Run, fields: dict, *, now: datetime, chunks: list[RunLogChunk]
+) -> bool:
     """PostgreSQL: a success and what every success does, in one statement
-    (data-modifying WITH): the run's outcome; then, only if it was still
-    running, the day's rollup and the job row (as _end_success); and the
-    two questions of _after_finish (a waiting run? downstream jobs?). One
-    round trip instead of four. The rare cases follow as _after_finish
-    handles them: no rollup row for the day yet, a job not in good standing.
+    (data-modifying WITH): the log's last `chunks`; the run's outcome; then,
+    only if it was still running, the day's rollup and the job row (as
+    _end_success); and the two questions of _after_finish (a waiting run?
+    downstream jobs?). One round trip instead of five. The rare cases
+    follow as _after_finish handles them: no rollup row for the day yet, a
+    job not in good standing.
     False if the run was no longer running (someone else finished it)."""
     before = (run.status, run.finished_at, run.exit_code, run.error_summary)
     run.status, run.finished_at, run.exit_code = fields["status"], now, fields["exit_code"]
     run.error_summary = fields["error_summary"]  # as stored, for the rollup and alerts
-    query = Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING).query.chain(UpdateQuery)
-    query.add_update_values(fields)
-    finish_sql, finish_params = query.get_compiler(connection.alias).as_sql()
+    finish_sql, finish_params = _run_update_sql(run.pk, fields, status=Run.Status.RUNNING)
     rollup_sql, rollup_params = stats.rollup_statement(run)
     job_sql, job_params = _sql("postgresql", "end_success"), _end_success_params(run, at=now)
     then = "AND EXISTS (SELECT 1 FROM finished) RETURNING 1"
+    logged, log_params = "", []
+    if chunks:  # stored whether or not the run was still running, as run_finish does
+        logged = f"logged AS ({_chunks_insert(len(chunks))}), "
+        for chunk in chunks:
+            log_params += [chunk.run_id, chunk.seq, chunk.is_head, chunk.data, chunk.size]
     sql = (
-        f"WITH finished AS ({finish_sql} RETURNING 1),"
+        f"WITH {logged}finished AS ({finish_sql} RETURNING 1),"
         f" rollup AS ({rollup_sql} {then}), job AS ({job_sql} {then})"
         " SELECT (SELECT count(*) FROM finished), (SELECT count(*) FROM rollup),"
         f" (SELECT count(*) FROM job), {_sql('postgresql', 'waiting_and_downstreams_columns')}"
     )
-    params = [*finish_params, *rollup_params, *job_params]
+    params = [*log_params, *finish_params, *rollup_params, *job_params]
     params += [run.job_id, Run.Status.QUEUED, run.job_id]
     ((finished, counted, job_ok, waiting, downstreams),) = _fetch(sql, params)
     if not finished:
@@ -997,6 +1088,19 @@ def _finish_success_in_one_statement(run: Run, fields: dict, *, now: datetime) -
         dispatch_waiting(now=now, job=run.job, asked=True)
     _trigger_downstreams(run, now=now, downstreams=list(downstreams))
     return True
+
+
+@functools.lru_cache(maxsize=4)
+def _chunks_insert(count: int) -> str:
+    """INSERT of `count` log chunks. Params per chunk: run id, seq, is_head,
+    data, size."""
+    qn = connection.ops.quote_name
+    columns = ", ".join(qn(RunLogChunk._meta.get_field(name).column) for name in _CHUNK_COLUMNS)
+    rows = ", ".join(["(%s, %s, %s, %s, %s)"] * count)
+    return f"INSERT INTO {qn(RunLogChunk._meta.db_table)} ({columns}) VALUES {rows}"
+
+
+_CHUNK_COLUMNS = ("run", "seq", "is_head", "data", "size")
 
 
 def _end_success(run: Run, *, at: datetime) -> bool:

@@ -100,6 +100,44 @@ def test_shell_job_files_in_the_artifacts_dir_are_collected(make_job):
     ]
 
 
+def test_a_run_never_sees_the_files_of_the_run_before(make_job, tmp_path, settings):
+    """Scratch directories are kept per worker process between runs (jobs.scratch):
+    one that a run left files in is never handed to the next."""
+    settings.JOBSITE_WORK_DIR = str(tmp_path / "work")
+    os.mkdir(settings.JOBSITE_WORK_DIR)
+    writer = make_job(
+        name="writer",
+        command='echo one > "$JOBSITE_ARTIFACTS_DIR/one.txt";'
+        ' echo left > "$JOBSITE_ARTIFACTS_DIR/../left.txt"',
+    )
+    lister = make_job(
+        name="lister", command='ls -A "$JOBSITE_ARTIFACTS_DIR" "$JOBSITE_ARTIFACTS_DIR/.."'
+    )
+    first = run(writer)
+    second = run(lister)
+    assert Artifact.objects.filter(run=first).count() == 1
+    assert second.status == Run.Status.SUCCEEDED
+    assert runlog.read_log(second).split() == [
+        f"{second.environment['JOBSITE_ARTIFACTS_DIR']}:",
+        f"{second.environment['JOBSITE_ARTIFACTS_DIR']}/..:",
+        "artifacts",
+    ]
+    assert not Artifact.objects.filter(run=second).exists()
+
+
+def test_the_work_dir_does_not_fill_up_with_scratch_directories(make_job, tmp_path, settings):
+    settings.JOBSITE_WORK_DIR = str(tmp_path / "work")
+    os.mkdir(settings.JOBSITE_WORK_DIR)
+    quiet_job = make_job(name="quiet", command="true")
+    noisy_job = make_job(name="noisy", command='echo x > "$JOBSITE_ARTIFACTS_DIR/x.txt"')
+    for job in (quiet_job, noisy_job, quiet_job, noisy_job, quiet_job):
+        assert run(job).status == Run.Status.SUCCEEDED
+    # At most the one empty directory this process keeps for its next run.
+    left = list(Path(settings.JOBSITE_WORK_DIR).iterdir())
+    assert len(left) <= 1
+    assert all(sorted(p.name for p in d.rglob("*")) == ["artifacts"] for d in left)
+
+
 def test_shell_job_reports_progress_on_its_fd(make_job):
     # /dev/fd/N works in every shell (dash's ">&N" takes one digit only).
     job = make_job(
@@ -128,6 +166,14 @@ def test_sql_temp_table_survives_between_statements_and_becomes_a_csv(make_job):
     rows = list(csv.reader(io.StringIO(artifact_text(done, "partner-export.csv"))))
     assert rows == [["id", "name"], ["1", "alpha"], ["2", 'beta, "quoted"'], ["3", "gamma"]]
     assert "wrote 3 rows to partner-export.csv" in runlog.read_log(done)
+
+
+def test_sql_jobs_connection_file_is_gone_after_the_run(make_job, tmp_path, settings):
+    settings.JOBSITE_WORK_DIR = str(tmp_path / "work")
+    os.mkdir(settings.JOBSITE_WORK_DIR)
+    job = make_job(name="partner-export", kind="sql", database="default", sql="SELECT 1 AS one")
+    assert run(job).status == Run.Status.SUCCEEDED
+    assert not list(Path(settings.JOBSITE_WORK_DIR).rglob("sql-job.json"))
 
 
 def test_sql_error_fails_with_the_databases_message_and_the_statement(make_job):

@@ -227,6 +227,30 @@ def test_the_claim_reads_the_run_and_its_job_as_the_orm_does(make_job):
     assert services.run_claim(run_id=queued.pk, worker="w:2") is None  # no longer queued
 
 
+def test_a_created_run_is_stored_as_the_orm_would_store_it(make_job, make_user):
+    """run_create's INSERT is written out (services._insert_run): every field
+    reads back as the instance it returned holds it, for a dispatched run
+    and a skipped one, user, aware datetimes and JSON included."""
+    from datetime import UTC, datetime
+
+    job = make_job(overlap=Job.Overlap.SKIP)
+    user = make_user()
+    at = datetime(2026, 3, 29, 1, 30, 15, 123456, tzinfo=UTC)
+    queued = services.run_create(job=job, trigger=Run.Trigger.MANUAL, by=user, scheduled_for=at)
+    skipped = services.run_create(job=job, trigger=Run.Trigger.MANUAL, rerun_of=queued)
+    assert skipped.status == Run.Status.SKIPPED and f"#{queued.pk}" in skipped.error_summary
+    for made in (queued, skipped):
+        stored = Run.objects.get(pk=made.pk)
+        for field in Run._meta.concrete_fields:
+            name = field.attname
+            assert getattr(stored, name) == getattr(made, name), name
+        assert not made._state.adding and made._state.db == "default"
+    stored = Run.objects.get(pk=queued.pk)
+    assert stored.scheduled_for == at and stored.triggered_by == user
+    assert stored.environment == {} and stored.enqueue_count == 1 and stored.attempt == 1
+    assert Run.objects.get(pk=skipped.pk).rerun_of == queued
+
+
 def test_rerun_keeps_the_logical_time_and_links_the_original(make_job, make_user):
     job = make_job()
     original = services.run_foreground(job=job, **quiet)
@@ -379,9 +403,9 @@ def test_a_success_asks_for_waiting_runs_and_downstreams_in_one_statement(make_j
 
 
 def test_on_postgresql_a_success_and_its_consequences_are_one_statement(make_job):
-    """PostgreSQL: the outcome, the day's rollup, the job row and the two
-    questions after a success (a waiting run? downstream jobs?) are one
-    statement after the log's last chunk: one round trip, not four. What
+    """PostgreSQL: the log's last chunk, the outcome, the day's rollup, the
+    job row and the two questions after a success (a waiting run?
+    downstream jobs?) are one statement: one round trip, not five. What
     they decide still happens: counts, slot, the waiting run, the downstream."""
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
@@ -400,8 +424,11 @@ def test_on_postgresql_a_success_and_its_consequences_are_one_statement(make_job
     with CaptureQueriesContext(connection) as captured:
         assert tasks.execute_run(run.pk) == Run.Status.SUCCEEDED
     sqls = _statements(captured)
-    outcome = [s for s in sqls if s.startswith("WITH finished AS")]
+    outcome = [s for s in sqls if s.startswith("WITH ") and " finished AS (UPDATE" in s]
     assert len(outcome) == 1, sqls
+    # The log's last chunk ("hi") is inserted by that same statement.
+    assert outcome[0].startswith('WITH logged AS (INSERT INTO "jobs_runlogchunk"'), outcome
+    assert not [s for s in sqls if s.startswith('INSERT INTO "jobs_runlogchunk"')], sqls
     rollups = [s for s in sqls if s.startswith('UPDATE "jobs_jobdailystats" SET "succeeded"')]
     assert not rollups, sqls  # (the downstream's own skip is counted apart)
     assert not [s for s in sqls if "consecutive_failures" in s and s.startswith("UPDATE")], sqls
