@@ -285,7 +285,23 @@ def run_enqueue(run: Run) -> None:
     }
     if job.queue:
         options["cluster"] = job.queue
+    options["broker"] = _broker(job.queue or None)
     async_task("jobs.tasks.execute_run", run.pk, q_options=options)
+
+
+_brokers: dict[tuple[int, str | None], object] = {}
+
+
+def _broker(cluster: str | None):
+    """django-q2's broker for `cluster` (None: the default queue), made once
+    per process: async_task otherwise builds one for every task (with the
+    ORM broker a fifth of the enqueue's CPU; with Redis a new client)."""
+    from django_q.brokers import get_broker
+
+    key = (os.getpid(), cluster)
+    if key not in _brokers:
+        _brokers[key] = get_broker(cluster)
+    return _brokers[key]
 
 
 def dispatch_waiting(*, now: datetime, job: Job | None = None, asked: bool = False) -> int:

@@ -560,6 +560,30 @@ def test_run_now_writes_the_run_and_its_task_in_one_transaction(make_job):
     assert OrmQ.objects.count() == tasks_before + 1
 
 
+def test_runs_are_sent_through_one_broker_per_queue(make_job, monkeypatch):
+    """async_task builds a broker for every task unless given one (with Redis
+    a new client): a process sends every run of a queue through one."""
+    import django_q.brokers
+    from django_q.conf import Conf
+    from django_q.models import OrmQ
+
+    if Conf.ORM != "default":
+        pytest.skip("the ORM broker is not in use (REDIS_URL is set)")
+    made = []
+    real = django_q.brokers.get_broker
+    monkeypatch.setattr(
+        django_q.brokers, "get_broker", lambda key=None: made.append(key) or real(key)
+    )
+    monkeypatch.setattr(services, "_brokers", {})
+    plain = make_job(command="true", overlap=Job.Overlap.ALLOW)
+    etl = make_job(slug="etl-load", command="true", overlap=Job.Overlap.ALLOW, queue="etl")
+    for job in (plain, etl, plain, etl, plain):
+        services.run_create(job=job, trigger=Run.Trigger.MANUAL)
+    assert made == [None, "etl"]
+    assert OrmQ.objects.filter(key=Conf.CLUSTER_NAME).count() == 3
+    assert OrmQ.objects.filter(key="etl").count() == 2
+
+
 def test_a_worker_does_not_ping_the_database_before_each_run(
     transactional_db, make_job, monkeypatch
 ):
