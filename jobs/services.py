@@ -160,9 +160,10 @@ def _prepared(field, kind: str, value):
 
 @functools.lru_cache(maxsize=4)
 def _run_columns(vendor: str) -> dict[str, tuple]:
-    """A run's plain fields by name: (quoted column, field, how its value is
-    prepared: passed as it is, adapted as a datetime, or (JSON, anything
-    not plain) prepared by the field as the ORM does)."""
+    """A run's fields by name (relations by attname, e.g. job_id): (quoted
+    column, field, how its value is prepared: passed as it is, adapted as
+    a datetime, or (JSON, anything not plain) prepared by the field as the
+    ORM does)."""
     plain = (models.CharField, models.TextField, models.IntegerField, models.BooleanField)
     columns = {}
     for field in Run._meta.concrete_fields:
@@ -295,7 +296,7 @@ _brokers: dict[tuple[int, str | None], object] = {}
 def _broker(cluster: str | None):
     """django-q2's broker for `cluster` (None: the default queue), made once
     per process: async_task otherwise builds one for every task (with the
-    ORM broker a fifth of the enqueue's CPU; with Redis a new client)."""
+    ORM broker about a fifth of the enqueue's CPU; with Redis a new client)."""
     from django_q.brokers import get_broker
 
     key = (os.getpid(), cluster)
