@@ -17,7 +17,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 def test_scheduled_job_runs_on_time_through_the_scheduler_and_a_real_cluster(make_job, processes):
     job = make_job(name="e2e", command='echo "ran attempt $JOBSITE_ATTEMPT"', schedule="* * * * *")
-    processes.start("qcluster")
+    work = processes.tmp_path / "work"
+    work.mkdir()
+    processes.start("qcluster", JOBSITE_WORK_DIR=str(work))
     # Make the next fire a few seconds away instead of waiting for a minute.
     fire_at = (timezone.now() + timedelta(seconds=4)).replace(microsecond=0)
     Job.objects.filter(pk=job.pk).update(next_fire_at=fire_at, fire_basis=job.current_fire_basis)
@@ -38,3 +40,9 @@ def test_scheduled_job_runs_on_time_through_the_scheduler_and_a_real_cluster(mak
     job.refresh_from_db()
     assert job.next_fire_at > fire_at, "the scheduler did not advance the job's next fire"
     assert job.active_run_id is None
+    # A worker keeps its empty scratch directory for its next run (a second
+    # worker may have one too, if the next minute's fire came already), and
+    # removes it when the cluster stops.
+    assert 1 <= len(list(work.iterdir())) <= 2
+    processes.stop_all()
+    assert not list(work.iterdir()), processes.output()
