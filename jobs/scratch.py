@@ -20,6 +20,7 @@ from pathlib import Path
 from django.conf import settings
 
 _kept: dict[int, Path] = {}  # process id -> its empty scratch directory
+_exit_hooks: set[int] = set()  # processes that remove their kept directory at exit
 
 
 def take() -> Path:
@@ -53,9 +54,6 @@ def give_back(workdir: Path) -> None:
         # in the main process); a forked child starts with none.
         util.Finalize(None, _remove_kept, args=(pid,), exitpriority=0)
         _exit_hooks.add(pid)
-
-
-_exit_hooks: set[int] = set()
 
 
 def _remove_kept(pid: int) -> None:

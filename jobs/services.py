@@ -186,11 +186,10 @@ def _run_insert(vendor: str) -> tuple[str, list[tuple], bool]:
     """(INSERT of a run's columns but its id, each column's (field, how its
     value is prepared; see _run_columns), whether the INSERT returns the new id)."""
     qn = connection.ops.quote_name
-    fields = [f for f in Run._meta.concrete_fields if not f.primary_key]
-    kinds = {field: kind for _column, field, kind in _run_columns(vendor).values()}
-    columns = [(field, kinds[field]) for field in fields]
-    names = ", ".join(qn(f.column) for f in fields)
-    marks = ", ".join(["%s"] * len(fields))
+    inserted = [c for c in _run_columns(vendor).values() if not c[1].primary_key]
+    columns = [(field, kind) for _column, field, kind in inserted]
+    names = ", ".join(column for column, _field, _kind in inserted)
+    marks = ", ".join(["%s"] * len(inserted))
     sql = f"INSERT INTO {qn(Run._meta.db_table)} ({names}) VALUES ({marks})"
     returning = connection.features.can_return_columns_from_insert
     if returning:
@@ -1004,7 +1003,7 @@ def run_finish(
         with transaction.atomic():
             in_one = status == Run.Status.SUCCEEDED and connection.vendor == "postgresql"
             chunks: list = []  # the log's last chunks, for the one statement to insert
-            counts = (log.store_last(chunks if in_one else None)) if log else {}
+            counts = log.store_last(chunks if in_one else None) if log else {}
             fields = dict(
                 status=status,
                 finished_at=now,
