@@ -288,15 +288,17 @@ RECORD_TABLE = "bench_recorded_run"
 
 
 def create_record_table() -> None:
-    """The table of the "recorded" throughput reference: the least a run
-    record can hold (status, three times, exit code). Same SQL on both engines."""
+    """The table of the "recorded" and "captured" throughput references: the
+    least a run record can hold (status, three times, exit code, and the
+    captured output). Same SQL on both engines."""
     from django.db import connection
 
     with connection.cursor() as cursor:
         cursor.execute(
             f"CREATE TABLE IF NOT EXISTS {RECORD_TABLE} (id INTEGER PRIMARY KEY, "
             "status VARCHAR(10) NOT NULL, queued_at DOUBLE PRECISION NOT NULL, "
-            "started_at DOUBLE PRECISION, finished_at DOUBLE PRECISION, exit_code INTEGER)"
+            "started_at DOUBLE PRECISION, finished_at DOUBLE PRECISION, exit_code INTEGER, "
+            "output TEXT)"
         )
 
 
@@ -305,6 +307,36 @@ def q2_recorded_true(record_id: int) -> int:
     run record costs. Claim the record (queued -> running, one UPDATE), run
     the same subprocess, store the outcome (one UPDATE). The enqueue inserted
     the record in the task's own transaction."""
+    return _recorded(record_id, lambda: (subprocess.run(["true"], check=False).returncode, None))
+
+
+def q2_captured_true(record_id: int) -> int:
+    """The "captured" throughput reference: the "recorded" one, plus the
+    least a scheduler that shows each run's output must do. The command
+    starts the way Jobsite starts a shell job (its parent-death launcher,
+    `/bin/sh -c`, a session of its own), its output is read from a pipe to
+    the end, and the outcome's UPDATE stores it. No scratch directory, no
+    environment of its own, no timeout or cancel watch, no log chunks,
+    rollups, slots or alerts."""
+    from jobs import execution
+
+    def captured() -> tuple[int, str]:
+        proc = subprocess.Popen(
+            execution.with_parent_death_signal(["/bin/sh", "-c", "true"]),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        with proc.stdout:
+            output = proc.stdout.read()
+        return proc.wait(), output.decode(errors="replace")
+
+    return _recorded(record_id, captured)
+
+
+def _recorded(record_id: int, command: Callable[[], tuple[int, str | None]]) -> int:
+    """Claim the record, run `command` ((exit code, output)), store the outcome."""
     from django.db import connection
 
     with connection.cursor() as cursor:
@@ -315,11 +347,11 @@ def q2_recorded_true(record_id: int) -> int:
         )
         if cursor.rowcount != 1:
             return -1
-        code = subprocess.run(["true"], check=False).returncode
+        code, output = command()
         cursor.execute(
-            f"UPDATE {RECORD_TABLE} SET status = %s, finished_at = %s, exit_code = %s "
-            "WHERE id = %s",
-            ["succeeded" if code == 0 else "failed", time.time(), code, record_id],
+            f"UPDATE {RECORD_TABLE} SET status = %s, finished_at = %s, exit_code = %s, "
+            "output = %s WHERE id = %s",
+            ["succeeded" if code == 0 else "failed", time.time(), code, output, record_id],
         )
     return code
 

@@ -13,6 +13,10 @@ workers, Jobsite's Q_CLUSTER settings) serve, one after another, in every repeat
              (one UPDATE), runs the subprocess and stores the outcome (one
              UPDATE); done when every row is finished and the queue is empty.
              What Jobsite could reach at best while keeping a run's history;
+  captured   the same, plus the least showing a run's output takes: the
+             command starts as Jobsite starts a shell job (its parent-death
+             launcher, `/bin/sh -c`, its own session), its output is read from
+             a pipe to the end and stored with the outcome;
   Jobsite    --runs `services.run_create` of a shell job `true` with
              overlap=allow (the path "Run now" takes); done when every run is
              finished in the database and the broker's queue is empty.
@@ -38,6 +42,7 @@ from bench import common  # noqa: E402
 
 RAW_FUNC = "bench.common.q2_run_true"
 RECORDED_FUNC = "bench.common.q2_recorded_true"
+CAPTURED_FUNC = "bench.common.q2_captured_true"
 TARGET = 0.70
 
 
@@ -94,16 +99,18 @@ def measure(args: argparse.Namespace, directory: Path) -> None:
         name="throughput", slug="throughput", command="true", overlap=Job.Overlap.ALLOW, timeout=60
     )
     common.create_record_table()
-    results: dict[str, list[float]] = {"floor": [], "django-q2": [], "recorded": [], "jobsite": []}
-    enqueue: dict[str, list[float]] = {"django-q2": [], "recorded": [], "jobsite": []}
-    cpu: dict[str, list[float]] = {"django-q2": [], "recorded": [], "jobsite": []}
+    paths = ("django-q2", "recorded", "captured", "jobsite")
+    results: dict[str, list[float]] = {name: [] for name in ("floor", *paths)}
+    enqueue: dict[str, list[float]] = {name: [] for name in paths}
+    cpu: dict[str, list[float]] = {name: [] for name in paths}
     problems: list[str] = []
     with common.Processes(directory) as procs:
         cluster = procs.start("qcluster", "qcluster", env=env)
         # Warm up: the cluster is up and both paths have run once.
         jobsite_batch(job, 1, procs=procs, timeout=120)
         raw_batch(1, procs=procs, timeout=120)
-        recorded_batch(1, procs=procs, timeout=120)
+        recorded_batch(1, RECORDED_FUNC, procs=procs, timeout=120)
+        recorded_batch(1, CAPTURED_FUNC, procs=procs, timeout=120)
         for repeat in range(1, args.repeat + 1):
             results["floor"].append(floor(args.runs))
             with cpu_per_run(cluster.pid, args.runs, cpu["django-q2"]):
@@ -111,13 +118,14 @@ def measure(args: argparse.Namespace, directory: Path) -> None:
             results["django-q2"].append(rate)
             enqueue["django-q2"].append(seconds)
             problems += trouble
-            with cpu_per_run(cluster.pid, args.runs, cpu["recorded"]):
-                rate, seconds, trouble = recorded_batch(
-                    args.runs, procs=procs, timeout=args.timeout
-                )
-            results["recorded"].append(rate)
-            enqueue["recorded"].append(seconds)
-            problems += trouble
+            for name, func in (("recorded", RECORDED_FUNC), ("captured", CAPTURED_FUNC)):
+                with cpu_per_run(cluster.pid, args.runs, cpu[name]):
+                    rate, seconds, trouble = recorded_batch(
+                        args.runs, func, procs=procs, timeout=args.timeout
+                    )
+                results[name].append(rate)
+                enqueue[name].append(seconds)
+                problems += trouble
             with cpu_per_run(cluster.pid, args.runs, cpu["jobsite"]):
                 rate, seconds, trouble = jobsite_batch(
                     job, args.runs, procs=procs, timeout=args.timeout
@@ -129,6 +137,7 @@ def measure(args: argparse.Namespace, directory: Path) -> None:
                 f"  repeat {repeat}: floor {results['floor'][-1]:.0f}/s, "
                 f"django-q2 {results['django-q2'][-1]:.1f}/s, "
                 f"recorded {results['recorded'][-1]:.1f}/s, "
+                f"captured {results['captured'][-1]:.1f}/s, "
                 f"Jobsite {results['jobsite'][-1]:.1f}/s",
                 flush=True,
             )
@@ -175,9 +184,10 @@ def raw_batch(runs: int, *, procs: common.Processes, timeout: float) -> tuple[fl
 
 
 def recorded_batch(
-    runs: int, *, procs: common.Processes, timeout: float
+    runs: int, func: str, *, procs: common.Processes, timeout: float
 ) -> tuple[float, float, list]:
-    """(runs/s end to end, seconds spent enqueuing, problems)."""
+    """(runs/s end to end, seconds spent enqueuing, problems) of a reference
+    that keeps a run record (`func`: RECORDED_FUNC or CAPTURED_FUNC)."""
     from django.db import connection, transaction
     from django_q.tasks import async_task
 
@@ -192,7 +202,7 @@ def recorded_batch(
                 f"INSERT INTO {table} (id, status, queued_at) VALUES (%s, 'queued', %s)",
                 [record_id, time.time()],
             )
-            async_task(RECORDED_FUNC, record_id)
+            async_task(func, record_id)
     enqueued = time.perf_counter() - started
 
     def unfinished() -> int:
@@ -215,7 +225,7 @@ def recorded_batch(
             f"SELECT COUNT(*) FROM {table} WHERE id > %s AND status = 'succeeded'", [after]
         )
         succeeded = cursor.fetchone()[0]
-    trouble = [f"recorded: {succeeded} of {runs} succeeded"] if succeeded != runs else []
+    trouble = [f"{func}: {succeeded} of {runs} succeeded"] if succeeded != runs else []
     return runs / elapsed, enqueued, trouble
 
 
@@ -266,6 +276,7 @@ def report(args, results, enqueue, cpu, problems, load_at_start) -> None:
         "floor": 'bare subprocess.run(["true"]) loop (floor)',
         "django-q2": "raw django-q2 async_task -> same subprocess",
         "recorded": "django-q2 + run record (INSERT, claim, outcome)",
+        "captured": "... + output captured (launcher, sh, pipe, stored)",
         "jobsite": "Jobsite run_create -> run finished (shell `true`)",
     }
     rows = [
@@ -300,6 +311,12 @@ def report(args, results, enqueue, cpu, problems, load_at_start) -> None:
     print(
         f"reference the least a run record costs keeps django-q2 at {recorded:.0%} of itself; "
         f"Jobsite runs at {against_recorded:.0%} of that reference"
+    )
+    captured = common.spread(ratios["captured"])[1]
+    print(
+        f"reference the least a run whose output is stored costs keeps django-q2 at "
+        f"{captured:.0%} of itself: {100 * (captured - TARGET):+.0f} points from the target "
+        "for everything else a run does"
     )
     for problem in problems:
         print(f"PROBLEM   {problem}")

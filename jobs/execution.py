@@ -97,7 +97,7 @@ PDEATHSIG = _launcher("jobsite-pdeathsig")
 SETPRIV = shutil.which("setpriv")
 
 
-def _with_parent_death_signal(argv: list[str]) -> list[str]:
+def with_parent_death_signal(argv: list[str]) -> list[str]:
     if PDEATHSIG:
         return [PDEATHSIG, str(os.getpid()), *argv]
     if SETPRIV:
@@ -155,7 +155,7 @@ def run_process(
         env["JOBSITE_PROGRESS_FD"] = str(progress.write_fd)
     try:
         proc = subprocess.Popen(
-            _with_parent_death_signal(argv),
+            with_parent_death_signal(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -38,12 +38,19 @@ def test_throughput_script_reports_runs_per_second_against_both_baselines(tmp_pa
     assert "## Throughput" in out
     assert "machine   " in out and "Python" in out
     assert "load      start" in out
-    labels = ("bare subprocess.run", "raw django-q2 async_task", "run record", "Jobsite run_create")
+    labels = (
+        "bare subprocess.run",
+        "raw django-q2 async_task",
+        "run record",
+        "output captured",
+        "Jobsite run_create",
+    )
     for label in labels:
         assert label in out
     assert "ratio to raw django-q2" in out
     assert "target    Jobsite >= 70% of raw django-q2" in out
     assert "reference the least a run record costs" in out
+    assert "reference the least a run whose output is stored costs" in out
     assert "PROBLEM" not in out, out
 
 

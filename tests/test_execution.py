@@ -180,7 +180,7 @@ def test_make_install_builds_the_fast_launcher_where_there_is_a_c_compiler():
     if not shutil.which("cc"):
         pytest.skip("no C compiler: jobs start through setpriv")
     assert execution.PDEATHSIG, "make install did not build .venv/bin/jobsite-pdeathsig"
-    argv = execution._with_parent_death_signal(["/bin/true"])
+    argv = execution.with_parent_death_signal(["/bin/true"])
     assert argv == [execution.PDEATHSIG, str(os.getpid()), "/bin/true"]
 
 
