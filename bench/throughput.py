@@ -106,7 +106,7 @@ def measure(args: argparse.Namespace, directory: Path) -> None:
     problems: list[str] = []
     with common.Processes(directory) as procs:
         cluster = procs.start("qcluster", "qcluster", env=env)
-        # Warm up: the cluster is up and both paths have run once.
+        # Warm up: the cluster is up and every path has run once.
         jobsite_batch(job, 1, procs=procs, timeout=120)
         raw_batch(1, procs=procs, timeout=120)
         recorded_batch(1, RECORDED_FUNC, procs=procs, timeout=120)
@@ -304,19 +304,21 @@ def report(args, results, enqueue, cpu, problems, load_at_start) -> None:
         f"target    Jobsite >= {TARGET:.0%} of raw django-q2 "
         f"(median ratio {median_ratio:.0%}): {verdict}"
     )
+
+    def median_against(base: str) -> float:
+        pairs = zip(results["jobsite"], results[base], strict=True)
+        return common.spread([ours / theirs for ours, theirs in pairs])[1]
+
     recorded = common.spread(ratios["recorded"])[1]
-    against_recorded = common.spread(
-        [ours / base for ours, base in zip(results["jobsite"], results["recorded"], strict=True)]
-    )[1]
     print(
         f"reference the least a run record costs keeps django-q2 at {recorded:.0%} of itself; "
-        f"Jobsite runs at {against_recorded:.0%} of that reference"
+        f"Jobsite runs at {median_against('recorded'):.0%} of that reference"
     )
     captured = common.spread(ratios["captured"])[1]
     print(
         f"reference the least a run whose output is stored costs keeps django-q2 at "
-        f"{captured:.0%} of itself: {100 * (captured - TARGET):+.0f} points from the target "
-        "for everything else a run does"
+        f"{captured:.0%} of itself ({100 * (captured - TARGET):+.0f} points from the target "
+        f"for everything else a run does); Jobsite runs at {median_against('captured'):.0%} of it"
     )
     for problem in problems:
         print(f"PROBLEM   {problem}")
