@@ -142,6 +142,7 @@ def measure(args: argparse.Namespace, directory: Path) -> None:
                 flush=True,
             )
     report(args, results, enqueue, cpu, problems, load_at_start)
+    chart(args, results, directory)
 
 
 @contextlib.contextmanager
@@ -322,6 +323,28 @@ def report(args, results, enqueue, cpu, problems, load_at_start) -> None:
     )
     for problem in problems:
         print(f"PROBLEM   {problem}")
+
+
+def chart(args, results, directory: Path) -> None:
+    """throughput.svg beside the logs: each path's runs/s against the target."""
+    labels = {
+        "django-q2": "raw django-q2",
+        "recorded": "+ run record",
+        "captured": "+ output captured (launcher, sh, pipe)",
+        "jobsite": "Jobsite",
+    }
+    target = TARGET * common.spread(results["django-q2"])[1]
+    path = directory / "throughput.svg"
+    path.write_text(
+        common.bar_chart_svg(
+            f"Throughput on {common.database_text().split(' (')[0]}: {args.runs} runs of `true`, "
+            f"{args.repeat} repeat(s)",
+            [(label, results[name]) for name, label in labels.items()],
+            unit="runs/s",
+            line=(target, f"target: {TARGET:.0%} of raw django-q2"),
+        )
+    )
+    print(f"chart     {path}")
 
 
 if __name__ == "__main__":

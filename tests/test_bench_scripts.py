@@ -52,6 +52,11 @@ def test_throughput_script_reports_runs_per_second_against_both_baselines(tmp_pa
     assert "reference the least a run record costs" in out
     assert "reference the least a run whose output is stored costs" in out
     assert "PROBLEM" not in out, out
+    chart = (tmp_path / "throughput.svg").read_text()
+    assert chart.startswith("<svg") and chart.count("<rect") == 4
+    for label in ("raw django-q2", "+ run record", "+ output captured", "Jobsite"):
+        assert f">{label}" in chart
+    assert "target: 70% of raw django-q2" in chart
 
 
 def test_lateness_script_reports_both_phases_for_jobsite_and_django_q2(tmp_path):
