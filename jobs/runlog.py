@@ -78,6 +78,9 @@ class RunLogWriter:
     def feed(self, data: bytes) -> None:
         self.produced += len(data)
         text = self.decoder.decode(data)
+        if "\x00" in text:
+            # PostgreSQL stores no NUL in text; shown like an undecodable byte.
+            text = text.replace("\x00", "\ufffd")
         if text:
             self._add(text)
         if self.head_used < self.head_cap:

@@ -152,7 +152,8 @@ def _run_update_sql(run_id: int, fields: dict, *, status: str) -> tuple[str, lis
 
 def _prepared(field, kind: str, value):
     if kind == "datetime":
-        return connection.ops.adapt_datetimefield_value(value)
+        # As the ORM does: a naive datetime is taken in TIME_ZONE (with its warning).
+        return field.get_db_prep_value(value, connection)
     if kind == "prepare":
         return field.get_db_prep_save(value, connection)
     return value
@@ -164,21 +165,42 @@ def _run_columns(vendor: str) -> dict[str, tuple]:
     column, field, how its value is prepared: passed as it is, adapted as
     a datetime, or (JSON, anything not plain) prepared by the field as the
     ORM does)."""
-    plain = (models.CharField, models.TextField, models.IntegerField, models.BooleanField)
     columns = {}
     for field in Run._meta.concrete_fields:
-        if isinstance(field, models.DateTimeField):
-            kind = "datetime"
-        elif isinstance(field.target_field if field.is_relation else field, plain):
-            kind = "as is"
-        else:
-            kind = "prepare"
         columns[field.name if not field.is_relation else field.attname] = (
             connection.ops.quote_name(field.column),
             field,
-            kind,
+            _value_kind(field),
         )
     return columns
+
+
+# Django's own field classes whose value goes to the driver as it is. Only
+# these exact classes: a subclass may prepare its value (encrypt, normalise).
+_PLAIN_FIELDS = (
+    models.CharField,
+    models.TextField,
+    models.BooleanField,
+    models.IntegerField,
+    models.BigIntegerField,
+    models.SmallIntegerField,
+    models.PositiveIntegerField,
+    models.PositiveBigIntegerField,
+    models.PositiveSmallIntegerField,
+    models.AutoField,
+    models.BigAutoField,
+    models.SmallAutoField,
+)
+
+
+def _value_kind(field) -> str:
+    """How _prepared treats the field's value: "datetime", "as is", or
+    "prepare" (by the field, as the ORM does)."""
+    if type(field) is models.DateTimeField:
+        return "datetime"
+    if type(field.target_field if field.is_relation else field) in _PLAIN_FIELDS:
+        return "as is"
+    return "prepare"
 
 
 @functools.lru_cache(maxsize=4)
@@ -845,9 +867,9 @@ class _Progress:
         ):
             value = payload.get(key)
             if key == "message" and value is not None:
-                self.pending[field] = str(value)[:300]
-            elif isinstance(value, int) and not isinstance(value, bool):
-                self.pending[field] = value
+                self.pending[field] = str(value)[:300].replace("\x00", "\ufffd")
+            elif isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63:
+                self.pending[field] = value  # a BIGINT column; a larger number is ignored
 
     def flush(self, force: bool = False) -> None:
         if not self.pending or (not force and time.monotonic() - self.last < 1.0):

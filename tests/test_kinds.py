@@ -100,11 +100,18 @@ def test_shell_job_files_in_the_artifacts_dir_are_collected(make_job):
     ]
 
 
-def test_a_run_never_sees_the_files_of_the_run_before(make_job, tmp_path, settings):
+@pytest.fixture
+def work_dir(tmp_path, settings) -> Path:
+    """JOBSITE_WORK_DIR, empty, for the tests of kept scratch directories."""
+    path = tmp_path / "work"
+    path.mkdir()
+    settings.JOBSITE_WORK_DIR = str(path)
+    return path
+
+
+def test_a_run_never_sees_the_files_of_the_run_before(make_job, work_dir):
     """Scratch directories are kept per worker process between runs (jobs.scratch):
     one that a run left files in is never handed to the next."""
-    settings.JOBSITE_WORK_DIR = str(tmp_path / "work")
-    os.mkdir(settings.JOBSITE_WORK_DIR)
     writer = make_job(
         name="writer",
         command='echo one > "$JOBSITE_ARTIFACTS_DIR/one.txt";'
@@ -125,17 +132,79 @@ def test_a_run_never_sees_the_files_of_the_run_before(make_job, tmp_path, settin
     assert not Artifact.objects.filter(run=second).exists()
 
 
-def test_the_work_dir_does_not_fill_up_with_scratch_directories(make_job, tmp_path, settings):
-    settings.JOBSITE_WORK_DIR = str(tmp_path / "work")
-    os.mkdir(settings.JOBSITE_WORK_DIR)
+def test_the_work_dir_does_not_fill_up_with_scratch_directories(make_job, work_dir):
     quiet_job = make_job(name="quiet", command="true")
     noisy_job = make_job(name="noisy", command='echo x > "$JOBSITE_ARTIFACTS_DIR/x.txt"')
     for job in (quiet_job, noisy_job, quiet_job, noisy_job, quiet_job):
         assert run(job).status == Run.Status.SUCCEEDED
     # At most the one empty directory this process keeps for its next run.
-    left = list(Path(settings.JOBSITE_WORK_DIR).iterdir())
+    left = list(work_dir.iterdir())
     assert len(left) <= 1
     assert all(sorted(p.name for p in d.rglob("*")) == ["artifacts"] for d in left)
+
+
+def test_a_process_a_run_left_behind_cannot_write_into_the_next_runs_artifacts(make_job, work_dir):
+    """A process that escaped its run's group (setsid) writes to the run's
+    artifacts directory after the run ended. The kept scratch directory has
+    a new name by then, so the write fails instead of landing in the next
+    run's artifacts."""
+    leaver = make_job(
+        name="leaver",
+        command="setsid sh -c 'sleep 0.5; echo late > \"$JOBSITE_ARTIFACTS_DIR/late.txt\"'"
+        " </dev/null >/dev/null 2>&1 &",
+    )
+    sleeper = make_job(name="sleeper", command="sleep 1.5")
+    assert run(leaver).status == Run.Status.SUCCEEDED
+    second = run(sleeper)
+    assert second.status == Run.Status.SUCCEEDED
+    assert not Artifact.objects.exists()
+    assert not list(work_dir.rglob("late.txt"))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        'rmdir "$JOBSITE_ARTIFACTS_DIR" && ln -s "$TRAP" "$JOBSITE_ARTIFACTS_DIR"',
+        'chmod 755 "$JOBSITE_ARTIFACTS_DIR/.."',
+    ],
+    ids=["artifacts replaced by a link", "scratch directory opened to others"],
+)
+def test_a_scratch_directory_a_run_changed_is_not_handed_on(make_job, work_dir, tmp_path, change):
+    """Empty is not enough: a link in place of artifacts/ would send the next
+    run's files elsewhere, and a directory opened to others would show them
+    (an SQL job's connection file). Such a directory is removed, not kept."""
+    trap = tmp_path / "trap"
+    trap.mkdir()
+    changer = make_job(name="changer", command=change, environment={"TRAP": str(trap)})
+    writer = make_job(
+        name="writer",
+        command='echo b > "$JOBSITE_ARTIFACTS_DIR/b.txt"; stat -c %a "$JOBSITE_ARTIFACTS_DIR/.."',
+    )
+    assert run(changer).status == Run.Status.SUCCEEDED
+    second = run(writer)
+    assert second.status == Run.Status.SUCCEEDED
+    assert artifact_text(second, "b.txt") == "b\n"
+    assert not list(trap.iterdir())
+    assert runlog.read_log(second) == "700\n"
+
+
+def test_nul_bytes_and_huge_numbers_from_a_job_do_not_break_its_run(make_job):
+    """PostgreSQL stores no NUL in text, and a progress count must fit a
+    BIGINT: output and progress are stored with a NUL shown as U+FFFD, and a
+    count too large is ignored, on every database."""
+    job = make_job(
+        command="printf 'a\\000b\\n'; printf '%s\\n' "
+        '\'{"message": "m\\u0000n", "done": 100000000000000000000, "total": 5}\' '
+        '> "/dev/fd/$JOBSITE_PROGRESS_FD"'
+    )
+    done = run(job)
+    assert done.status == Run.Status.SUCCEEDED, done.error_summary
+    assert runlog.read_log(done) == "a\ufffdb\n"
+    assert (done.progress_message, done.progress_done, done.progress_total) == (
+        "m\ufffdn",
+        None,
+        5,
+    )
 
 
 def test_shell_job_reports_progress_on_its_fd(make_job):
@@ -168,12 +237,10 @@ def test_sql_temp_table_survives_between_statements_and_becomes_a_csv(make_job):
     assert "wrote 3 rows to partner-export.csv" in runlog.read_log(done)
 
 
-def test_sql_jobs_connection_file_is_gone_after_the_run(make_job, tmp_path, settings):
-    settings.JOBSITE_WORK_DIR = str(tmp_path / "work")
-    os.mkdir(settings.JOBSITE_WORK_DIR)
+def test_sql_jobs_connection_file_is_gone_after_the_run(make_job, work_dir):
     job = make_job(name="partner-export", kind="sql", database="default", sql="SELECT 1 AS one")
     assert run(job).status == Run.Status.SUCCEEDED
-    assert not list(Path(settings.JOBSITE_WORK_DIR).rglob("sql-job.json"))
+    assert not list(work_dir.rglob("sql-job.json"))
 
 
 def test_sql_error_fails_with_the_databases_message_and_the_statement(make_job):

@@ -251,6 +251,41 @@ def test_a_created_run_is_stored_as_the_orm_would_store_it(make_job, make_user):
     assert Run.objects.get(pk=skipped.pk).rerun_of == queued
 
 
+@override_settings(TIME_ZONE="Europe/Berlin")
+def test_a_naive_time_is_stored_as_the_orm_stores_it(make_job):
+    """The written-out INSERT takes a naive datetime in TIME_ZONE, with
+    Django's warning, as the ORM does, not as UTC."""
+    from datetime import UTC, datetime
+
+    job = make_job()
+    noon = datetime(2026, 1, 15, 12, 0)
+    with pytest.warns(RuntimeWarning, match="naive datetime"):
+        ours = services.run_create(job=job, trigger=Run.Trigger.MANUAL, scheduled_for=noon)
+    with pytest.warns(RuntimeWarning, match="naive datetime"):
+        orms = Run.objects.create(
+            job=job, trigger=Run.Trigger.MANUAL, scheduled_for=noon, queued_at=ours.queued_at
+        )
+    stored = Run.objects.get(pk=ours.pk).scheduled_for
+    assert stored == Run.objects.get(pk=orms.pk).scheduled_for
+    assert stored.astimezone(UTC).hour == 11
+
+
+def test_only_djangos_own_plain_fields_skip_their_preparation():
+    """A field class that prepares its value (a subclass of a plain one)
+    goes through get_db_prep_save, as with the ORM."""
+    from django.db import models
+
+    class Upper(models.CharField):
+        def get_prep_value(self, value):
+            return super().get_prep_value(value).upper()
+
+    assert services._value_kind(models.CharField(max_length=5)) == "as is"
+    assert services._value_kind(Upper(max_length=5)) == "prepare"
+    assert services._value_kind(models.DateTimeField()) == "datetime"
+    assert services._value_kind(models.JSONField()) == "prepare"
+    assert services._value_kind(Run._meta.get_field("job")) == "as is"
+
+
 def test_rerun_keeps_the_logical_time_and_links_the_original(make_job, make_user):
     job = make_job()
     original = services.run_foreground(job=job, **quiet)
