@@ -176,19 +176,26 @@ def run_process(
     selector.register(fd, selectors.EVENT_READ)
     if progress:
         selector.register(progress.read_fd, selectors.EVENT_READ)
+    # Readable when the child exits: a job may close or redirect its output
+    # (`exec >file 2>&1`) and go on running; its end is then waited for here.
+    exited = _exit_notice(proc.pid)
+    if exited is not None:
+        selector.register(exited, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
     stop_reason = ""  # "timeout" or "cancel"
     terminated_at: float | None = None
     drain_until: float | None = None
     eof = False
     try:
-        while not eof:
+        while True:
             for key, _events in selector.select(tick_seconds):
                 if progress and key.fd == progress.read_fd:
                     if progress.read():
                         selector.unregister(progress.read_fd)
-                else:
+                elif key.fd == fd:
                     eof = _read_available(fd, on_output)
+                    if eof:
+                        selector.unregister(fd)
             now = time.monotonic()
             if not stop_reason:
                 if on_tick():
@@ -205,10 +212,14 @@ def run_process(
                 # holding our pipe) would keep it open forever.
                 kill_group(pgid, signal.SIGKILL)
                 drain_until = now + 2.0
-            if drain_until is not None and now >= drain_until:
+                if exited is not None:
+                    selector.unregister(exited)  # readable from now on
+            if drain_until is not None and (eof or now >= drain_until):
                 break
     finally:
         selector.close()
+        if exited is not None:
+            os.close(exited)
         proc.stdout.close()
         if progress:
             progress.read()
@@ -222,6 +233,15 @@ def run_process(
         timed_out=stop_reason == "timeout",
         cancelled=stop_reason == "cancel",
     )
+
+
+def _exit_notice(pid: int) -> int | None:
+    """A descriptor that becomes readable when `pid` exits (Linux 5.3+), or
+    None: the loop then notices the exit at its next tick."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 class _ProgressPipe:
@@ -241,8 +261,8 @@ class _ProgressPipe:
         """Handle complete lines; True at end of file."""
         if self.closed:
             return True
-        while True:
-            try:
+        for _ in range(16):  # bounded, as _read_available: a flood here must
+            try:  # not keep the loop from its deadline and cancel checks
                 data = os.read(self.read_fd, 65536)
             except BlockingIOError:
                 return False
@@ -252,11 +272,12 @@ class _ProgressPipe:
             for line in lines:
                 try:
                     payload = json.loads(line)
-                except ValueError:
-                    continue  # not JSON: ignore, the job goes on
+                except (ValueError, RecursionError):
+                    continue  # not JSON (or nested too deep): ignore, the job goes on
                 if isinstance(payload, dict):
                     self.on_progress(payload)
             self.partial = self.partial[-65536:]
+        return False
 
     def close(self) -> None:
         if not self.closed:

@@ -136,11 +136,20 @@ class RunLogWriter:
         if self.closing:
             return
         self.closing = True
+        self.output_done()
+        if note:
+            self._add(note if note.endswith("\n") else note + "\n", final=True)
+
+    def output_done(self) -> None:
+        """The job's output is complete: add the decoder's rest and the text
+        held back for masking, so that last_line sees the end. Safe to repeat."""
         text = self.decoder.decode(b"", final=True)
         if text or self.held:
             self._add(text, final=True)
-        if note:
-            self._add(note if note.endswith("\n") else note + "\n", final=True)
+
+    def masked(self, text: str) -> str:
+        """`text` (not output: a progress message) with every secret masked."""
+        return self.redact.sub(SECRET_MASK, text) if self.redact else text
 
     def store_last(self, rows: list[RunLogChunk] | None = None) -> dict:
         """Store what is pending in the caller's transaction, and return the
@@ -251,7 +260,8 @@ class RunLogWriter:
         """Write the pending output as chunks, in the caller's transaction,
         dropping tail chunks past the cap; the run's log counts to write with
         them. `unsaved`: the chunks go there instead, for the caller to insert
-        (only the newest tail chunk is among them, and trimming never drops it)."""
+        (only this store's tail chunks are among them: together at most the
+        tail cap, so trimming, which drops the oldest first, never reaches them)."""
         if not self.pending:
             return self._counts(0)
         data = "".join(self.pending).encode()
@@ -271,9 +281,15 @@ class RunLogWriter:
                     keep_from += 1  # do not start inside a UTF-8 character
                 dropped += keep_from
                 data = data[keep_from:]
-            rows.append(self._chunk(data, is_head=False))
-            self.tail.append((self.seq, len(data)))
-            self.tail_size += len(data)
+            # In pieces of at most flush_bytes: the tail is trimmed by whole
+            # chunks, so one big chunk would go at once and leave the tail
+            # nearly empty (the output just before a failure).
+            while data:
+                cut = _cut_utf8(data, self.flush_bytes) or len(data)
+                rows.append(self._chunk(data[:cut], is_head=False))
+                self.tail.append((self.seq, cut))
+                self.tail_size += cut
+                data = data[cut:]
         if unsaved is None:
             RunLogChunk.objects.bulk_create(rows)
         else:

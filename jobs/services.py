@@ -807,6 +807,9 @@ def _resolve(run: Run, workdir: Path) -> tuple[dict[str, str], list[str], str]:
     env = child_environment(run)
     env["JOBSITE_ARTIFACTS_DIR"] = str(workdir / "artifacts")
     secrets = [env[k] for k in job.secret_keys if k in env]
+    # As a shell prints it: "$(cat key)" or "$TOKEN" in a line loses the
+    # value's surrounding newline or blanks.
+    secrets += [v.strip() for v in secrets if v.strip() and v.strip() != v]
     password = ""
     if job.deliver_url and job.deliver_password:  # no password: anonymous FTP
         password = execution.resolve_references(
@@ -828,7 +831,7 @@ def _supervise(
     run: Run, child: kinds.Child, env: dict[str, str], writer: RunLogWriter, watch: _Watch
 ) -> tuple[str, str, int | None]:
     """Run the child to its end: (status, summary, return code)."""
-    progress = _Progress(run)
+    progress = _Progress(run, mask=writer.masked)
     try:
         outcome = execution.run_process(
             child.argv,
@@ -846,6 +849,7 @@ def _supervise(
         writer.feed(f"[jobsite] execution failed: {exc}\n".encode())
         return Run.Status.FAILED, f"Jobsite error: {exc}", None
     _retrying_database(lambda: progress.flush(force=True))
+    writer.output_done()  # what was held back for masking counts for the last line
     status, summary = _judge(outcome, run.job, watch, writer)
     return status, summary, outcome.returncode
 
@@ -853,8 +857,9 @@ def _supervise(
 class _Progress:
     """The latest progress a job reported; written to the run at most once a second."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, *, mask: Callable[[str], str] = str) -> None:
         self.run_id = run.pk
+        self.mask = mask  # the run's secrets masked, as in its log
         self.pending: dict = {}
         self.last = 0.0
 
@@ -867,7 +872,7 @@ class _Progress:
         ):
             value = payload.get(key)
             if key == "message" and value is not None:
-                self.pending[field] = str(value)[:300].replace("\x00", "\ufffd")
+                self.pending[field] = self.mask(str(value))[:300].replace("\x00", "\ufffd")
             elif isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63:
                 self.pending[field] = value  # a BIGINT column; a larger number is ignored
 

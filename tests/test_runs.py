@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
+from django.conf import settings
 from django.test import override_settings
 
 from jobs import runlog, services
@@ -50,6 +53,79 @@ def test_secret_values_are_masked_in_the_stored_environment_and_redacted_from_th
     assert run.environment["TOKEN"] == "••••••"
     assert "tok-9f8e7d6c" not in runlog.read_log(run)
     assert runlog.read_log(run) == "token is ••••••\n"
+
+
+def test_a_secret_in_a_progress_message_or_printed_without_its_newline_is_masked(make_job):
+    """The run page shows the progress message, so it is masked as the log
+    is; and a value ending in a newline is also masked as `$(...)` prints it."""
+    job = make_job(
+        command='printf \'{"message": "token is %s"}\\n\' "$TOKEN"'
+        ' > "/dev/fd/$JOBSITE_PROGRESS_FD"; printf "[%s]\\n" "$(printenv KEY)"',
+        environment={"TOKEN": "tok-1a2b3c4d", "KEY": "key-5e6f7a8b\n"},
+        secret_keys=["TOKEN", "KEY"],
+    )
+    run = services.run_foreground(job=job, **quiet)
+    assert run.status == Run.Status.SUCCEEDED
+    assert run.progress_message == "token is ••••••"
+    assert runlog.read_log(run) == "[••••••]\n"
+
+
+def test_a_python_jobs_summary_is_its_last_line_even_with_secrets(make_job):
+    """The last characters of output are held back until the output ends, in
+    case they begin a secret; the failure's summary still sees them."""
+    job = make_job(
+        kind=Job.Kind.PYTHON,
+        command="",
+        callable="jobs.demo.fail",
+        kwargs={"message": "bad input"},
+        environment={"TOKEN": "a-rather-long-secret-value-1234"},
+        secret_keys=["TOKEN"],
+    )
+    run = services.run_foreground(job=job, **quiet)
+    assert run.status == Run.Status.FAILED
+    assert run.error_summary == "ValueError: bad input"
+
+
+def test_a_job_that_redirects_its_own_output_runs_to_its_end(make_job):
+    """`exec >file 2>&1` closes the pipe Jobsite reads; the job goes on
+    running and is waited for, not killed."""
+    job = make_job(command="echo start; exec >/dev/null 2>&1; sleep 1; exit 3")
+    run = services.run_foreground(job=job, **quiet)
+    assert (run.status, run.exit_code) == (Run.Status.FAILED, 3)
+    assert run.duration().total_seconds() >= 1
+    assert runlog.read_log(run).startswith("start\n")
+
+
+def test_a_flood_on_the_progress_fd_does_not_hold_off_the_timeout(make_job):
+    job = make_job(command='yes \'{"done": 1}\' > "/dev/fd/$JOBSITE_PROGRESS_FD"', timeout=1)
+    started = time.monotonic()
+    run = services.run_foreground(job=job, **quiet)
+    assert run.status == Run.Status.TIMED_OUT
+    assert time.monotonic() - started < 1 + settings.JOBSITE_KILL_GRACE + 2
+    assert run.progress_done == 1
+
+
+def test_a_progress_line_nested_too_deep_is_ignored(make_job):
+    job = make_job(
+        command='python3 -c "print(\'[\' * 50000)" > "/dev/fd/$JOBSITE_PROGRESS_FD";'
+        " echo still-here"
+    )
+    run = services.run_foreground(job=job, **quiet)
+    assert run.status == Run.Status.SUCCEEDED, run.error_summary
+    assert runlog.read_log(run) == "still-here\n"
+
+
+def test_after_a_flood_the_tail_keeps_about_its_cap(make_job):
+    """The tail is trimmed by whole chunks; a flood's one big chunk must not
+    go at once and leave only the last lines before a failure."""
+    job = make_job(command='seq 1 300000; sleep 1.2; echo "FATAL: disk full"; exit 1')
+    run = services.run_foreground(job=job, **quiet)
+    assert run.status == Run.Status.FAILED
+    tail = sum(RunLogChunk.objects.filter(run=run, is_head=False).values_list("size", flat=True))
+    cap, piece = settings.JOBSITE_LOG_TAIL_BYTES, settings.JOBSITE_LOG_FLUSH_BYTES
+    assert cap - piece <= tail <= cap
+    ending = "299999\n300000\nFATAL: disk full\n[jobsite] Exit code 1\n"
+    assert runlog.read_log(run).endswith(ending)
 
 
 def test_unresolved_reference_fails_the_run_before_it_starts(make_job):
