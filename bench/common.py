@@ -262,6 +262,11 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
 
 
+CHART_KEY = "median (bar) and min-max (line)"
+BAR_OURS = "#0969da"  # the last bar: what is measured against the others
+WHISKER = "#24292f"
+
+
 def bar_chart_svg(
     title: str,
     bars: Sequence[tuple[str, Sequence[float]]],
@@ -272,46 +277,61 @@ def bar_chart_svg(
     """A horizontal bar chart as a standalone SVG: one bar per (label,
     values) at the median, a whisker from min to max, the median written at
     its end, and an optional dashed vertical line (value, label), e.g. a
-    target. For the docs: people compare bars faster than table rows."""
+    target. For the docs: people compare bars faster than table rows.
+    Drawn with the dashboard's SVG helpers and colours (jobs/charts.py)."""
     from html import escape
+
+    from jobs.charts import COLOURS, _open, _tag, _text
 
     label_w, chart_w, value_w, row_h, top = 330, 380, 90, 30, 50
     largest = max([max(values) for _, values in bars if values] + [line[0] if line else 0])
     scale = chart_w / (largest or 1)
     height = top + row_h * len(bars) + 26
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + chart_w + value_w}" '
-        f'height="{height}" font-family="sans-serif" font-size="13">',
-        f'<text x="8" y="20" font-weight="bold">{escape(title)}</text>',
-    ]
+    svg = _tag(
+        "svg",
+        xmlns="http://www.w3.org/2000/svg",
+        width=label_w + chart_w + value_w,
+        height=height,
+        font_family="sans-serif",
+    )
+    parts = [_open(svg), _text(8, 20, title), _text(label_w, top - 8, f"{unit}, {CHART_KEY}")]
     for row, (label, values) in enumerate(bars):
         y = top + row * row_h
         low, median, high = spread(values)
-        parts.append(f'<text x="8" y="{y + 19}">{escape(label)}</text>')
+        parts.append(_text(8, y + 19, label))
         if math.isnan(median):
             continue
+        colour = COLOURS["axis"] if row < len(bars) - 1 else BAR_OURS
+        bar = _tag("rect", x=label_w, y=y + 6, width=median * scale, height=18, fill=colour)
+        hint = f"{label}: {low:.0f} / {median:.0f} / {high:.0f} {unit} (min / median / max)"
         parts += [
-            f'<rect x="{label_w}" y="{y + 6}" width="{median * scale:.1f}" height="18" '
-            f'fill="{"#0969da" if row == len(bars) - 1 else "#8c959f"}"><title>'
-            f"{escape(label)}: {low:.0f} / {median:.0f} / {high:.0f} {escape(unit)} "
-            "(min / median / max)</title></rect>",
-            f'<line x1="{label_w + low * scale:.1f}" x2="{label_w + high * scale:.1f}" '
-            f'y1="{y + 15}" y2="{y + 15}" stroke="#24292f" stroke-width="1.5"/>',
-            f'<text x="{label_w + max(median, high) * scale + 6:.1f}" y="{y + 19}">'
-            f"{median:.0f}</text>",
+            f"{_open(bar)}<title>{escape(hint)}</title></rect>",
+            _tag(
+                "line",
+                x1=label_w + low * scale,
+                x2=label_w + high * scale,
+                y1=y + 15,
+                y2=y + 15,
+                stroke=WHISKER,
+                stroke_width=1.5,
+            ),
+            _text(label_w + max(median, high) * scale + 6, y + 19, f"{median:.0f}"),
         ]
     if line:
         x = label_w + line[0] * scale
         parts += [
-            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{height - 22}" stroke="#cf222e" '
-            'stroke-width="1.5" stroke-dasharray="5 3"/>',
-            f'<text x="{x:.1f}" y="{height - 8}" fill="#cf222e" text-anchor="middle">'
-            f"{escape(line[1])}</text>",
+            _tag(
+                "line",
+                x1=x,
+                x2=x,
+                y1=top,
+                y2=height - 22,
+                stroke=COLOURS["fail"],
+                stroke_width=1.5,
+                stroke_dasharray="5 3",
+            ),
+            _text(x, height - 8, line[1], anchor="middle"),
         ]
-    parts.append(
-        f'<text x="{label_w}" y="{top - 8}" fill="#57606a">{escape(unit)}, '
-        "median (bar) and min-max (line)</text>"
-    )
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 

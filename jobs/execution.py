@@ -244,6 +244,12 @@ def _exit_notice(pid: int) -> int | None:
         return None
 
 
+# Reads of 64 KiB per turn of run_process's loop, for the output and the
+# progress pipe alike: a flood on either must not keep the loop from its
+# deadline and cancel checks.
+_READS_PER_TURN = 16
+
+
 class _ProgressPipe:
     """A pipe the child writes JSON lines to ($JOBSITE_PROGRESS_FD)."""
 
@@ -261,8 +267,8 @@ class _ProgressPipe:
         """Handle complete lines; True at end of file."""
         if self.closed:
             return True
-        for _ in range(16):  # bounded, as _read_available: a flood here must
-            try:  # not keep the loop from its deadline and cancel checks
+        for _ in range(_READS_PER_TURN):
+            try:
                 data = os.read(self.read_fd, 65536)
             except BlockingIOError:
                 return False
@@ -288,7 +294,7 @@ class _ProgressPipe:
 def _read_available(fd: int, on_output: Callable[[bytes], None]) -> bool:
     """Read what the pipe holds now (bounded, so a flood cannot starve the
     deadline checks); True at end of file."""
-    for _ in range(16):
+    for _ in range(_READS_PER_TURN):
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:

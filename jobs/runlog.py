@@ -22,6 +22,11 @@ def _utf8_size(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode())
 
 
+def _without_nul(text: str) -> str:
+    """PostgreSQL stores no NUL in text: shown like an undecodable byte."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
 def _cut_utf8(data: bytes, limit: int) -> int:
     """The largest cut <= limit that does not split a UTF-8 character."""
     cut = min(limit, len(data))
@@ -77,10 +82,7 @@ class RunLogWriter:
 
     def feed(self, data: bytes) -> None:
         self.produced += len(data)
-        text = self.decoder.decode(data)
-        if "\x00" in text:
-            # PostgreSQL stores no NUL in text; shown like an undecodable byte.
-            text = text.replace("\x00", "\ufffd")
+        text = _without_nul(self.decoder.decode(data))
         if text:
             self._add(text)
         if self.head_used < self.head_cap:
@@ -148,7 +150,9 @@ class RunLogWriter:
             self._add(text, final=True)
 
     def masked(self, text: str) -> str:
-        """`text` (not output: a progress message) with every secret masked."""
+        """`text` (not output: a progress message) as the log would store it:
+        every secret masked, a NUL shown as U+FFFD."""
+        text = _without_nul(text)
         return self.redact.sub(SECRET_MASK, text) if self.redact else text
 
     def store_last(self, rows: list[RunLogChunk] | None = None) -> dict:

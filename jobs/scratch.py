@@ -34,7 +34,7 @@ def take() -> Path:
         # A new name for every run: a process the last run left behind (one
         # that escaped its group) writes to the old path and finds nothing.
         # Then checked again, for what it wrote before the rename.
-        renamed = workdir.with_name(f"jobsite-run-{pid}-{secrets.token_hex(5)}")
+        renamed = workdir.with_name(_prefix(pid) + secrets.token_hex(5))
         try:
             os.rename(workdir, renamed)
             workdir = renamed
@@ -45,9 +45,13 @@ def take() -> Path:
                 return workdir
     if workdir is not None:
         shutil.rmtree(workdir, ignore_errors=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f"jobsite-run-{pid}-", dir=_base()))
+    workdir = Path(tempfile.mkdtemp(prefix=_prefix(pid), dir=_base()))
     (workdir / "artifacts").mkdir()
     return workdir
+
+
+def _prefix(pid: int) -> str:
+    return f"jobsite-run-{pid}-"
 
 
 def _base() -> Path:

@@ -857,9 +857,9 @@ def _supervise(
 class _Progress:
     """The latest progress a job reported; written to the run at most once a second."""
 
-    def __init__(self, run: Run, *, mask: Callable[[str], str] = str) -> None:
+    def __init__(self, run: Run, *, mask: Callable[[str], str]) -> None:
         self.run_id = run.pk
-        self.mask = mask  # the run's secrets masked, as in its log
+        self.mask = mask  # a message as the log would store it (RunLogWriter.masked)
         self.pending: dict = {}
         self.last = 0.0
 
@@ -872,7 +872,7 @@ class _Progress:
         ):
             value = payload.get(key)
             if key == "message" and value is not None:
-                self.pending[field] = self.mask(str(value))[:300].replace("\x00", "\ufffd")
+                self.pending[field] = self.mask(str(value))[:300]
             elif isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63:
                 self.pending[field] = value  # a BIGINT column; a larger number is ignored
 
