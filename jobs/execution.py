@@ -28,6 +28,7 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 class UnresolvedReference(ValueError):
@@ -114,6 +115,72 @@ def _die_with_parent() -> None:
         pass
 
 
+# Set by adopt_orphans() in a process whose children are all job processes.
+_adopting = False
+
+
+def adopt_orphans() -> bool:
+    """Make this process the one a job's orphans are reparented to.
+
+    A process a job started with `setsid` leaves the run's group, so the
+    group kill misses it, and it outlives its parent's death signal. As a
+    child subreaper (Linux 3.4+) this process inherits it when its parent
+    exits, and run_process kills and reaps whatever it inherited once the
+    run is over. Only for a process that starts nothing but jobs, one at a
+    time (a django-q2 worker, `manage.py runjob`): every child left after a
+    run is that run's. False where the kernel does not allow it."""
+    global _adopting
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        _adopting = libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except OSError:
+        _adopting = False
+    return _adopting
+
+
+def _children() -> list[int]:
+    """This process's children, zombies included (/proc/self/task/*/children)."""
+    pids: list[int] = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return pids
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                pids.extend(int(pid) for pid in f.read().split())
+        except OSError:
+            continue
+    return pids
+
+
+def _kill_adopted(wait: float = 2.0) -> int:
+    """Kill and reap every child this process has left: after a run, in an
+    adopting process, they are what the run left behind. Killing a child
+    orphans its own children, which are then ours too, so this goes round
+    until none is left (or `wait` runs out). Returns how many were reaped."""
+    own_group = os.getpgrp()
+    reaped = 0
+    deadline = time.monotonic() + wait
+    while (pids := _children()) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                pgid = os.getpgid(pid)
+                if pgid != own_group:
+                    os.killpg(pgid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in pids:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    reaped += 1
+            except ChildProcessError:
+                pass
+        time.sleep(0.001)  # a killed process takes a moment to become a zombie
+    return reaped
+
+
 def kill_group(pgid: int, sig: int) -> bool:
     """Signal a whole process group; False when nothing is left in it."""
     try:
@@ -147,7 +214,8 @@ def run_process(
     4. At the deadline or on cancel: SIGTERM to the group, SIGKILL to it after
        `kill_grace` seconds.
     5. When the child exits, whatever it left in its group is killed too:
-       nothing a job spawns outlives its run.
+       nothing a job spawns outlives its run. In a process that adopts
+       orphans (adopt_orphans), so is what left the group with `setsid`.
     """
     env = dict(env)
     progress = _ProgressPipe(on_progress) if on_progress else None
@@ -211,6 +279,8 @@ def run_process(
                 # The child is gone; its leftovers (a backgrounded grandchild
                 # holding our pipe) would keep it open forever.
                 kill_group(pgid, signal.SIGKILL)
+                if _adopting:
+                    _kill_adopted()
                 drain_until = now + 2.0
                 if exited is not None:
                     selector.unregister(exited)  # readable from now on
@@ -228,6 +298,8 @@ def run_process(
             kill_group(pgid, signal.SIGKILL)
         proc.wait()
         kill_group(pgid, signal.SIGKILL)
+        if _adopting:
+            _kill_adopted()
     return Outcome(
         returncode=proc.returncode,
         timed_out=stop_reason == "timeout",

@@ -192,6 +192,32 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
+def running_with(marker: str, wait: float = 2.0) -> list[str]:
+    """Command lines of live processes (not zombies) that contain `marker`,
+    after waiting up to `wait` seconds for them to go."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and _state(int(entry)) not in ("Z", "X", ""):
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                if marker in cmdline:
+                    found.append(f"{entry}: {cmdline.strip()}")
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def kill_running_with(marker: str) -> None:
+    for line in running_with(marker, wait=0):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
+
+
 def _state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat") as f:

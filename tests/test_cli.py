@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from django.conf import settings
@@ -17,7 +18,7 @@ from django_q.models import OrmQ
 
 from jobs import services
 from jobs.models import Job, Run
-from tests.conftest import database_url_for_children
+from tests.conftest import database_url_for_children, kill_running_with, running_with
 
 
 def manage(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -59,6 +60,19 @@ def test_runjob_exits_with_the_jobs_exit_code_and_records_a_cli_run(make_job):
     assert (run.status, run.trigger, run.exit_code) == (Run.Status.FAILED, Run.Trigger.CLI, 3)
     assert "failed" in result.stderr
     assert f"{settings.SITE_URL}/runs/{run.pk}/" in result.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_runjob_leaves_nothing_a_job_started_with_setsid_behind(make_job):
+    marker = f"{5_000_000 + os.getpid()}.{int(time.time() * 1000) % 100_000}"
+    make_job(name="daemonizes", command=f"setsid sleep {marker} & sleep 0.5; echo left it")
+    try:
+        result = manage("runjob", "daemonizes")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "left it\n"
+        assert running_with(marker) == [], "a job's setsid daemon outlived runjob"
+    finally:
+        kill_running_with(marker)
 
 
 @pytest.mark.django_db(transaction=True)

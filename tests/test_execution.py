@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from jobs import execution
-from tests.conftest import group_alive, wait_for
+from tests.conftest import group_alive, kill_running_with, running_with, wait_for
 
 
 def run(command: str, *, timeout: float = 10, grace: float = 1, cancel_after: float | None = None):
@@ -200,3 +200,53 @@ def test_the_launcher_reports_a_missing_command_and_refuses_an_orphaned_start(tm
     )
     assert not_my_parent.returncode == 128 + signal.SIGKILL
     assert not marker.exists(), "a command whose worker was gone still started"
+
+
+_ESCAPING_JOB = """
+import sys
+from jobs import execution
+if sys.argv[2] == "adopt":
+    assert execution.adopt_orphans(), "the kernel refused PR_SET_CHILD_SUBREAPER"
+output = []
+outcome = execution.run_process(
+    ["/bin/sh", "-c", sys.argv[1]],
+    env={"PATH": "/usr/bin:/bin"},
+    timeout=30,
+    kill_grace=1,
+    on_start=lambda pgid: None,
+    on_output=output.append,
+    on_tick=lambda: False,
+)
+print(outcome.returncode, b"".join(output).decode().strip())
+"""
+
+
+@pytest.mark.parametrize("adopt", [False, True], ids=["plain", "adopting"])
+def test_what_a_job_starts_with_setsid_dies_with_its_run_in_an_adopting_process(adopt):
+    """A setsid child leaves the run's group, so the group kill misses it. A
+    process that adopts orphans (a django-q2 worker, runjob) kills it, and
+    what it started in turn, once the run is over."""
+    marker = f"{3_000_000 + os.getpid()}.{int(time.time() * 1000) % 100_000}"
+    command = (
+        f"setsid sleep {marker}1 & "
+        f"setsid sh -c 'sleep {marker}2 & setsid sleep {marker}3 & sleep {marker}4' & "
+        f"(sleep {marker}5 &); sleep 0.5; echo started"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _ESCAPING_JOB, command, "adopt" if adopt else "plain"],
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "0 started"
+        left = running_with(marker, wait=2.0 if adopt else 0.5)
+        if adopt:
+            assert left == [], "a process a job started outlived its run"
+        else:
+            # Without adoption they escape: the gap this closes.
+            assert len(left) == 5, left
+    finally:
+        kill_running_with(marker)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from datetime import timedelta
 
 import pytest
@@ -12,7 +13,7 @@ from django.utils import timezone
 
 from jobs import runlog, services
 from jobs.models import Job, Run
-from tests.conftest import group_alive, wait_for
+from tests.conftest import group_alive, kill_running_with, running_with, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -183,3 +184,30 @@ def test_sqlite_under_load_loses_no_run_and_shows_no_lock_error(make_job, proces
     assert "database is locked" not in processes.output()
     for run in created:
         assert runlog.read_log(Run.objects.get(pk=run.pk)) == f"{run.pk}\n"
+
+
+def test_what_jobs_start_with_setsid_dies_with_their_runs_in_a_real_worker(make_job, processes):
+    """A daemon a job starts with `setsid` leaves the run's process group; the
+    worker adopts it when its parent exits and kills it with the run, whether
+    the job ended by itself or timed out."""
+    marker = f"{4_000_000 + os.getpid()}.{int(time.time() * 1000) % 100_000}"
+    done_job = make_job(
+        name="daemonizes", command=f"setsid sleep {marker}1 & sleep 0.5; echo left it"
+    )
+    hung_job = make_job(
+        name="daemonizes-and-hangs",
+        command=f"trap '' TERM; setsid sh -c 'sleep {marker}2 & sleep {marker}3' & sleep 1000",
+        timeout=2,
+    )
+    processes.start("qcluster", **FAST)
+    try:
+        services.run_create(job=done_job, trigger=Run.Trigger.MANUAL)
+        services.run_create(job=hung_job, trigger=Run.Trigger.MANUAL)
+        [done] = wait_for(finished(done_job), timeout=30, message=processes.output())
+        [hung] = wait_for(finished(hung_job), timeout=30, message=processes.output())
+        assert done.status == Run.Status.SUCCEEDED
+        assert runlog.read_log(done) == "left it\n"
+        assert hung.status == Run.Status.TIMED_OUT
+        assert running_with(marker) == [], "a job's setsid daemon outlived its run"
+    finally:
+        kill_running_with(marker)

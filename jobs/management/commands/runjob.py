@@ -9,7 +9,7 @@ import sys
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from jobs import services
+from jobs import execution, services
 from jobs.models import Job, Run
 
 # Exit codes besides the job's own (sysexits.h and coreutils' timeout(1)).
@@ -54,6 +54,13 @@ class Command(BaseCommand):
         "Run a job now in the foreground: stream its output, record the run "
         "(trigger cli) and exit with the job's exit code."
     )
+
+    def run_from_argv(self, argv) -> None:
+        # From the command line this process starts nothing but the job, so
+        # it may inherit and kill what the job leaves behind with `setsid`
+        # (not under call_command, inside a process with children of its own).
+        execution.adopt_orphans()
+        super().run_from_argv(argv)
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("slug", help="The job's slug.")
