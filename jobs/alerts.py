@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
+from django.core.cache import cache
 from django.db import transaction
 from django.db.models import F, Q
 
@@ -63,6 +64,8 @@ def on_run_finished(
             return
         Job.objects.filter(pk=job.pk).update(**updates)
         job.refresh_from_db(fields=["alert_state", "alert_state_since"])
+        if job.alert_state == State.STALE and job.stale_reason(now):
+            return  # a run by hand proves nothing about the schedule: check_stale decides
         if job.alert_state != State.OK:
             broken_for = now - job.alert_state_since if job.alert_state_since else None
             flip(
@@ -92,6 +95,22 @@ def on_run_finished(
         )
 
 
+def on_retry_dropped(retry: Run, *, now: datetime) -> None:
+    """A waiting retry that will not run (cancelled, or replaced by a newer
+    run): the failure it was to retry is the last attempt after all, and
+    counts now. Otherwise a job that keeps failing this way never alerts."""
+    if retry.trigger != Run.Trigger.RETRY or retry.retry_of_id is None:
+        return
+    first = retry.retry_of_id
+    previous = (
+        Run.objects.filter(Q(pk=first) | Q(retry_of_id=first), attempt=retry.attempt - 1)
+        .select_related("job")
+        .first()
+    )
+    if previous is not None and previous.status in Run.FAILURES:
+        on_run_finished(previous, now=now, retrying=False)
+
+
 def check_stale(*, now: datetime) -> int:
     """Flip jobs that went stale (ok -> stale) or came back (stale -> ok).
     Returns how many flipped. A failing job stays failing."""
@@ -112,13 +131,19 @@ def check_stale(*, now: datetime) -> int:
 
 
 def resend_unnotified(*, now: datetime) -> int:
-    """Flips whose notification task never ran (a broker lost it)."""
+    """Flips whose notification task never ran (a broker lost it, or the
+    workers are down), handed on again at most every 10 minutes each: a
+    sweep every few seconds must not pile up copies in the queue."""
     cutoff = now - timedelta(minutes=2)
     pending = AlertFlip.objects.filter(
         notified_at__isnull=True, at__lt=cutoff, at__gt=now - timedelta(days=1)
     )
     count = 0
     for record in pending[:100]:
-        _send(record)
-        count += 1
+        if cache.add(f"jobsite:flip-resent:{record.pk}", True, timeout=RESEND_EVERY):
+            _send(record)
+            count += 1
     return count
+
+
+RESEND_EVERY = 600  # seconds

@@ -19,7 +19,7 @@ from django.db.models import Min, Q, Value
 from django.db.models.functions import Concat
 from django.utils import timezone
 
-from jobs import alerts, scheduling, services
+from jobs import alerts, notify, scheduling, services
 from jobs.models import Job, MissedFires, Run
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,7 @@ def tick(*, now: datetime | None = None) -> list[Run]:
         swept = services.sweep(now=now)
         swept["stale flips"] = alerts.check_stale(now=now)
         swept["notifications resent"] = alerts.resend_unnotified(now=now)
+        swept["failed sends retried"] = notify.retry_failed(now=now)
         if any(swept.values()):
             log.info("sweep: %s", swept)
     _send_due_digests(now)

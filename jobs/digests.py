@@ -16,7 +16,8 @@ from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.core.cache import cache
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ImproperlyConfigured, ValidationError
+from django.core.validators import validate_email
 from django.db import IntegrityError, transaction
 from django.db.models import Count, DurationField, ExpressionWrapper, F, Max
 from django.urls import reverse
@@ -78,20 +79,40 @@ def default_period_end(*, now: datetime) -> datetime:
     return end if end <= now else _local_at(today - timedelta(days=1), clock)
 
 
-def send_due_digests(*, now: datetime) -> DigestReport | None:
-    """For the scheduler's tick: the daily digests once they are due. A cache
-    mark keeps later ticks from re-reading every job; DigestSent still
-    guards each recipient if the mark is lost."""
+def send_due_digests(*, now: datetime) -> bool:
+    """For the scheduler's tick: hand the daily digests to the workers once
+    they are due; True when it did. Not in the tick itself: a slow or hung
+    mail server would hold up every job's start meanwhile. A cache mark
+    keeps later ticks from handing them again; DigestSent still guards each
+    recipient if the mark is lost."""
+    from django_q.tasks import async_task
+
     period = digest_period_due(now=now)
     if period is None:
-        return None
+        return False
     start, end = period
-    mark = done_mark(end)
-    if cache.get(mark):
-        return None
-    report = send_digests(period_end=end, period=end - start, now=now)
-    cache.set(mark, True, timeout=3 * 86400)
-    return report
+    if not cache.add(done_mark(end), True, timeout=3 * 86400):
+        return False
+    async_task(
+        "jobs.digests.digest_task",
+        end.isoformat(),
+        (end - start).total_seconds(),
+        now.isoformat(),
+        q_options={"task_name": f"digest {end.isoformat()}"},
+    )
+    return True
+
+
+def digest_task(period_end_iso: str, period_seconds: float, now_iso: str) -> str:
+    """django-q2 entry point of the daily digest (thin)."""
+    report = send_digests(
+        period_end=datetime.fromisoformat(period_end_iso),
+        period=timedelta(seconds=period_seconds),
+        now=datetime.fromisoformat(now_iso),
+    )
+    return (
+        f"sent {len(report.sent)}, failed {len(report.failed)}, skipped {len(report.skipped_empty)}"
+    )
 
 
 def done_mark(period_end: datetime) -> str:
@@ -187,11 +208,20 @@ def followers(*, to: list[str] | None = None) -> dict[str, list[Job]]:
     result: dict[str, list[Job]] = {}
     for job in jobs:
         addresses = list(job.alert_emails or [])
-        if "@" in job.owner:
+        if _is_address(job.owner):
             addresses.append(job.owner)
         for address in _unique(addresses):
             result.setdefault(address, []).append(job)
     return dict(sorted(result.items()))
+
+
+def _is_address(text: str) -> bool:
+    """An owner is free text ("Data team"); only a plain address gets a digest."""
+    try:
+        validate_email(text.strip())
+    except ValidationError:
+        return False
+    return True
 
 
 def _unique(addresses: list[str]) -> list[str]:
@@ -399,13 +429,15 @@ def send_digests(
         if digest.all_good and settings.JOBSITE_DIGEST_SKIP_EMPTY:
             report.skipped_empty.append(recipient)
             continue
-        if not _claim(recipient=recipient, start=start, end=period_end, now=now):
+        claim = _claim(recipient=recipient, start=start, end=period_end, now=now)
+        if claim is None:
             report.already_sent.append(recipient)
             continue
         email = digest_email(digest)
         error = emails.send(email=email, to=recipient)
         Notification.objects.create(
             job=None,
+            digest=claim,
             kind=Notification.Kind.DIGEST,
             channel=Notification.Channel.EMAIL,
             target=recipient[:500],
@@ -421,12 +453,28 @@ def send_digests(
     return report
 
 
-def _claim(*, recipient: str, start: datetime, end: datetime, now: datetime) -> bool:
+def _claim(*, recipient: str, start: datetime, end: datetime, now: datetime) -> DigestSent | None:
     try:
         with transaction.atomic():
-            DigestSent.objects.create(
+            return DigestSent.objects.create(
                 recipient=recipient, period_start=start, period_end=end, sent_at=now
             )
     except IntegrityError:
-        return False
-    return True
+        return None
+
+
+def resend(sent: DigestSent, *, now: datetime) -> tuple[str, str]:
+    """A digest whose send failed, built again and sent: (subject, error).
+    For notify.retry; the recipient keeps the period's claim throughout."""
+    jobs = followers().get(sent.recipient) or list(Job.objects.order_by("name"))
+    start, end = sent.period_start, sent.period_end
+    digest = build_digest(
+        recipient=sent.recipient,
+        jobs=jobs,
+        start=start,
+        end=end,
+        numbers=period_numbers(jobs=jobs, start=start, end=end),
+        stale={job.pk: s for job in jobs if (s := job.stale_reason(now))},
+    )
+    email = digest_email(digest)
+    return email.subject, emails.send(email=email, to=sent.recipient)

@@ -153,6 +153,25 @@ def broken_duration(flip: AlertFlip) -> timedelta | None:
     return flip.at - previous.at if previous else None
 
 
+# A log's last lines in an email: each line and the whole kept short, so a
+# job that prints one 3 MB line sends a readable email (mail clients clip
+# long messages, and the links come after the log).
+LOG_LINE_CHARS = 500
+LOG_CHARS = 16_000
+
+
+def _capped(text: str) -> str:
+    lines = [
+        line
+        if len(line) <= LOG_LINE_CHARS
+        else f"{line[:LOG_LINE_CHARS]}… ({len(line):,} characters)"
+        for line in text.split("\n")
+    ]
+    while len(lines) > 1 and sum(len(line) + 1 for line in lines) > LOG_CHARS:
+        lines.pop(0)
+    return "\n".join(lines)
+
+
 def _run_context(run: Run | None, secrets: list[str], *, with_log: bool) -> dict:
     if run is None:
         return {"run": None}
@@ -163,6 +182,6 @@ def _run_context(run: Run | None, secrets: list[str], *, with_log: bool) -> dict
         "duration": humanize(run.duration()) if run.started_at and run.finished_at else "",
     }
     if with_log:
-        context["log_lines"] = redact(runlog.last_lines(run, LOG_LINES), secrets)
+        context["log_lines"] = _capped(redact(runlog.last_lines(run, LOG_LINES), secrets))
         context["log_lines_count"] = LOG_LINES
     return context

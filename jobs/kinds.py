@@ -11,7 +11,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
 
 import environ
 from django.conf import settings
@@ -53,7 +52,9 @@ def definition_errors(job: Job) -> dict[str, str]:
                 + ") or an environment variable holding a database URL, e.g. WAREHOUSE_URL."
             )
     if job.deliver_url:
-        problem = delivery_url_problem(job.deliver_url)
+        from jobs.delivery import url_problem  # delivery imports the models, which import this
+
+        problem = url_problem(job.deliver_url)
         if problem:
             errors["deliver_url"] = problem
     return errors
@@ -73,15 +74,6 @@ def callable_problem(path: str) -> str:
         return f"{module_name} has no attribute {name!r}."
     if not callable(target):
         return f"{path} is not callable."
-    return ""
-
-
-def delivery_url_problem(url: str) -> str:
-    parsed = urlparse(url)
-    if parsed.scheme not in ("ftp", "ftps") or not parsed.hostname:
-        return "Use ftp://user@host[:port]/directory or ftps://…"
-    if parsed.password:
-        return "Do not put the password in the URL: use the password field with ${NAME}."
     return ""
 
 

@@ -600,10 +600,24 @@ class Notification(models.Model):
     sent_at = models.DateTimeField()
     ok = models.BooleanField(default=False)
     error = models.TextField(blank=True)
+    # A failed send is tried again later (notify.retry_failed): `tries` counts
+    # the tries so far; `retried_at` claims a failed row for its next try.
+    tries = models.PositiveSmallIntegerField(default=1)
+    retried_at = models.DateTimeField(null=True, blank=True)
+    digest = models.ForeignKey(
+        "DigestSent", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     class Meta:
         ordering = ["-sent_at", "-id"]
-        indexes = [models.Index(fields=["job", "-sent_at"], name="notification_job_recent_idx")]
+        indexes = [
+            models.Index(fields=["job", "-sent_at"], name="notification_job_recent_idx"),
+            models.Index(
+                fields=["sent_at"],
+                condition=models.Q(ok=False, retried_at__isnull=True),
+                name="notification_to_retry_idx",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.kind} via {self.channel} to {self.target}"

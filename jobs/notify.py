@@ -8,7 +8,7 @@ import logging
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime
+from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 from django.conf import settings
@@ -44,11 +44,7 @@ def notify_flip(*, flip_id: int) -> str:
         if record.new_state == Job.AlertState.OK
         else Notification.Kind.ALERT
     )
-    try:
-        email = emails.flip_email(flip=record, now=now)
-    except Exception:  # the flip is claimed: a rendering bug must not swallow the alert
-        log.exception("flip %s: could not render the email, sending a plain one", flip_id)
-        email = _plain_email(record)
+    email = _flip_email(record, now)
     sent = failed = 0
     for address in _addresses(job.alert_emails):
         error = emails.send(email=email, to=address)
@@ -61,6 +57,95 @@ def notify_flip(*, flip_id: int) -> str:
             _record(record, kind, Notification.Channel.WEBHOOK, url, payload["text"], error)
             sent, failed = sent + (not error), failed + bool(error)
     return f"sent {sent}, failed {failed}"
+
+
+def _flip_email(record: AlertFlip, now: datetime) -> emails.Email:
+    try:
+        return emails.flip_email(flip=record, now=now)
+    except Exception:  # the flip is claimed: a rendering bug must not swallow the alert
+        log.exception("flip %s: could not render the email, sending a plain one", record.pk)
+        return _plain_email(record)
+
+
+# --- Failed sends, tried again ------------------------------------------------------
+
+# The pause before each further try of a failed send (a mail server down for
+# a deploy, a chat service's outage): four more tries over about 2¾ hours.
+RETRY_AFTER = (
+    timedelta(minutes=2),
+    timedelta(minutes=10),
+    timedelta(minutes=30),
+    timedelta(hours=2),
+)
+
+
+def retry_failed(*, now: datetime) -> int:
+    """For the sweep: hand failed sends whose pause is over to the workers.
+
+    Each failed Notification is claimed (`retried_at`, a conditional UPDATE)
+    before its try is queued, so of several sweepers one retries it. An alert
+    overtaken by a newer flip of its job is not sent late: "failing" after
+    "fixed" would mislead. Returns how many tries were queued."""
+    from django_q.tasks import async_task
+
+    queued = 0
+    failed = Notification.objects.filter(
+        ok=False, retried_at__isnull=True, sent_at__gt=now - timedelta(days=1)
+    ).order_by("sent_at")
+    for row in failed[:100]:
+        if row.tries <= len(RETRY_AFTER) and now - row.sent_at < RETRY_AFTER[row.tries - 1]:
+            continue  # not yet
+        if not Notification.objects.filter(pk=row.pk, retried_at__isnull=True).update(
+            retried_at=now
+        ):
+            continue  # another sweeper has it
+        if row.tries > len(RETRY_AFTER) or _overtaken(row):
+            continue  # given up: its last error stays on record
+        async_task(
+            "jobs.tasks.retry_notification", row.pk, q_options={"task_name": f"retry#{row.pk}"}
+        )
+        queued += 1
+    return queued
+
+
+def _overtaken(row: Notification) -> bool:
+    return bool(
+        row.flip_id and AlertFlip.objects.filter(job_id=row.job_id, at__gt=row.flip.at).exists()
+    )
+
+
+def retry(*, notification_id: int) -> str:
+    """One more try of a failed send, recorded as a new Notification."""
+    row = Notification.objects.select_related("flip__job", "flip__run", "digest").get(
+        pk=notification_id
+    )
+    now = timezone.now()
+    if row.digest_id:
+        from jobs import digests
+
+        subject, error = digests.resend(row.digest, now=now)
+    elif row.flip_id and row.channel == Notification.Channel.EMAIL:
+        email = _flip_email(row.flip, now)
+        subject, error = email.subject, emails.send(email=email, to=row.target)
+    elif row.flip_id:
+        payload = webhook_payload(flip=row.flip, now=now)
+        subject, error = payload["text"], post_webhook(url=row.target, payload=payload)
+    else:
+        return "nothing to retry"
+    Notification.objects.create(
+        job_id=row.job_id,
+        flip_id=row.flip_id,
+        digest_id=row.digest_id,
+        kind=row.kind,
+        channel=row.channel,
+        target=row.target,
+        subject=subject[:300],
+        sent_at=timezone.now(),
+        ok=not error,
+        error=error,
+        tries=row.tries + 1,
+    )
+    return f"try {row.tries + 1} to {row.target}: " + (f"failed: {error}" if error else "sent")
 
 
 def _plain_email(flip: AlertFlip) -> emails.Email:

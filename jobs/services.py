@@ -13,6 +13,7 @@ a second scheduler or a racing sweeper finds nothing to do.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -21,6 +22,7 @@ import random
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -784,7 +786,7 @@ def run_execute(run: Run, *, echo: Callable[[str], None] | None = None, reload: 
         status, summary, returncode = _supervise(run, child, env, writer, watch)
         artifacts_stored = _retrying_database(lambda: artifacts.collect(run, workdir / "artifacts"))
         if status == Run.Status.SUCCEEDED and job.deliver_url:
-            status, summary = _deliver(job, artifacts_stored or [], password, writer)
+            status, summary = _deliver(job, artifacts_stored or [], password, writer, watch)
         writer.end(f"[jobsite] {summary}" if status != Run.Status.SUCCEEDED else "")
         _retrying_database(
             lambda: run_finish(
@@ -889,25 +891,69 @@ class _Progress:
         self.pending = {}
 
 
-def _deliver(job: Job, stored: list, password: str, writer: RunLogWriter) -> tuple[str, str]:
+def _deliver(
+    job: Job, stored: list, password: str, writer: RunLogWriter, watch: _Watch
+) -> tuple[str, str]:
+    """Upload the run's files: (status, summary). The run's lease is kept
+    while it lasts (a slow server must not get it marked lost), a cancel
+    stops it, and whatever goes wrong fails the run with the reason."""
     if not stored:
         writer.feed(b"[jobsite] nothing to upload: the run produced no files\n")
         return Run.Status.SUCCEEDED, ""
-    destination = delivery.Destination.from_url(
-        job.deliver_url,
-        password=password,
-        passive=job.deliver_passive,
-        timeout=job.deliver_timeout,
-    )
 
     def note(line: str) -> None:
         writer.feed(f"{line}\n".encode())
 
     try:
-        delivery.deliver(stored, destination, retries=job.deliver_retries, log=note)
+        destination = delivery.Destination.from_url(
+            job.deliver_url,
+            password=password,
+            passive=job.deliver_passive,
+            timeout=job.deliver_timeout,
+        )
+        with _heartbeat(watch.run_id):
+            delivery.deliver(
+                stored,
+                destination,
+                retries=job.deliver_retries,
+                log=note,
+                should_stop=watch.should_stop,
+            )
+    except delivery.DeliveryStopped:
+        return Run.Status.CANCELLED, watch.cancel_summary or "Cancelled during the upload"
     except delivery.DeliveryError as exc:
-        return Run.Status.FAILED, str(exc)
+        return Run.Status.FAILED, writer.masked(str(exc))
+    except Exception as exc:  # the run must get an outcome whatever broke
+        log.exception("run %s: upload failed", watch.run_id)
+        return Run.Status.FAILED, writer.masked(f"Upload failed: {type(exc).__name__}: {exc}")
     return Run.Status.SUCCEEDED, ""
+
+
+@contextlib.contextmanager
+def _heartbeat(run_id: int):
+    """Heartbeat the run from a thread while the block runs: for work that
+    blocks for longer than the lease between the run's own checks."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        try:
+            while not stop.wait(settings.JOBSITE_HEARTBEAT_SECONDS):
+                try:
+                    Run.objects.filter(pk=run_id, status=Run.Status.RUNNING).update(
+                        heartbeat_at=timezone.now()
+                    )
+                except DatabaseError as exc:
+                    log.warning("run %s: heartbeat failed: %s", run_id, exc)
+        finally:
+            connection.close()  # this thread's own
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-run-{run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _retrying_database(action: Callable[[], object], *, seconds: float = 120.0):
@@ -1225,6 +1271,7 @@ def run_cancel(
         ):
             stats.record_finished(_reload(run))
             Job.objects.filter(pk=run.job_id).update(**_last_end(run))
+            alerts.on_retry_dropped(run, now=now)
             dispatch_waiting(now=now, job=run.job)
             return "cancelled"
         if Run.objects.filter(

@@ -38,3 +38,9 @@ def notify_flip(flip_id: int) -> str:
     from jobs import notify
 
     return notify.notify_flip(flip_id=flip_id)
+
+
+def retry_notification(notification_id: int) -> str:
+    from jobs import notify
+
+    return notify.retry(notification_id=notification_id)

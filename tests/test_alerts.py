@@ -9,7 +9,7 @@ import time_machine
 from django.utils import timezone
 
 from jobs import alerts, clock, services, stats
-from jobs.models import AlertFlip, Job, JobDailyStats
+from jobs.models import AlertFlip, Job, JobDailyStats, Run
 
 quiet = {"echo": lambda text: None}
 T0 = datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC)
@@ -214,6 +214,42 @@ def test_a_failure_that_will_be_retried_does_not_alert_yet(make_job):
     job = failing(make_job, retries=1)
     services.run_foreground(job=job, **quiet)
     assert not AlertFlip.objects.filter(job=job).exists()
+
+
+def test_a_failure_whose_retry_is_replaced_or_cancelled_alerts_after_all(make_job, admin_user):
+    """overlap=replace cancels the waiting retry of each failed fire; so can
+    a user. The failure it was to retry counts then, as the last attempt."""
+    job = failing(make_job, overlap="replace", retries=1, retry_delay=600)
+    services.run_foreground(job=job, trigger=Run.Trigger.SCHEDULE, **quiet)
+    assert not AlertFlip.objects.filter(job=job).exists()  # its retry waits
+    services.run_foreground(job=job, trigger=Run.Trigger.SCHEDULE, **quiet)  # replaces it
+    job.refresh_from_db()
+    assert job.alert_state == Job.AlertState.FAILING
+    [flip] = AlertFlip.objects.filter(job=job)
+    assert flip.reason == "Exit code 2"
+
+    other = failing(make_job, retries=1, retry_delay=600)
+    services.run_foreground(job=other, **quiet)
+    retry = Run.objects.get(job=other, trigger=Run.Trigger.RETRY)
+    services.run_cancel(run=retry, by=admin_user)
+    other.refresh_from_db()
+    assert (other.alert_state, other.consecutive_failures) == (Job.AlertState.FAILING, 1)
+
+
+def test_a_run_by_hand_does_not_clear_a_stale_job_its_schedule_still_misses(make_job):
+    job = make_job(name="hourly-import", schedule="0 * * * *", grace=300, command="true")
+    job = job_created_at(job, T0 - timedelta(days=1))
+    now = T0 + timedelta(minutes=20)  # the 12:00 fire never ran (the scheduler is down)
+    with time_machine.travel(now, tick=False):
+        assert alerts.check_stale(now=now) == 1
+        run = services.run_foreground(job=job, trigger=Run.Trigger.MANUAL, **quiet)
+        assert run.status == Run.Status.SUCCEEDED
+        assert alerts.check_stale(now=now + timedelta(seconds=5)) == 0
+    job.refresh_from_db()
+    assert job.alert_state == Job.AlertState.STALE
+    assert [(f.old_state, f.new_state) for f in AlertFlip.objects.filter(job=job)] == [
+        ("ok", "stale")
+    ]
 
 
 def test_two_processes_flipping_at_once_record_one_flip(make_job):

@@ -4,6 +4,7 @@ schedule, and manage.py send_digest (also as a real process through SMTP)."""
 from __future__ import annotations
 
 import io
+import socket
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -188,16 +189,79 @@ def test_daily_digest_is_due_after_its_time_and_spans_a_local_day():
 
 
 @override_settings(JOBSITE_DIGEST_TIME="08:00")
-def test_scheduler_ticks_send_the_daily_digest_once(make_job, mailoutbox):
+def test_scheduler_ticks_send_the_daily_digest_once(make_job, mailoutbox, q_sync):
     make_job(command="true", alert_emails=["ana@example.com"])
     morning = datetime(2026, 6, 10, 8, 0, 1, tzinfo=UTC)
     cache.delete(digests.done_mark(morning.replace(second=0)))  # a shared cache may keep it
-    assert digests.send_due_digests(now=morning - timedelta(minutes=1)) is None
-    first = digests.send_due_digests(now=morning)
+    assert digests.send_due_digests(now=morning - timedelta(minutes=1)) is False
+    assert digests.send_due_digests(now=morning) is True  # handed to a worker (inline here)
     for seconds in (1, 2, 3):
-        digests.send_due_digests(now=morning + timedelta(seconds=seconds))
-    assert list(first.sent) == ["ana@example.com"]
-    assert len(mailoutbox) == 1
+        assert digests.send_due_digests(now=morning + timedelta(seconds=seconds)) is False
+    assert [m.to for m in mailoutbox] == [["ana@example.com"]]
+
+
+@override_settings(
+    JOBSITE_DIGEST_TIME="08:00",
+    EMAIL_BACKEND="django.core.mail.backends.smtp.EmailBackend",
+    EMAIL_HOST="127.0.0.1",
+    EMAIL_TIMEOUT=30,
+)
+def test_the_clock_hands_the_digest_to_the_workers_and_never_waits_for_the_mail_server(make_job):
+    """A mail server that accepts and never answers must not hold up the
+    clock (which would start no job meanwhile): the tick only queues it."""
+    from django_q.models import OrmQ
+
+    from jobs import clock
+
+    make_job(command="true", alert_emails=["ana@example.com"])
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        morning = datetime(2026, 6, 10, 8, 0, 1, tzinfo=UTC)
+        cache.delete(digests.done_mark(morning.replace(second=0)))
+        with override_settings(EMAIL_PORT=hung.getsockname()[1]):
+            clock.tick(now=morning)
+    assert not Notification.objects.exists(), "the tick itself tried to send the digest"
+    assert [t.name() for t in OrmQ.objects.all() if t.name().startswith("digest")] == [
+        f"digest {morning.replace(second=0).isoformat()}"
+    ]
+
+
+def test_a_digest_the_mail_server_refused_is_sent_again_when_it_is_back(make_job, q_sync):
+    from jobs import notify
+    from tests.test_notify import free_port
+
+    make_job(command="true", alert_emails=["ana@example.com"])
+    end = soon()
+    with override_settings(
+        EMAIL_BACKEND="django.core.mail.backends.smtp.EmailBackend",
+        EMAIL_HOST="127.0.0.1",
+        EMAIL_PORT=free_port(),
+        EMAIL_TIMEOUT=2,
+    ):
+        report = digests.send_digests(period_end=end)
+    assert list(report.failed) == ["ana@example.com"]
+    [failed] = Notification.objects.all()
+    server = SmtpServer()
+    server.controller.start()
+    try:
+        with server.settings():
+            assert notify.retry_failed(now=failed.sent_at + timedelta(minutes=3)) == 1
+    finally:
+        server.controller.stop()
+    [(recipients, message)] = server.received
+    assert recipients == ["ana@example.com"]
+    assert message["Subject"].strip().startswith("[Jobsite] Digest")
+    assert Notification.objects.get(tries=2).ok is True
+    # and the period's claim still stands: the command does not send it a third time
+    assert digests.send_digests(period_end=end).already_sent == ["ana@example.com"]
+
+
+def test_an_owner_that_is_not_one_plain_address_gets_no_digest(make_job):
+    make_job(owner="@data-team")
+    make_job(owner="Data team (data@example.com, bob@example.com)")
+    make_job(owner="Lead@Example.com")
+    assert list(digests.followers()) == ["lead@example.com"]
 
 
 def test_send_digest_command_twice_sends_once_and_says_so(make_job, mailoutbox):

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from django.core.exceptions import ValidationError
 from django.db import connection
 from django.test import override_settings
 
@@ -432,28 +433,114 @@ def test_a_job_whose_upstream_failed_never_uploads(make_job, ftp_server, monkeyp
     assert not (ftp_server["root"] / "incoming" / "data.csv").exists()
 
 
-def test_ftp_server_that_does_not_answer_times_out(make_job, monkeypatch):
+@pytest.fixture
+def silent_ftp(make_job, monkeypatch):
+    """A job uploading to a server that accepts the TCP connection and never
+    says hello (a hung or firewalled one): make(**delivery fields) -> Job."""
     import socket
-    import time
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    listener.listen(1)  # accepts the TCP connection, never says hello
-    port = listener.getsockname()[1]
+    listener.listen(5)
     monkeypatch.setenv("FTP_PASSWORD", "x")
-    job = make_job(
-        command='echo hi > "$JOBSITE_ARTIFACTS_DIR/a.txt"',
-        deliver_url=f"ftp://reports@127.0.0.1:{port}/",
-        deliver_password="${FTP_PASSWORD}",
-        deliver_retries=0,
-        deliver_timeout=1,
-    )
+
+    def make(**fields) -> Job:
+        return make_job(
+            command='echo hi > "$JOBSITE_ARTIFACTS_DIR/a.txt"',
+            deliver_url=f"ftp://reports@127.0.0.1:{listener.getsockname()[1]}/",
+            deliver_password="${FTP_PASSWORD}",
+            **fields,
+        )
+
+    yield make
+    listener.close()
+
+
+def test_ftp_server_that_does_not_answer_times_out(silent_ftp):
+    import time
+
+    job = silent_ftp(deliver_retries=0, deliver_timeout=1)
     started = time.monotonic()
     done = run(job)
-    listener.close()
     assert done.status == Run.Status.FAILED
     assert "timed out" in done.error_summary.lower()
     assert time.monotonic() - started < 10
+
+
+def test_a_delivery_port_out_of_range_is_refused_and_fails_a_stored_job_clearly(make_job):
+    with pytest.raises(ValidationError) as refused:
+        make_job(deliver_url="ftp://reports@127.0.0.1:99999/incoming")
+    assert refused.value.message_dict["deliver_url"] == [
+        "The port must be a number from 1 to 65535."
+    ]
+    job = make_job(command='echo hi > "$JOBSITE_ARTIFACTS_DIR/a.txt"')
+    Job.objects.filter(pk=job.pk).update(deliver_url="ftp://reports@127.0.0.1:99999/incoming")
+    job.refresh_from_db()
+    done = run(job)
+    assert done.status == Run.Status.FAILED  # not left "running" until the sweeper calls it lost
+    assert done.error_summary == (
+        "Cannot upload to ftp://reports@127.0.0.1:99999/incoming: "
+        "The port must be a number from 1 to 65535."
+    )
+
+
+def test_a_delivery_password_with_a_line_break_fails_the_run_with_the_reason(
+    make_job, ftp_server, monkeypatch
+):
+    monkeypatch.setenv("FTP_PASSWORD", "s3cret-ftp\n")  # read from a file, newline and all
+    job = make_job(
+        command='echo hi > "$JOBSITE_ARTIFACTS_DIR/a.txt"',
+        deliver_url=f"ftp://reports@127.0.0.1:{ftp_server['port']}/incoming",
+        deliver_password="${FTP_PASSWORD}",
+        deliver_retries=0,
+    )
+    done = run(job)
+    assert done.status == Run.Status.FAILED
+    assert done.error_summary.startswith(
+        f"Upload to ftp://reports@127.0.0.1:{ftp_server['port']}/incoming failed: ValueError"
+    )
+    assert "s3cret-ftp" not in done.error_summary + runlog.read_log(done)
+
+
+@pytest.mark.django_db(transaction=True)
+@override_settings(JOBSITE_LEASE_SECONDS=2, JOBSITE_HEARTBEAT_SECONDS=0.5)
+def test_a_slow_upload_keeps_its_run_alive_and_a_cancel_stops_it(silent_ftp):
+    """An upload can outlast the lease (a slow or hung server): the run keeps
+    heartbeating meanwhile, so the sweeper does not call it lost; a cancel
+    asked during the upload stops it."""
+    import time
+
+    from django.utils import timezone
+
+    job = silent_ftp(deliver_retries=1, deliver_timeout=2)
+    stop = threading.Event()
+    cancel_at: list[float] = []
+
+    def sweeper() -> None:
+        try:
+            while not stop.wait(0.3):
+                services.sweep_lost(now=timezone.now())
+                if cancel_at and time.monotonic() >= cancel_at[0]:
+                    running = Run.objects.filter(job=job, status=Run.Status.RUNNING).first()
+                    if running:
+                        services.run_cancel(run=running, by=None)
+                        cancel_at.clear()
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=sweeper)
+    thread.start()
+    try:
+        slow = run(job)  # two tries of 2 s each and a pause: longer than the lease
+        cancel_at.append(time.monotonic() + 1.0)
+        cancelled = run(job)
+    finally:
+        stop.set()
+        thread.join()
+    assert slow.status == Run.Status.FAILED, slow.error_summary
+    assert "timed out" in slow.error_summary.lower()
+    assert runlog.read_log(slow).count("upload attempt") == 2
+    assert cancelled.status == Run.Status.CANCELLED, cancelled.error_summary
 
 
 @override_settings(JOBSITE_LOG_FLUSH_BYTES=16)

@@ -229,6 +229,19 @@ def test_failure_email_names_job_run_error_and_last_log_lines_without_secret_val
     assert "tok-5ecr3t-77" not in message.subject
 
 
+def test_a_job_printing_one_huge_line_gets_a_short_readable_email(make_job, mailoutbox):
+    job = failing_job(
+        make_job, command="head -c 3000000 /dev/zero | tr '\\0' x; echo; echo 'disk full'; exit 3"
+    )
+    notify.notify_flip(flip_id=failure_flip(job).pk)
+    [message] = mailoutbox
+    text, html = outbox_parts(message)
+    for body in (text, html):
+        assert len(body) < 40_000
+        assert "x" * 500 + "… (" in body and "x" * 501 not in body
+        assert "disk full" in body
+
+
 def test_recovery_email_says_it_is_fixed_and_how_long_it_was_broken(
     make_job, mailoutbox, q_sync, django_capture_on_commit_callbacks
 ):
@@ -287,6 +300,102 @@ def test_an_unreachable_mail_server_is_recorded_as_a_failed_notification(make_jo
     [record] = Notification.objects.filter(job=job)
     assert record.ok is False
     assert "Connection refused" in record.error or "ConnectionRefused" in record.error
+
+
+# --- Failed sends, tried again ------------------------------------------------------
+
+
+def mail_server_down():
+    return override_settings(
+        EMAIL_BACKEND="django.core.mail.backends.smtp.EmailBackend",
+        EMAIL_HOST="127.0.0.1",
+        EMAIL_PORT=free_port(),  # nothing listens there
+        EMAIL_TIMEOUT=2,
+    )
+
+
+def test_an_alert_the_mail_server_refused_is_sent_when_it_is_back(make_job, smtp_server, q_sync):
+    job = failing_job(make_job, name="nightly-export")
+    flip = failure_flip(job)
+    with mail_server_down():
+        assert notify.notify_flip(flip_id=flip.pk) == "sent 0, failed 1"
+    [failed] = Notification.objects.filter(job=job)
+    # The server is back (smtp_server). Not retried before its pause is over,
+    assert notify.retry_failed(now=failed.sent_at + timedelta(minutes=1)) == 0
+    assert smtp_server.received == []
+    # then once, however many sweepers look.
+    later = failed.sent_at + timedelta(minutes=3)
+    assert notify.retry_failed(now=later) == 1
+    assert notify.retry_failed(now=later) == 0
+    [(recipients, message)] = smtp_server.received
+    assert recipients == ["oncall@example.com"]
+    assert message["Subject"].startswith("[Jobsite] Failing: nightly-export")
+    retried = Notification.objects.get(job=job, ok=True)
+    assert (retried.flip, retried.tries, retried.target) == (flip, 2, "oncall@example.com")
+
+
+def test_failed_sends_are_tried_four_more_times_then_given_up(make_job, q_sync):
+    job = failing_job(make_job)
+    flip = failure_flip(job)
+    with mail_server_down():
+        notify.notify_flip(flip_id=flip.pk)
+        now = Notification.objects.get(job=job).sent_at
+        for _ in range(10):
+            now += timedelta(hours=3)
+            with time_machine.travel(now, tick=False):
+                notify.retry_failed(now=now)
+    tries = list(Notification.objects.filter(job=job).order_by("tries"))
+    assert [(n.tries, n.ok) for n in tries] == [
+        (1, False),
+        (2, False),
+        (3, False),
+        (4, False),
+        (5, False),
+    ]
+    assert "Connection refused" in tries[-1].error or "ConnectionRefused" in tries[-1].error
+
+
+def test_a_failed_alert_is_not_sent_late_once_the_job_flipped_again(make_job, mailoutbox, q_sync):
+    job = failing_job(make_job)
+    flip = failure_flip(job)
+    with mail_server_down():
+        notify.notify_flip(flip_id=flip.pk)
+    alerts.flip(
+        job=job,
+        old=Job.AlertState.FAILING,
+        new=Job.AlertState.OK,
+        now=flip.at + timedelta(seconds=1),
+    )
+    [failed] = Notification.objects.filter(job=job)
+    assert notify.retry_failed(now=failed.sent_at + timedelta(minutes=5)) == 0
+    assert mailoutbox == []
+
+
+def test_a_webhook_that_was_down_is_tried_again(make_job, webhook, q_sync):
+    hook = webhook(503, 503, 503, 200)
+    job = failing_job(make_job, alert_emails=[], webhook_url=hook.url)
+    flip = failure_flip(job)
+    with override_settings(JOBSITE_WEBHOOK_TRIES=3):
+        assert notify.notify_flip(flip_id=flip.pk) == "sent 0, failed 1"
+        [failed] = Notification.objects.filter(job=job)
+        assert notify.retry_failed(now=failed.sent_at + timedelta(minutes=3)) == 1
+    assert len(hook.requests) == 4
+    assert Notification.objects.get(job=job, tries=2).ok is True
+
+
+def test_the_sweep_hands_a_lost_notification_on_again_only_every_ten_minutes(make_job):
+    from django.core.cache import cache
+    from django_q.models import OrmQ
+
+    job = failing_job(make_job)
+    flip = failure_flip(job)  # its task was never run: notified_at stays empty
+    cache.delete(f"jobsite:flip-resent:{flip.pk}")
+    before = OrmQ.objects.count()
+    now = flip.at + timedelta(minutes=3)
+    for _ in range(12):  # a minute of sweeps
+        alerts.resend_unnotified(now=now)
+        now += timedelta(seconds=5)
+    assert OrmQ.objects.count() == before + 1
 
 
 # --- Webhooks ----------------------------------------------------------------------
