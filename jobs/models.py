@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -620,7 +621,28 @@ class Notification(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.kind} via {self.channel} to {self.target}"
+        return f"{self.kind} via {self.channel} to {self.shown_target}"
+
+    @property
+    def shown_target(self) -> str:
+        """The target as pages show it: a webhook URL without its path and
+        query, which often hold the token (Slack, Teams)."""
+        if self.channel != self.Channel.WEBHOOK:
+            return self.target
+        return shown_url(self.target)
+
+
+def shown_url(url: str) -> str:
+    """scheme://host[:port]/… of a URL whose path or query may be a credential."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.hostname:
+        return "…"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    rest = "/…" if parts.path.strip("/") or parts.query else ""
+    return f"{parts.scheme}://{parts.hostname}{port}{rest}"
 
 
 class DigestSent(models.Model):

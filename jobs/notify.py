@@ -16,7 +16,7 @@ from django.utils import timezone
 from django.utils.html import escape
 
 from jobs import emails
-from jobs.models import AlertFlip, Job, Notification
+from jobs.models import AlertFlip, Job, Notification, shown_url
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def post_webhook(*, url: str, payload: dict) -> str:
         error, retry = _post_once(url, body)
         if not error:
             return ""
-        log.warning("webhook %s try %d/%d: %s", url, attempt, tries, error)
+        log.warning("webhook %s try %d/%d: %s", shown_url(url), attempt, tries, error)
         if not retry:
             return error
     return f"{error} (after {tries} tries)" if tries > 1 else error

@@ -424,6 +424,21 @@ def test_webhook_gets_slack_compatible_json(make_job, webhook, mailoutbox):
     assert len(mailoutbox) == 1  # email goes out as well
 
 
+def test_a_webhook_url_token_is_not_shown_on_the_job_page_or_logged(
+    make_job, webhook, admin_client, caplog
+):
+    hook = webhook(500, 500, 500)
+    token_url = hook.url + "/T000/B000/s3cr3t-hook-token"
+    job = failing_job(make_job, alert_emails=[], webhook_url=token_url)
+    notify.notify_flip(flip_id=failure_flip(job).pk)
+    page = admin_client.get(f"/jobs/{job.slug}/").content.decode()
+    host = hook.url.rsplit("/", 1)[0]
+    assert f"{host}/…" in page
+    assert "s3cr3t-hook-token" not in page
+    assert "s3cr3t-hook-token" not in caplog.text
+    assert "webhook http://127.0.0.1" in caplog.text  # the tries are logged, by host
+
+
 def test_global_webhook_gets_alerts_of_every_job(make_job, webhook):
     hook = webhook(200)
     job = failing_job(make_job, alert_emails=[])
