@@ -64,6 +64,9 @@ def fire_due(*, now: datetime) -> list[Run]:
             runs.extend(fire(job, now))
         except scheduling.ScheduleError as exc:
             log.error("job %s: %s", job.slug, exc)
+        except Exception:
+            # One job must never stop the clock for the others.
+            log.exception("job %s: firing failed", job.slug)
     return runs
 
 
@@ -85,19 +88,21 @@ def plan_fires(job: Job, now: datetime) -> tuple[list[datetime], Gap | None]:
     """
     cap = settings.JOBSITE_CATCHUP_MAX
     first = job.next_fire_at
-    later, later_total = scheduling.fires_counted(
-        job.schedule, job.timezone, first, now, keep=cap + 1
-    )
-    # The oldest fires are not kept when there were more than cap + 1.
-    due = ([first] if later_total == len(later) else []) + later
     cut = now - timedelta(seconds=settings.JOBSITE_MISFIRE_GRACE)
-    on_time = [f for f in due if f >= cut]
-    missed = [f for f in due if f < cut]
-    missed_total = 1 + later_total - len(on_time)
-    if not missed:
-        return on_time, None
+    before_cut = cut - timedelta(microseconds=1)  # fires_counted takes (start, end]
+    if first >= cut:
+        return [first, *scheduling.fires_between(job.schedule, job.timezone, first, now)], None
+    on_time = scheduling.fires_between(job.schedule, job.timezone, before_cut, now)
+    # Missed: `first` and the fires after it before the cut. Only the latest
+    # cap + 1 are kept (enough for the runs and the newest fire not run),
+    # with the count of them all.
+    later, later_total = scheduling.fires_counted(
+        job.schedule, job.timezone, first, before_cut, keep=cap + 1
+    )
+    missed = ([first] if later_total == len(later) else []) + later
+    missed_total = 1 + later_total
     if job.catchup == Job.Catchup.ALL:
-        run = missed[-cap:]
+        run = missed[-cap:] if cap else []
         skipped = missed_total - len(run)
         gap = Gap(first, missed[-len(run) - 1], skipped) if skipped else None
         return run + on_time, gap

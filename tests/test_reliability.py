@@ -333,6 +333,20 @@ def test_catch_up_all_runs_one_after_another_under_skip(make_job):
     assert all(r.status == Run.Status.QUEUED for r in Run.objects.filter(job=job))
 
 
+@override_settings(JOBSITE_CATCHUP_MAX=3)
+def test_catch_up_all_after_a_long_downtime_runs_the_latest_and_records_the_rest(make_job):
+    """More fires missed than the cap, and one on time: the clock used to
+    crash (IndexError) on this, at every restart."""
+    job = make_job(schedule="* * * * *", catchup="all", overlap=Job.Overlap.ALLOW)
+    clock.sync(now=T0)
+    runs = clock.fire_due(now=T0 + timedelta(hours=3, seconds=10))
+    assert [f"{r.scheduled_for:%H:%M}" for r in runs] == ["14:57", "14:58", "14:59", "15:00"]
+    (gap,) = MissedFires.objects.filter(job=job)
+    assert (f"{gap.first:%H:%M}", f"{gap.last:%H:%M}", gap.count) == ("12:01", "14:56", 176)
+    job.refresh_from_db()
+    assert job.next_fire_at == datetime(2026, 6, 1, 15, 1, tzinfo=UTC)
+
+
 def test_a_fire_that_is_only_a_little_late_is_not_missed(make_job):
     job = make_job(schedule="*/10 * * * *", catchup="none")
     clock.sync(now=T0)

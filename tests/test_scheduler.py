@@ -111,6 +111,25 @@ def test_one_bad_schedule_does_not_block_the_others(make_job):
     assert [r.job_id for r in runs] == [good.pk]
 
 
+def test_a_job_that_fails_to_fire_does_not_stop_the_others(make_job, monkeypatch, caplog):
+    """Any error firing one job (a bug, a bad row) is logged with the job,
+    and the clock goes on with the others."""
+    broken = make_job(name="broken", schedule="* * * * *")
+    good = make_job(name="good", schedule="* * * * *")
+    plan_fires = clock.plan_fires
+
+    def failing_for_broken(job, now):
+        if job.pk == broken.pk:
+            raise RuntimeError("boom")
+        return plan_fires(job, now)
+
+    monkeypatch.setattr(clock, "plan_fires", failing_for_broken)
+    clock.sync(now=T0)
+    runs = clock.tick(now=T0 + timedelta(minutes=1))
+    assert [r.job_id for r in runs] == [good.pk]
+    assert "broken" in caplog.text and "boom" in caplog.text
+
+
 def test_a_second_fire_while_running_is_skipped_with_reason(make_job):
     make_job(schedule="* * * * *")
     clock.sync(now=T0)
