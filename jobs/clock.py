@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.core.cache import cache
 from django.db import IntegrityError, transaction
-from django.db.models import Min, Q, Value
+from django.db.models import Exists, Min, OuterRef, Q, Value
 from django.db.models.functions import Concat
 from django.utils import timezone
 
@@ -172,13 +172,24 @@ def _catch_up(job: Job, fires: list[datetime], now: datetime) -> list[Run]:
 
 
 def next_due() -> datetime | None:
-    """The next moment the clock has work: a fire or a waiting retry."""
+    """The next moment the clock has work: a fire or a waiting retry.
+
+    A retry whose job is busy is left out (as dispatch_waiting leaves it):
+    the end of the run it waits for dispatches it, and its delay, long
+    past, would have the clock wake at once, again and again."""
     fire = Job.objects.filter(enabled=True, next_fire_at__isnull=False).aggregate(
         due=Min("next_fire_at")
     )["due"]
-    retry = Run.objects.filter(
-        status=Run.Status.QUEUED, enqueued_at__isnull=True, not_before__isnull=False
-    ).aggregate(due=Min("not_before"))["due"]
+    busy = Run.objects.filter(job=OuterRef("job")).filter(
+        Q(status=Run.Status.RUNNING) | Q(status=Run.Status.QUEUED, enqueued_at__isnull=False)
+    )
+    retry = (
+        Run.objects.filter(
+            status=Run.Status.QUEUED, enqueued_at__isnull=True, not_before__isnull=False
+        )
+        .filter(Q(job__overlap=Job.Overlap.ALLOW) | ~Exists(busy))
+        .aggregate(due=Min("not_before"))["due"]
+    )
     return min((d for d in (fire, retry) if d is not None), default=None)
 
 

@@ -190,6 +190,27 @@ def test_the_clock_wakes_up_for_a_waiting_retry(make_job):
     assert retry.enqueued_at == retry.not_before
 
 
+def test_the_clock_sleeps_while_a_due_retry_waits_behind_a_running_run(make_job):
+    """A retry whose delay has passed but whose job is busy is started by
+    the end of the blocking run, not by the clock: the clock used to wake
+    for it at once, again and again (a busy loop)."""
+    job = make_job(overlap=Job.Overlap.QUEUE, retries=1, retry_delay=30)
+    first = services.run_create(job=job, trigger=Run.Trigger.MANUAL, now=T0)
+    first = services.run_claim(run_id=first.pk, worker="w:1", now=T0)
+    second = services.run_create(job=job, trigger=Run.Trigger.MANUAL, now=T0)
+    services.run_finish(run=first, status=Run.Status.FAILED, exit_code=1, now=T0)
+    second = services.run_claim(run_id=second.pk, worker="w:2", now=T0)
+    retry = Run.objects.get(retry_of=first)
+    later = T0 + timedelta(minutes=5)
+    Run.objects.filter(pk=second.pk).update(heartbeat_at=later)
+    clock.tick(now=later)
+    assert clock.next_due() is None
+    assert clock.sleep_seconds(now=later, max_sleep=1.0) == 1.0
+    services.run_finish(run=second, status=Run.Status.SUCCEEDED, exit_code=0, now=later)
+    retry.refresh_from_db()
+    assert retry.enqueued_at == later
+
+
 def test_a_fire_notes_its_time_for_staleness_in_the_claim_itself(make_job):
     """Job.last_scheduled_for (what staleness reads) is written by the same
     UPDATE that claims the fire: one write of the job row per fire, not two
