@@ -116,41 +116,66 @@ def fire(job: Job, now: datetime) -> list[Run]:
     """Claim the job's due fires (one conditional UPDATE) and create their runs."""
     to_run, gap = plan_fires(job, now)
     nxt = scheduling.next_fire_after(job.schedule, job.timezone, now)
+    try:
+        return _claim_and_create(job, to_run, gap, following=nxt, now=now)
+    except IntegrityError:
+        pass
+    # A scheduled run exists for one of these fires. Another scheduler made
+    # it, and then moved next_fire_at on too; or next_fire_at was put back
+    # after the fire (an UPDATE from a copy of the job read before). Then
+    # every tick would fail alike with the clock spinning: claim the fires
+    # again, without those that have their run.
+    if not Job.objects.filter(
+        pk=job.pk, next_fire_at=job.next_fire_at, fire_basis=job.fire_basis
+    ).exists():
+        return []
+    done = list(
+        Run.objects.filter(
+            job=job, trigger=Run.Trigger.SCHEDULE, attempt=1, scheduled_for__in=to_run
+        ).values_list("scheduled_for", flat=True)
+    )
+    to_run = [at for at in to_run if at not in done]
+    try:
+        return _claim_and_create(job, to_run, gap, following=nxt, now=now)
+    except IntegrityError:
+        return []
+
+
+def _claim_and_create(
+    job: Job, to_run: list[datetime], gap: Gap | None, *, following: datetime | None, now: datetime
+) -> list[Run]:
     # The reads of run_create before the transaction: on SQLite it holds the
     # write lock, and 100 jobs due at once kept django-q2's pusher from
     # handing out the first runs for 0.7 s.
     plan = services.run_plan(job, now=now) if len(to_run) == 1 else None
-    try:
-        with transaction.atomic():
-            # The claim notes the latest fire too (staleness reads it): one
-            # UPDATE of the job row per fire, not two.
-            latest = max(to_run) if to_run else None
-            if not services.claim_fire(job, following=nxt, latest=latest):
-                return []
-            if gap:
-                MissedFires.objects.create(
+    with transaction.atomic():
+        # The claim notes the latest fire too (staleness reads it): one
+        # UPDATE of the job row per fire, not two.
+        latest = max(to_run) if to_run else None
+        if not services.claim_fire(job, following=following, latest=latest):
+            return []
+        if gap:
+            MissedFires.objects.create(
+                job=job,
+                first=gap.first,
+                last=gap.last,
+                count=gap.count,
+                policy=job.catchup,
+                recorded_at=now,
+            )
+        if len(to_run) <= 1:
+            return [
+                services.run_create(
                     job=job,
-                    first=gap.first,
-                    last=gap.last,
-                    count=gap.count,
-                    policy=job.catchup,
-                    recorded_at=now,
+                    trigger=Run.Trigger.SCHEDULE,
+                    scheduled_for=at,
+                    now=now,
+                    plan=plan,
+                    noted=True,
                 )
-            if len(to_run) <= 1:
-                return [
-                    services.run_create(
-                        job=job,
-                        trigger=Run.Trigger.SCHEDULE,
-                        scheduled_for=at,
-                        now=now,
-                        plan=plan,
-                        noted=True,
-                    )
-                    for at in to_run
-                ]
-            return _catch_up(job, to_run, now)
-    except IntegrityError:
-        return []  # another scheduler created these runs
+                for at in to_run
+            ]
+        return _catch_up(job, to_run, now)
 
 
 def _catch_up(job: Job, fires: list[datetime], now: datetime) -> list[Run]:

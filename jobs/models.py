@@ -216,8 +216,39 @@ class Job(models.Model):
             ),
         ]
 
+    # Kept by the clock and the workers with conditional UPDATEs, never by
+    # save(): a save() of a copy read before (the admin's full save, a
+    # shell's) would put back the values it read - a next_fire_at that has
+    # fired, a slot since freed - unless it names them in update_fields.
+    RUNTIME_FIELDS = (
+        "alert_state",
+        "alert_state_since",
+        "consecutive_failures",
+        "last_scheduled_for",
+        "last_success_at",
+        "last_end_status",
+        "last_end_run_id",
+        "next_fire_at",
+        "fire_basis",
+        "active_run",
+    )
+
     def __str__(self) -> str:
         return self.name
+
+    def save(self, **kwargs) -> None:
+        if not (self._state.adding or kwargs.get("force_insert")) and (
+            kwargs.get("update_fields") is None
+        ):
+            deferred = self.get_deferred_fields()  # as Django does: only what was loaded
+            kwargs["update_fields"] = [
+                f.name
+                for f in self._meta.concrete_fields
+                if not f.primary_key
+                and f.name not in self.RUNTIME_FIELDS
+                and f.attname not in deferred
+            ]
+        super().save(**kwargs)
 
     def get_absolute_url(self) -> str:
         return reverse("jobs-job-detail", args=[self.slug])

@@ -92,6 +92,49 @@ def test_a_scheduler_with_a_stale_view_cannot_fire_the_same_time_again(make_job)
     assert Run.objects.filter(job=job).count() == 1
 
 
+def test_saving_a_copy_of_a_job_read_before_a_fire_keeps_the_clocks_state(make_job):
+    """A full save() of a job read earlier (the admin's, a shell's) writes
+    its definition, not the state the clock and the workers keep: it used
+    to put next_fire_at back to a fire that had run."""
+    job = make_job(schedule="*/5 * * * *")
+    clock.sync(now=T0)
+    copy = Job.objects.get(pk=job.pk)
+    (run,) = fire_all(T0 + timedelta(minutes=5))
+    services.run_claim(run_id=run.pk, worker="w:1", now=T0 + timedelta(minutes=5))
+    copy.description = "edited"
+    copy.save()
+    job.refresh_from_db()
+    assert job.description == "edited"
+    assert job.next_fire_at == datetime(2026, 6, 1, 12, 10, tzinfo=UTC)
+    assert job.last_scheduled_for == run.scheduled_for
+    assert job.active_run_id == run.pk
+    copy.next_fire_at = T0
+    copy.save(update_fields=["next_fire_at"])  # named: written
+    job.refresh_from_db()
+    assert job.next_fire_at == T0
+
+
+@pytest.mark.parametrize("catchup", ["latest", "all"])
+def test_a_fire_time_put_back_after_its_fire_is_passed_over_not_wedged(make_job, catchup):
+    """next_fire_at written back to a fire that already has its run: the
+    clock used to hit the unique constraint on every tick, never move it
+    on, and spin; with catchup=all the job never fired again."""
+    job = make_job(schedule="*/5 * * * *", catchup=catchup, overlap=Job.Overlap.ALLOW)
+    clock.sync(now=T0)
+    (first,) = fire_all(T0 + timedelta(minutes=5))
+    Job.objects.filter(pk=job.pk).update(next_fire_at=first.scheduled_for)
+    now = T0 + timedelta(minutes=5, seconds=20)
+    assert clock.tick(now=now) == []
+    assert clock.sleep_seconds(now=now, max_sleep=1.0) == 1.0
+    job.refresh_from_db()
+    assert job.next_fire_at == datetime(2026, 6, 1, 12, 10, tzinfo=UTC)
+    later = T0 + timedelta(hours=1, seconds=5)
+    Job.objects.filter(pk=job.pk).update(next_fire_at=first.scheduled_for)
+    runs = clock.tick(now=later)
+    assert datetime(2026, 6, 1, 13, 0, tzinfo=UTC) in [r.scheduled_for for r in runs]
+    assert Run.objects.filter(job=job, scheduled_for=first.scheduled_for).count() == 1
+
+
 def test_unique_constraint_forbids_a_second_run_for_the_same_fire(make_job):
     job = make_job()
     fields = dict(job=job, trigger="schedule", scheduled_for=T0, queued_at=T0, attempt=1)
