@@ -350,6 +350,10 @@ def dispatch_waiting(*, now: datetime, job: Job | None = None, asked: bool = Fal
     sent = 0
     busy: set[int] = set()
     for run in waiting[:500]:
+        if _paused(run):
+            with transaction.atomic():
+                _skip_paused(run, now=now)
+            continue
         if run.job_id in busy:
             continue
         if run.job.overlap != Job.Overlap.ALLOW:
@@ -363,6 +367,34 @@ def dispatch_waiting(*, now: datetime, job: Job | None = None, asked: bool = Fal
                 _send(run)
                 sent += 1
     return sent
+
+
+# What a pause stops: the runs the clock, a retry or an upstream started
+# (a user pauses a broken job to stop it). A run a user asked for (Run now,
+# rerun, runjob) runs even while its job is paused.
+PAUSABLE = (Run.Trigger.SCHEDULE, Run.Trigger.RETRY, Run.Trigger.UPSTREAM)
+
+
+def _paused(run: Run) -> bool:
+    return not run.job.enabled and run.trigger in PAUSABLE
+
+
+def _skip_paused(run: Run, *, now: datetime, was: str = Run.Status.QUEUED) -> bool:
+    """Skip a pending run of a paused job, if it still is `was`. In the
+    caller's transaction."""
+    if not Run.objects.filter(pk=run.pk, status=was).update(
+        status=Run.Status.SKIPPED,
+        finished_at=now,
+        started_at=None,
+        heartbeat_at=None,
+        worker="",
+        error_summary="paused",
+    ):
+        return False
+    run.status, run.finished_at, run.started_at = Run.Status.SKIPPED, now, None
+    run.error_summary = "paused"
+    stats.record_finished(run)
+    return True
 
 
 def _job_busy(run: Run) -> bool:
@@ -499,6 +531,12 @@ def run_claim(*, run_id: int, worker: str, now: datetime | None = None) -> Run |
         if claimed is None:
             return None
         run, slot_taken = claimed
+        if _paused(run):  # rare: checked after the one statement, not before it
+            with transaction.atomic():
+                _skip_paused(run, now=now, was=Run.Status.RUNNING)
+                if slot_taken:
+                    Job.objects.filter(pk=run.job_id, active_run=run.pk).update(active_run=None)
+            return None
         if run.job.overlap == Job.Overlap.ALLOW or slot_taken:
             return run
         with transaction.atomic():
@@ -508,6 +546,10 @@ def run_claim(*, run_id: int, worker: str, now: datetime | None = None) -> Run |
     # and monitor queue for, so it should hold nothing but the writes.
     run = _queued_run(run_id, query)
     if run is None:
+        return None
+    if _paused(run):
+        with transaction.atomic():
+            _skip_paused(run, now=now)
         return None
     job = run.job
     claim = {"status": Run.Status.RUNNING, "started_at": now, "heartbeat_at": now, "worker": worker}
@@ -1336,5 +1378,15 @@ def sweep_queued(*, now: datetime) -> int:
 
 
 def job_set_enabled(*, job: Job, enabled: bool) -> None:
-    Job.objects.filter(pk=job.pk).update(enabled=enabled, updated_at=timezone.now())
+    """Pause or resume. A pause also skips the job's pending runs at once
+    (a retry waiting for its delay, runs sent to the workers); the
+    dispatcher and the claim skip those of a job paused another way."""
+    now = timezone.now()
+    Job.objects.filter(pk=job.pk).update(enabled=enabled, updated_at=now)
     job.enabled = enabled
+    if enabled:
+        return
+    pending = Run.objects.filter(job=job, status=Run.Status.QUEUED, trigger__in=PAUSABLE)
+    for run in pending.select_related("job"):
+        with transaction.atomic():
+            _skip_paused(run, now=now)

@@ -149,6 +149,49 @@ def test_a_claim_that_finds_the_slot_taken_goes_back_to_waiting_under_queue(make
     assert sneaky.enqueued_at is not None
 
 
+# --- Pause ----------------------------------------------------------------------
+
+
+def test_pausing_a_job_skips_its_waiting_retry(make_job):
+    """A user pauses a broken job to stop it: its pending retry must not run."""
+    job = make_job(retries=2, retry_delay=60)
+    failed = start(job)
+    finish(failed, Run.Status.FAILED, exit_code=1)
+    retry = Run.objects.get(retry_of=failed)
+    services.job_set_enabled(job=job, enabled=False)
+    clock.tick(now=retry.not_before + timedelta(minutes=1))
+    retry.refresh_from_db()
+    assert (retry.status, retry.error_summary) == (Run.Status.SKIPPED, "paused")
+    assert retry.enqueued_at is None
+
+
+def test_a_run_waiting_behind_another_is_skipped_once_its_job_is_paused_by_an_edit(make_job):
+    job = make_job(overlap=Job.Overlap.QUEUE)
+    running = start(job)
+    waiting = services.run_create(job=job, trigger=Run.Trigger.SCHEDULE)
+    job.enabled = False
+    job.save()  # the admin's change form, not the Pause button
+    finish(running)
+    waiting.refresh_from_db()
+    assert (waiting.status, waiting.error_summary) == (Run.Status.SKIPPED, "paused")
+    assert waiting.enqueued_at is None
+
+
+def test_a_run_sent_to_the_workers_before_a_pause_is_skipped_when_claimed(make_job):
+    job = make_job(overlap=Job.Overlap.QUEUE)
+    sent = services.run_create(job=job, trigger=Run.Trigger.SCHEDULE)
+    assert sent.enqueued_at is not None
+    Job.objects.filter(pk=job.pk).update(enabled=False)
+    assert services.run_claim(run_id=sent.pk, worker="host:1") is None
+    sent.refresh_from_db()
+    assert (sent.status, sent.error_summary) == (Run.Status.SKIPPED, "paused")
+    job.refresh_from_db()
+    assert job.active_run_id is None
+    # "Run now" of a paused job still runs: a user asked for it.
+    manual = start(job)
+    assert manual.status == Run.Status.RUNNING
+
+
 # --- Cancel ----------------------------------------------------------------------
 
 
