@@ -144,10 +144,14 @@ def fire(job: Job, now: datetime) -> list[Run]:
 def _claim_and_create(
     job: Job, to_run: list[datetime], gap: Gap | None, *, following: datetime | None, now: datetime
 ) -> list[Run]:
+    """The claim and the runs of fire(): one transaction."""
     # The reads of run_create before the transaction: on SQLite it holds the
     # write lock, and 100 jobs due at once kept django-q2's pusher from
-    # handing out the first runs for 0.7 s.
+    # handing out the first runs for 0.7 s. Catch-up runs wait their turn
+    # (_catch_up) but are gated on upstreams as any fire is.
     plan = services.run_plan(job, now=now) if len(to_run) == 1 else None
+    if len(to_run) > 1 and (blocked := services.upstream_blocker(job, now=now)):
+        plan = (blocked, False)
     with transaction.atomic():
         # The claim notes the latest fire too (staleness reads it): one
         # UPDATE of the job row per fire, not two.
@@ -163,7 +167,7 @@ def _claim_and_create(
                 policy=job.catchup,
                 recorded_at=now,
             )
-        if len(to_run) <= 1:
+        if len(to_run) <= 1 or plan is not None:
             return [
                 services.run_create(
                     job=job,

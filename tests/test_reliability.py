@@ -390,6 +390,19 @@ def test_catch_up_all_after_a_long_downtime_runs_the_latest_and_records_the_rest
     assert job.next_fire_at == datetime(2026, 6, 1, 15, 1, tzinfo=UTC)
 
 
+def test_catch_up_runs_are_skipped_while_an_upstream_failed_like_any_fire(make_job):
+    up = make_job(name="up")
+    down = make_job(name="down", schedule="*/10 * * * *", catchup="all")
+    down.upstreams.add(up)
+    finish(start(up), Run.Status.FAILED, exit_code=1)
+    runs = down_for(down, 35)
+    assert len(runs) == 3
+    for run in Run.objects.filter(job=down):
+        assert run.status == Run.Status.SKIPPED
+        assert run.error_summary.startswith("waiting on up: failed at ")
+        assert run.enqueued_at is None
+
+
 def test_a_fire_that_is_only_a_little_late_is_not_missed(make_job):
     job = make_job(schedule="*/10 * * * *", catchup="none")
     clock.sync(now=T0)
