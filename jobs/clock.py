@@ -30,8 +30,9 @@ SWEEP_KEY = "jobsite:scheduler:last-sweep"
 
 def sync(*, now: datetime) -> int:
     """Recompute next_fire_at for jobs whose schedule or time zone changed
-    (or that were just created or resumed); clear it for paused and manual
-    jobs. Returns how many jobs changed."""
+    (or that were just created or resumed), noting since when the schedule
+    applies (staleness); clear it for paused and manual jobs. Returns how
+    many jobs changed."""
     changed = (
         Job.objects.filter(Q(enabled=False) | Q(schedule=""))
         .exclude(next_fire_at=None, fire_basis="")
@@ -51,7 +52,7 @@ def sync(*, now: datetime) -> int:
             nxt = None
         changed += Job.objects.filter(
             pk=job.pk, schedule=job.schedule, timezone=job.timezone, fire_basis=job.fire_basis
-        ).update(next_fire_at=nxt, fire_basis=job.current_fire_basis)
+        ).update(next_fire_at=nxt, fire_basis=job.current_fire_basis, schedule_since=now)
     return changed
 
 

@@ -195,6 +195,12 @@ class Job(models.Model):
     # any path (admin, loadjobs, shell) takes effect at the next tick.
     next_fire_at = models.DateTimeField(null=True, blank=True, editable=False)
     fire_basis = models.CharField(max_length=300, blank=True, editable=False)
+    # Since when the current schedule, time zone and enabled state apply:
+    # set when the scheduler recomputes next_fire_at and when the job is
+    # resumed. Staleness ignores fires before it (a job paused for days, a
+    # schedule edited, owes nothing for the fires of before). Empty: since
+    # created_at.
+    schedule_since = models.DateTimeField(null=True, blank=True, editable=False)
     # The overlap slot: the run that currently holds this job. Claimed and
     # released with conditional UPDATEs (services.run_claim / run_finish).
     active_run = models.ForeignKey(
@@ -230,6 +236,7 @@ class Job(models.Model):
         "last_end_run_id",
         "next_fire_at",
         "fire_basis",
+        "schedule_since",
         "active_run",
     )
 
@@ -375,7 +382,8 @@ class Job(models.Model):
             fires = scheduling.previous_fires(self.schedule, self.timezone, now - grace, 2)
         except scheduling.ScheduleError:
             return None
-        if not fires or fires[0] < self.created_at:
+        since = self.schedule_since or self.created_at
+        if not fires or fires[0] < since:
             return None
         due = fires[0]
         if self.last_scheduled_for is None or self.last_scheduled_for < due:
@@ -384,7 +392,7 @@ class Job(models.Model):
                 overdue=now - (due + grace),
                 reason=f"no run for the fire at {due:%Y-%m-%d %H:%M %Z}",
             )
-        if len(fires) > 1 and fires[1] >= self.created_at:
+        if len(fires) > 1 and fires[1] >= since:
             since = self.last_success_at
             if since is None or since < fires[1]:
                 last = f"{since:%Y-%m-%d %H:%M %Z}" if since else "never"

@@ -1382,10 +1382,14 @@ def job_set_enabled(*, job: Job, enabled: bool) -> None:
     (a retry waiting for its delay, runs sent to the workers); the
     dispatcher and the claim skip those of a job paused another way."""
     now = timezone.now()
-    Job.objects.filter(pk=job.pk).update(enabled=enabled, updated_at=now)
-    job.enabled = enabled
     if enabled:
+        # Resumed: owes nothing for the fires while paused (staleness), also
+        # before the clock's next tick.
+        Job.objects.filter(pk=job.pk).update(enabled=True, updated_at=now, schedule_since=now)
+        job.enabled, job.schedule_since = True, now
         return
+    Job.objects.filter(pk=job.pk).update(enabled=False, updated_at=now)
+    job.enabled = False
     pending = Run.objects.filter(job=job, status=Run.Status.QUEUED, trigger__in=PAUSABLE)
     for run in pending.select_related("job"):
         with transaction.atomic():
