@@ -1222,7 +1222,11 @@ def _last_end(run: Run) -> dict:
 
 def retry_delay(job: Job, attempt: int, *, jitter: float | None = None) -> float:
     """Seconds before attempt `attempt + 1`: exponential, capped, +0-10% jitter."""
-    base = min(job.retry_max_delay, job.retry_delay * job.retry_backoff ** (attempt - 1))
+    try:
+        grown = job.retry_delay * job.retry_backoff ** (attempt - 1)
+    except OverflowError:  # a huge backoff: past any cap
+        grown = job.retry_max_delay if job.retry_delay else 0
+    base = min(job.retry_max_delay, grown)
     return base * (1 + (random.uniform(0, 0.1) if jitter is None else jitter))
 
 

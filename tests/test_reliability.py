@@ -68,6 +68,18 @@ def test_backoff_is_exponential_and_capped(make_job):
     assert delays == [10, 20, 40, 60, 60]
 
 
+def test_a_huge_backoff_waits_the_longest_delay_instead_of_failing(make_job):
+    """The delay grew past a float (OverflowError): the run's end, or the
+    sweeper in the scheduler, failed with it."""
+    job = make_job(retries=20, retry_delay=10, retry_backoff=1e20, retry_max_delay=600)
+    assert services.retry_delay(job, 20, jitter=0) == 600
+    lost = start(job)
+    Run.objects.filter(pk=lost.pk).update(heartbeat_at=T0, attempt=20)
+    assert services.sweep_lost(now=T0 + timedelta(hours=1)) == 1
+    retry = Run.objects.get(retry_of=lost)
+    assert retry.not_before >= T0 + timedelta(hours=1, seconds=600)
+
+
 def test_timeouts_and_lost_runs_are_retried_but_cancelled_runs_are_not(make_job):
     job = make_job(command="sleep 30", timeout=1, retries=1)
     timed_out = services.run_foreground(job=job, **quiet)
