@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.core.cache import cache
 from django.db import IntegrityError, transaction
-from django.db.models import Min, Q, Value
+from django.db.models import Exists, Min, OuterRef, Q, Value
 from django.db.models.functions import Concat
 from django.utils import timezone
 
@@ -30,8 +30,9 @@ SWEEP_KEY = "jobsite:scheduler:last-sweep"
 
 def sync(*, now: datetime) -> int:
     """Recompute next_fire_at for jobs whose schedule or time zone changed
-    (or that were just created or resumed); clear it for paused and manual
-    jobs. Returns how many jobs changed."""
+    (or that were just created or resumed), noting since when the schedule
+    applies (staleness); clear it for paused and manual jobs. Returns how
+    many jobs changed."""
     changed = (
         Job.objects.filter(Q(enabled=False) | Q(schedule=""))
         .exclude(next_fire_at=None, fire_basis="")
@@ -51,7 +52,7 @@ def sync(*, now: datetime) -> int:
             nxt = None
         changed += Job.objects.filter(
             pk=job.pk, schedule=job.schedule, timezone=job.timezone, fire_basis=job.fire_basis
-        ).update(next_fire_at=nxt, fire_basis=job.current_fire_basis)
+        ).update(next_fire_at=nxt, fire_basis=job.current_fire_basis, schedule_since=now)
     return changed
 
 
@@ -64,6 +65,9 @@ def fire_due(*, now: datetime) -> list[Run]:
             runs.extend(fire(job, now))
         except scheduling.ScheduleError as exc:
             log.error("job %s: %s", job.slug, exc)
+        except Exception:
+            # One job must never stop the clock for the others.
+            log.exception("job %s: firing failed", job.slug)
     return runs
 
 
@@ -85,19 +89,21 @@ def plan_fires(job: Job, now: datetime) -> tuple[list[datetime], Gap | None]:
     """
     cap = settings.JOBSITE_CATCHUP_MAX
     first = job.next_fire_at
-    later, later_total = scheduling.fires_counted(
-        job.schedule, job.timezone, first, now, keep=cap + 1
-    )
-    # The oldest fires are not kept when there were more than cap + 1.
-    due = ([first] if later_total == len(later) else []) + later
     cut = now - timedelta(seconds=settings.JOBSITE_MISFIRE_GRACE)
-    on_time = [f for f in due if f >= cut]
-    missed = [f for f in due if f < cut]
-    missed_total = 1 + later_total - len(on_time)
-    if not missed:
-        return on_time, None
+    before_cut = cut - timedelta(microseconds=1)  # fires_counted takes (start, end]
+    if first >= cut:
+        return [first, *scheduling.fires_between(job.schedule, job.timezone, first, now)], None
+    on_time = scheduling.fires_between(job.schedule, job.timezone, before_cut, now)
+    # Missed: `first` and the fires after it before the cut. Only the latest
+    # cap + 1 are kept (enough for the runs and the newest fire not run),
+    # with the count of them all.
+    later, later_total = scheduling.fires_counted(
+        job.schedule, job.timezone, first, before_cut, keep=cap + 1
+    )
+    missed = ([first] if later_total == len(later) else []) + later
+    missed_total = 1 + later_total
     if job.catchup == Job.Catchup.ALL:
-        run = missed[-cap:]
+        run = missed[-cap:] if cap else []
         skipped = missed_total - len(run)
         gap = Gap(first, missed[-len(run) - 1], skipped) if skipped else None
         return run + on_time, gap
@@ -111,41 +117,70 @@ def fire(job: Job, now: datetime) -> list[Run]:
     """Claim the job's due fires (one conditional UPDATE) and create their runs."""
     to_run, gap = plan_fires(job, now)
     nxt = scheduling.next_fire_after(job.schedule, job.timezone, now)
+    try:
+        return _claim_and_create(job, to_run, gap, following=nxt, now=now)
+    except IntegrityError:
+        pass
+    # A scheduled run exists for one of these fires. Another scheduler made
+    # it, and then moved next_fire_at on too; or next_fire_at was put back
+    # after the fire (an UPDATE from a copy of the job read before). Then
+    # every tick would fail alike with the clock spinning: claim the fires
+    # again, without those that have their run.
+    if not Job.objects.filter(
+        pk=job.pk, next_fire_at=job.next_fire_at, fire_basis=job.fire_basis
+    ).exists():
+        return []
+    done = list(
+        Run.objects.filter(
+            job=job, trigger=Run.Trigger.SCHEDULE, attempt=1, scheduled_for__in=to_run
+        ).values_list("scheduled_for", flat=True)
+    )
+    to_run = [at for at in to_run if at not in done]
+    try:
+        return _claim_and_create(job, to_run, gap, following=nxt, now=now)
+    except IntegrityError:
+        return []
+
+
+def _claim_and_create(
+    job: Job, to_run: list[datetime], gap: Gap | None, *, following: datetime | None, now: datetime
+) -> list[Run]:
+    """The claim and the runs of fire(): one transaction."""
     # The reads of run_create before the transaction: on SQLite it holds the
     # write lock, and 100 jobs due at once kept django-q2's pusher from
-    # handing out the first runs for 0.7 s.
+    # handing out the first runs for 0.7 s. Catch-up runs wait their turn
+    # (_catch_up) but are gated on upstreams as any fire is.
     plan = services.run_plan(job, now=now) if len(to_run) == 1 else None
-    try:
-        with transaction.atomic():
-            # The claim notes the latest fire too (staleness reads it): one
-            # UPDATE of the job row per fire, not two.
-            latest = max(to_run) if to_run else None
-            if not services.claim_fire(job, following=nxt, latest=latest):
-                return []
-            if gap:
-                MissedFires.objects.create(
+    if len(to_run) > 1 and (blocked := services.upstream_blocker(job, now=now)):
+        plan = (blocked, False)
+    with transaction.atomic():
+        # The claim notes the latest fire too (staleness reads it): one
+        # UPDATE of the job row per fire, not two.
+        latest = max(to_run) if to_run else None
+        if not services.claim_fire(job, following=following, latest=latest):
+            return []
+        if gap:
+            MissedFires.objects.create(
+                job=job,
+                first=gap.first,
+                last=gap.last,
+                count=gap.count,
+                policy=job.catchup,
+                recorded_at=now,
+            )
+        if len(to_run) <= 1 or plan is not None:
+            return [
+                services.run_create(
                     job=job,
-                    first=gap.first,
-                    last=gap.last,
-                    count=gap.count,
-                    policy=job.catchup,
-                    recorded_at=now,
+                    trigger=Run.Trigger.SCHEDULE,
+                    scheduled_for=at,
+                    now=now,
+                    plan=plan,
+                    noted=True,
                 )
-            if len(to_run) <= 1:
-                return [
-                    services.run_create(
-                        job=job,
-                        trigger=Run.Trigger.SCHEDULE,
-                        scheduled_for=at,
-                        now=now,
-                        plan=plan,
-                        noted=True,
-                    )
-                    for at in to_run
-                ]
-            return _catch_up(job, to_run, now)
-    except IntegrityError:
-        return []  # another scheduler created these runs
+                for at in to_run
+            ]
+        return _catch_up(job, to_run, now)
 
 
 def _catch_up(job: Job, fires: list[datetime], now: datetime) -> list[Run]:
@@ -167,13 +202,24 @@ def _catch_up(job: Job, fires: list[datetime], now: datetime) -> list[Run]:
 
 
 def next_due() -> datetime | None:
-    """The next moment the clock has work: a fire or a waiting retry."""
+    """The next moment the clock has work: a fire or a waiting retry.
+
+    A retry whose job is busy is left out (as dispatch_waiting leaves it):
+    the end of the run it waits for dispatches it, and its delay, long
+    past, would have the clock wake at once, again and again."""
     fire = Job.objects.filter(enabled=True, next_fire_at__isnull=False).aggregate(
         due=Min("next_fire_at")
     )["due"]
-    retry = Run.objects.filter(
-        status=Run.Status.QUEUED, enqueued_at__isnull=True, not_before__isnull=False
-    ).aggregate(due=Min("not_before"))["due"]
+    busy = Run.objects.filter(job=OuterRef("job")).filter(
+        Q(status=Run.Status.RUNNING) | Q(status=Run.Status.QUEUED, enqueued_at__isnull=False)
+    )
+    retry = (
+        Run.objects.filter(
+            status=Run.Status.QUEUED, enqueued_at__isnull=True, not_before__isnull=False
+        )
+        .filter(Q(job__overlap=Job.Overlap.ALLOW) | ~Exists(busy))
+        .aggregate(due=Min("not_before"))["due"]
+    )
     return min((d for d in (fire, retry) if d is not None), default=None)
 
 

@@ -196,6 +196,12 @@ class Job(models.Model):
     # any path (admin, loadjobs, shell) takes effect at the next tick.
     next_fire_at = models.DateTimeField(null=True, blank=True, editable=False)
     fire_basis = models.CharField(max_length=300, blank=True, editable=False)
+    # Since when the current schedule, time zone and enabled state apply:
+    # set when the scheduler recomputes next_fire_at and when the job is
+    # resumed. Staleness ignores fires before it (a job paused for days, a
+    # schedule edited, owes nothing for the fires of before). Empty: since
+    # created_at.
+    schedule_since = models.DateTimeField(null=True, blank=True, editable=False)
     # The overlap slot: the run that currently holds this job. Claimed and
     # released with conditional UPDATEs (services.run_claim / run_finish).
     active_run = models.ForeignKey(
@@ -217,8 +223,40 @@ class Job(models.Model):
             ),
         ]
 
+    # Kept by the clock and the workers with conditional UPDATEs, never by
+    # save(): a save() of a copy read before (the admin's full save, a
+    # shell's) would put back the values it read - a next_fire_at that has
+    # fired, a slot since freed - unless it names them in update_fields.
+    RUNTIME_FIELDS = (
+        "alert_state",
+        "alert_state_since",
+        "consecutive_failures",
+        "last_scheduled_for",
+        "last_success_at",
+        "last_end_status",
+        "last_end_run_id",
+        "next_fire_at",
+        "fire_basis",
+        "schedule_since",
+        "active_run",
+    )
+
     def __str__(self) -> str:
         return self.name
+
+    def save(self, **kwargs) -> None:
+        if not (self._state.adding or kwargs.get("force_insert")) and (
+            kwargs.get("update_fields") is None
+        ):
+            deferred = self.get_deferred_fields()  # as Django does: only what was loaded
+            kwargs["update_fields"] = [
+                f.name
+                for f in self._meta.concrete_fields
+                if not f.primary_key
+                and f.name not in self.RUNTIME_FIELDS
+                and f.attname not in deferred
+            ]
+        super().save(**kwargs)
 
     def get_absolute_url(self) -> str:
         return reverse("jobs-job-detail", args=[self.slug])
@@ -345,7 +383,8 @@ class Job(models.Model):
             fires = scheduling.previous_fires(self.schedule, self.timezone, now - grace, 2)
         except scheduling.ScheduleError:
             return None
-        if not fires or fires[0] < self.created_at:
+        since = self.schedule_since or self.created_at
+        if not fires or fires[0] < since:
             return None
         due = fires[0]
         if self.last_scheduled_for is None or self.last_scheduled_for < due:
@@ -354,7 +393,7 @@ class Job(models.Model):
                 overdue=now - (due + grace),
                 reason=f"no run for the fire at {due:%Y-%m-%d %H:%M %Z}",
             )
-        if len(fires) > 1 and fires[1] >= self.created_at:
+        if len(fires) > 1 and fires[1] >= since:
             since = self.last_success_at
             if since is None or since < fires[1]:
                 last = f"{since:%Y-%m-%d %H:%M %Z}" if since else "never"

@@ -245,11 +245,18 @@ def _previous_fires(expr: str, tz_name: str, before: datetime, count: int) -> tu
             instant = fire.at.astimezone(UTC)
             if instant <= before and instant not in kept:
                 kept.append(instant)
-        # Near a fall-back instants come out of order: walk on a little.
-        if len(kept) >= count and (not shifting or naive < local - LOOKAHEAD):
+                kept.sort(reverse=True)
+        # Near a fall-back instants come out of order: an earlier wall clock
+        # time's second occurrence can be newer than a later time's first.
+        # No wall clock time before `naive` is newer than its last occurrence.
+        if len(kept) >= count and kept[count - 1] >= _last_occurrence(naive, tz):
             break
-    kept.sort(reverse=True)
     return tuple(moment.astimezone(tz) for moment in kept[:count])
+
+
+def _last_occurrence(naive: datetime, tz: ZoneInfo) -> datetime:
+    """The later instant of a wall clock time (the only one, but in a fall-back)."""
+    return naive.replace(tzinfo=tz, fold=1).astimezone(UTC)
 
 
 def next_fires(expr: str, tz_name: str, after: datetime, count: int = 1) -> list[Fire]:

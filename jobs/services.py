@@ -352,6 +352,10 @@ def dispatch_waiting(*, now: datetime, job: Job | None = None, asked: bool = Fal
     sent = 0
     busy: set[int] = set()
     for run in waiting[:500]:
+        if _paused(run):
+            with transaction.atomic():
+                _skip_paused(run, now=now)
+            continue
         if run.job_id in busy:
             continue
         if run.job.overlap != Job.Overlap.ALLOW:
@@ -365,6 +369,34 @@ def dispatch_waiting(*, now: datetime, job: Job | None = None, asked: bool = Fal
                 _send(run)
                 sent += 1
     return sent
+
+
+# What a pause stops: the runs the clock, a retry or an upstream started
+# (a user pauses a broken job to stop it). A run a user asked for (Run now,
+# rerun, runjob) runs even while its job is paused.
+PAUSABLE = (Run.Trigger.SCHEDULE, Run.Trigger.RETRY, Run.Trigger.UPSTREAM)
+
+
+def _paused(run: Run) -> bool:
+    return not run.job.enabled and run.trigger in PAUSABLE
+
+
+def _skip_paused(run: Run, *, now: datetime, was: str = Run.Status.QUEUED) -> bool:
+    """Skip a pending run of a paused job, if it still is `was`. In the
+    caller's transaction."""
+    if not Run.objects.filter(pk=run.pk, status=was).update(
+        status=Run.Status.SKIPPED,
+        finished_at=now,
+        started_at=None,
+        heartbeat_at=None,
+        worker="",
+        error_summary="paused",
+    ):
+        return False
+    run.status, run.finished_at, run.started_at = Run.Status.SKIPPED, now, None
+    run.error_summary = "paused"
+    stats.record_finished(run)
+    return True
 
 
 def _job_busy(run: Run) -> bool:
@@ -501,6 +533,12 @@ def run_claim(*, run_id: int, worker: str, now: datetime | None = None) -> Run |
         if claimed is None:
             return None
         run, slot_taken = claimed
+        if _paused(run):  # rare: checked after the one statement, not before it
+            with transaction.atomic():
+                _skip_paused(run, now=now, was=Run.Status.RUNNING)
+                if slot_taken:
+                    Job.objects.filter(pk=run.job_id, active_run=run.pk).update(active_run=None)
+            return None
         if run.job.overlap == Job.Overlap.ALLOW or slot_taken:
             return run
         with transaction.atomic():
@@ -510,6 +548,10 @@ def run_claim(*, run_id: int, worker: str, now: datetime | None = None) -> Run |
     # and monitor queue for, so it should hold nothing but the writes.
     run = _queued_run(run_id, query)
     if run is None:
+        return None
+    if _paused(run):
+        with transaction.atomic():
+            _skip_paused(run, now=now)
         return None
     job = run.job
     claim = {"status": Run.Status.RUNNING, "started_at": now, "heartbeat_at": now, "worker": worker}
@@ -1226,7 +1268,11 @@ def _last_end(run: Run) -> dict:
 
 def retry_delay(job: Job, attempt: int, *, jitter: float | None = None) -> float:
     """Seconds before attempt `attempt + 1`: exponential, capped, +0-10% jitter."""
-    base = min(job.retry_max_delay, job.retry_delay * job.retry_backoff ** (attempt - 1))
+    try:
+        grown = job.retry_delay * job.retry_backoff ** (attempt - 1)
+    except OverflowError:  # a huge backoff: past any cap
+        grown = job.retry_max_delay if job.retry_delay else 0
+    base = min(job.retry_max_delay, grown)
     return base * (1 + (random.uniform(0, 0.1) if jitter is None else jitter))
 
 
@@ -1383,5 +1429,19 @@ def sweep_queued(*, now: datetime) -> int:
 
 
 def job_set_enabled(*, job: Job, enabled: bool) -> None:
-    Job.objects.filter(pk=job.pk).update(enabled=enabled, updated_at=timezone.now())
-    job.enabled = enabled
+    """Pause or resume. A pause also skips the job's pending runs at once
+    (a retry waiting for its delay, runs sent to the workers); the
+    dispatcher and the claim skip those of a job paused another way."""
+    now = timezone.now()
+    if enabled:
+        # Resumed: owes nothing for the fires while paused (staleness), also
+        # before the clock's next tick.
+        Job.objects.filter(pk=job.pk).update(enabled=True, updated_at=now, schedule_since=now)
+        job.enabled, job.schedule_since = True, now
+        return
+    Job.objects.filter(pk=job.pk).update(enabled=False, updated_at=now)
+    job.enabled = False
+    pending = Run.objects.filter(job=job, status=Run.Status.QUEUED, trigger__in=PAUSABLE)
+    for run in pending.select_related("job"):
+        with transaction.atomic():
+            _skip_paused(run, now=now)

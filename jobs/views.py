@@ -189,6 +189,7 @@ STALE_FIELDS = [
     "enabled",
     "grace",
     "created_at",
+    "schedule_since",
     "last_scheduled_for",
     "last_success_at",
 ]

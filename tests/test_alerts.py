@@ -98,6 +98,55 @@ def test_scheduler_down_is_caught_end_to_end_with_frozen_time(make_job):
     assert "no run for the fire at 2026-06-01 12:25" in flip.reason
 
 
+def daily_job_that_ran_on_day_one(make_job) -> Job:
+    """A 03:00 job a month old whose June 1st fire ran and succeeded."""
+    job = job_created_at(make_job(schedule="0 3 * * *"), T0 - timedelta(days=30))
+    day1 = datetime(2026, 6, 1, 3, 0, tzinfo=UTC)
+    clock.sync(now=day1 - timedelta(minutes=1))
+    assert len(clock.fire_due(now=day1)) == 1
+    Job.objects.filter(pk=job.pk).update(last_success_at=day1 + timedelta(minutes=5))
+    job.refresh_from_db()
+    return job
+
+
+def test_a_resumed_job_is_not_stale_for_the_fires_it_missed_while_paused(make_job):
+    job = daily_job_that_ran_on_day_one(make_job)
+    paused = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+    with time_machine.travel(paused, tick=False):
+        services.job_set_enabled(job=job, enabled=False)
+    clock.tick(now=paused)
+    resumed = datetime(2026, 6, 4, 12, 0, tzinfo=UTC)
+    with time_machine.travel(resumed, tick=False):
+        services.job_set_enabled(job=job, enabled=True)
+    job.refresh_from_db()
+    assert job.stale_reason(resumed) is None  # before the clock's next tick too
+    clock.tick(now=resumed)
+    job.refresh_from_db()
+    assert job.alert_state == Job.AlertState.OK
+    # Its next fire still counts: no run for it, stale.
+    stale = job.stale_reason(datetime(2026, 6, 5, 4, 0, tzinfo=UTC))
+    assert stale is not None and "no run for the fire at 2026-06-05 03:00" in stale.reason
+
+
+def test_a_job_resumed_within_one_tick_is_not_stale_either(make_job):
+    job = daily_job_that_ran_on_day_one(make_job)
+    resumed = datetime(2026, 6, 4, 12, 0, tzinfo=UTC)
+    with time_machine.travel(resumed, tick=False):
+        services.job_set_enabled(job=job, enabled=False)
+        services.job_set_enabled(job=job, enabled=True)
+    assert alerts.check_stale(now=resumed) == 0
+
+
+def test_editing_the_schedule_is_not_stale_for_a_fire_before_the_edit(make_job):
+    job = daily_job_that_ran_on_day_one(make_job)
+    edit = datetime(2026, 6, 2, 2, 30, tzinfo=UTC)  # 0 3 -> 0 1, before today's 03:00
+    Job.objects.filter(pk=job.pk).update(schedule="0 1 * * *")
+    clock.tick(now=edit)
+    job.refresh_from_db()
+    assert job.alert_state == Job.AlertState.OK
+    assert job.stale_reason(edit + timedelta(hours=1)) is None
+
+
 # --- Rollups ------------------------------------------------------------------------------
 
 

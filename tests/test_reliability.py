@@ -68,6 +68,18 @@ def test_backoff_is_exponential_and_capped(make_job):
     assert delays == [10, 20, 40, 60, 60]
 
 
+def test_a_huge_backoff_waits_the_longest_delay_instead_of_failing(make_job):
+    """The delay grew past a float (OverflowError): the run's end, or the
+    sweeper in the scheduler, failed with it."""
+    job = make_job(retries=20, retry_delay=10, retry_backoff=1e20, retry_max_delay=600)
+    assert services.retry_delay(job, 20, jitter=0) == 600
+    lost = start(job)
+    Run.objects.filter(pk=lost.pk).update(heartbeat_at=T0, attempt=20)
+    assert services.sweep_lost(now=T0 + timedelta(hours=1)) == 1
+    retry = Run.objects.get(retry_of=lost)
+    assert retry.not_before >= T0 + timedelta(hours=1, seconds=600)
+
+
 def test_timeouts_and_lost_runs_are_retried_but_cancelled_runs_are_not(make_job):
     job = make_job(command="sleep 30", timeout=1, retries=1)
     timed_out = services.run_foreground(job=job, **quiet)
@@ -147,6 +159,49 @@ def test_a_claim_that_finds_the_slot_taken_goes_back_to_waiting_under_queue(make
     finish(running)
     sneaky.refresh_from_db()
     assert sneaky.enqueued_at is not None
+
+
+# --- Pause ----------------------------------------------------------------------
+
+
+def test_pausing_a_job_skips_its_waiting_retry(make_job):
+    """A user pauses a broken job to stop it: its pending retry must not run."""
+    job = make_job(retries=2, retry_delay=60)
+    failed = start(job)
+    finish(failed, Run.Status.FAILED, exit_code=1)
+    retry = Run.objects.get(retry_of=failed)
+    services.job_set_enabled(job=job, enabled=False)
+    clock.tick(now=retry.not_before + timedelta(minutes=1))
+    retry.refresh_from_db()
+    assert (retry.status, retry.error_summary) == (Run.Status.SKIPPED, "paused")
+    assert retry.enqueued_at is None
+
+
+def test_a_run_waiting_behind_another_is_skipped_once_its_job_is_paused_by_an_edit(make_job):
+    job = make_job(overlap=Job.Overlap.QUEUE)
+    running = start(job)
+    waiting = services.run_create(job=job, trigger=Run.Trigger.SCHEDULE)
+    job.enabled = False
+    job.save()  # the admin's change form, not the Pause button
+    finish(running)
+    waiting.refresh_from_db()
+    assert (waiting.status, waiting.error_summary) == (Run.Status.SKIPPED, "paused")
+    assert waiting.enqueued_at is None
+
+
+def test_a_run_sent_to_the_workers_before_a_pause_is_skipped_when_claimed(make_job):
+    job = make_job(overlap=Job.Overlap.QUEUE)
+    sent = services.run_create(job=job, trigger=Run.Trigger.SCHEDULE)
+    assert sent.enqueued_at is not None
+    Job.objects.filter(pk=job.pk).update(enabled=False)
+    assert services.run_claim(run_id=sent.pk, worker="host:1") is None
+    sent.refresh_from_db()
+    assert (sent.status, sent.error_summary) == (Run.Status.SKIPPED, "paused")
+    job.refresh_from_db()
+    assert job.active_run_id is None
+    # "Run now" of a paused job still runs: a user asked for it.
+    manual = start(job)
+    assert manual.status == Run.Status.RUNNING
 
 
 # --- Cancel ----------------------------------------------------------------------
@@ -331,6 +386,33 @@ def test_catch_up_all_runs_one_after_another_under_skip(make_job):
     dispatched = Run.objects.filter(job=job, enqueued_at__isnull=False)
     assert dispatched.count() == 1, "catch-up runs overlapped"
     assert all(r.status == Run.Status.QUEUED for r in Run.objects.filter(job=job))
+
+
+@override_settings(JOBSITE_CATCHUP_MAX=3)
+def test_catch_up_all_after_a_long_downtime_runs_the_latest_and_records_the_rest(make_job):
+    """More fires missed than the cap, and one on time: the clock used to
+    crash (IndexError) on this, at every restart."""
+    job = make_job(schedule="* * * * *", catchup="all", overlap=Job.Overlap.ALLOW)
+    clock.sync(now=T0)
+    runs = clock.fire_due(now=T0 + timedelta(hours=3, seconds=10))
+    assert [f"{r.scheduled_for:%H:%M}" for r in runs] == ["14:57", "14:58", "14:59", "15:00"]
+    (gap,) = MissedFires.objects.filter(job=job)
+    assert (f"{gap.first:%H:%M}", f"{gap.last:%H:%M}", gap.count) == ("12:01", "14:56", 176)
+    job.refresh_from_db()
+    assert job.next_fire_at == datetime(2026, 6, 1, 15, 1, tzinfo=UTC)
+
+
+def test_catch_up_runs_are_skipped_while_an_upstream_failed_like_any_fire(make_job):
+    up = make_job(name="up")
+    down = make_job(name="down", schedule="*/10 * * * *", catchup="all")
+    down.upstreams.add(up)
+    finish(start(up), Run.Status.FAILED, exit_code=1)
+    runs = down_for(down, 35)
+    assert len(runs) == 3
+    for run in Run.objects.filter(job=down):
+        assert run.status == Run.Status.SKIPPED
+        assert run.error_summary.startswith("waiting on up: failed at ")
+        assert run.enqueued_at is None
 
 
 def test_a_fire_that_is_only_a_little_late_is_not_missed(make_job):

@@ -92,6 +92,49 @@ def test_a_scheduler_with_a_stale_view_cannot_fire_the_same_time_again(make_job)
     assert Run.objects.filter(job=job).count() == 1
 
 
+def test_saving_a_copy_of_a_job_read_before_a_fire_keeps_the_clocks_state(make_job):
+    """A full save() of a job read earlier (the admin's, a shell's) writes
+    its definition, not the state the clock and the workers keep: it used
+    to put next_fire_at back to a fire that had run."""
+    job = make_job(schedule="*/5 * * * *")
+    clock.sync(now=T0)
+    copy = Job.objects.get(pk=job.pk)
+    (run,) = fire_all(T0 + timedelta(minutes=5))
+    services.run_claim(run_id=run.pk, worker="w:1", now=T0 + timedelta(minutes=5))
+    copy.description = "edited"
+    copy.save()
+    job.refresh_from_db()
+    assert job.description == "edited"
+    assert job.next_fire_at == datetime(2026, 6, 1, 12, 10, tzinfo=UTC)
+    assert job.last_scheduled_for == run.scheduled_for
+    assert job.active_run_id == run.pk
+    copy.next_fire_at = T0
+    copy.save(update_fields=["next_fire_at"])  # named: written
+    job.refresh_from_db()
+    assert job.next_fire_at == T0
+
+
+@pytest.mark.parametrize("catchup", ["latest", "all"])
+def test_a_fire_time_put_back_after_its_fire_is_passed_over_not_wedged(make_job, catchup):
+    """next_fire_at written back to a fire that already has its run: the
+    clock used to hit the unique constraint on every tick, never move it
+    on, and spin; with catchup=all the job never fired again."""
+    job = make_job(schedule="*/5 * * * *", catchup=catchup, overlap=Job.Overlap.ALLOW)
+    clock.sync(now=T0)
+    (first,) = fire_all(T0 + timedelta(minutes=5))
+    Job.objects.filter(pk=job.pk).update(next_fire_at=first.scheduled_for)
+    now = T0 + timedelta(minutes=5, seconds=20)
+    assert clock.tick(now=now) == []
+    assert clock.sleep_seconds(now=now, max_sleep=1.0) == 1.0
+    job.refresh_from_db()
+    assert job.next_fire_at == datetime(2026, 6, 1, 12, 10, tzinfo=UTC)
+    later = T0 + timedelta(hours=1, seconds=5)
+    Job.objects.filter(pk=job.pk).update(next_fire_at=first.scheduled_for)
+    runs = clock.tick(now=later)
+    assert datetime(2026, 6, 1, 13, 0, tzinfo=UTC) in [r.scheduled_for for r in runs]
+    assert Run.objects.filter(job=job, scheduled_for=first.scheduled_for).count() == 1
+
+
 def test_unique_constraint_forbids_a_second_run_for_the_same_fire(make_job):
     job = make_job()
     fields = dict(job=job, trigger="schedule", scheduled_for=T0, queued_at=T0, attempt=1)
@@ -109,6 +152,25 @@ def test_one_bad_schedule_does_not_block_the_others(make_job):
     Job.objects.filter(pk=bad.pk).update(schedule="99 * * * *", fire_basis="99 * * * *|UTC")
     runs = fire_all(T0 + timedelta(minutes=1))
     assert [r.job_id for r in runs] == [good.pk]
+
+
+def test_a_job_that_fails_to_fire_does_not_stop_the_others(make_job, monkeypatch, caplog):
+    """Any error firing one job (a bug, a bad row) is logged with the job,
+    and the clock goes on with the others."""
+    broken = make_job(name="broken", schedule="* * * * *")
+    good = make_job(name="good", schedule="* * * * *")
+    plan_fires = clock.plan_fires
+
+    def failing_for_broken(job, now):
+        if job.pk == broken.pk:
+            raise RuntimeError("boom")
+        return plan_fires(job, now)
+
+    monkeypatch.setattr(clock, "plan_fires", failing_for_broken)
+    clock.sync(now=T0)
+    runs = clock.tick(now=T0 + timedelta(minutes=1))
+    assert [r.job_id for r in runs] == [good.pk]
+    assert "broken" in caplog.text and "boom" in caplog.text
 
 
 def test_a_second_fire_while_running_is_skipped_with_reason(make_job):
@@ -169,6 +231,27 @@ def test_the_clock_wakes_up_for_a_waiting_retry(make_job):
     clock.tick(now=retry.not_before)
     retry.refresh_from_db()
     assert retry.enqueued_at == retry.not_before
+
+
+def test_the_clock_sleeps_while_a_due_retry_waits_behind_a_running_run(make_job):
+    """A retry whose delay has passed but whose job is busy is started by
+    the end of the blocking run, not by the clock: the clock used to wake
+    for it at once, again and again (a busy loop)."""
+    job = make_job(overlap=Job.Overlap.QUEUE, retries=1, retry_delay=30)
+    first = services.run_create(job=job, trigger=Run.Trigger.MANUAL, now=T0)
+    first = services.run_claim(run_id=first.pk, worker="w:1", now=T0)
+    second = services.run_create(job=job, trigger=Run.Trigger.MANUAL, now=T0)
+    services.run_finish(run=first, status=Run.Status.FAILED, exit_code=1, now=T0)
+    second = services.run_claim(run_id=second.pk, worker="w:2", now=T0)
+    retry = Run.objects.get(retry_of=first)
+    later = T0 + timedelta(minutes=5)
+    Run.objects.filter(pk=second.pk).update(heartbeat_at=later)
+    clock.tick(now=later)
+    assert clock.next_due() is None
+    assert clock.sleep_seconds(now=later, max_sleep=1.0) == 1.0
+    services.run_finish(run=second, status=Run.Status.SUCCEEDED, exit_code=0, now=later)
+    retry.refresh_from_db()
+    assert retry.enqueued_at == later
 
 
 def test_a_fire_notes_its_time_for_staleness_in_the_claim_itself(make_job):

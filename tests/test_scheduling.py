@@ -157,3 +157,36 @@ def test_remembered_previous_fires_equal_a_fresh_walk_around_every_fire(expr, tz
             walked = scheduling._previous_fires(expr, tz_name, moment, count)
             assert in_utc(scheduling.previous_fires(expr, tz_name, moment, count)) == in_utc(walked)
     assert scheduling._SPANS  # spans were remembered, so later answers came from them
+
+
+def test_previous_fires_after_a_fall_back_include_the_repeated_hour():
+    # 2026-10-25: Berlin goes from 03:00 back to 02:00; "*/30 2" fires at
+    # 02:00 and 02:30 twice. At 05:35 the newest two are the second 02:30
+    # and the second 02:00, though 02:00 is the earlier wall clock time.
+    fires = scheduling.previous_fires("*/30 2 * * *", "Europe/Berlin", utc(2026, 10, 25, 4, 35), 2)
+    assert [f"{f.astimezone(UTC):%H:%M}" for f in fires] == ["01:30", "01:00"]
+
+
+@pytest.mark.parametrize(
+    "expr, tz_name, day",
+    [
+        ("*/30 2 * * *", "Europe/Berlin", datetime(2026, 10, 24, 18, tzinfo=UTC)),
+        ("*/20 1 * * *", "America/New_York", datetime(2026, 10, 31, 22, tzinfo=UTC)),
+        ("*/15 1 * * *", "Australia/Lord_Howe", datetime(2026, 4, 4, 8, tzinfo=UTC)),
+        ("*/30 * * * *", "Antarctica/Troll", datetime(2026, 10, 24, 18, tzinfo=UTC)),
+        ("30 2 * * *", "Europe/Berlin", datetime(2026, 3, 28, 18, tzinfo=UTC)),
+    ],
+)
+def test_previous_fires_are_the_newest_of_the_forward_fires_across_dst(expr, tz_name, day):
+    forward = [
+        f.astimezone(UTC)
+        for f in scheduling.fires_between(
+            expr, tz_name, day - timedelta(days=2), day + timedelta(days=2)
+        )
+    ]
+    moment = day
+    while moment < day + timedelta(hours=16):
+        expected = [f for f in forward if f <= moment][::-1][:2]
+        walked = scheduling._previous_fires(expr, tz_name, moment, 2)
+        assert [f.astimezone(UTC) for f in walked] == expected, moment
+        moment += timedelta(minutes=7, seconds=13)
