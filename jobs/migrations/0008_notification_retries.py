@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('jobs', '0006_job_last_end'),
+        ('jobs', '0007_job_schedule_since'),
     ]
 
     operations = [
