@@ -1371,3 +1371,101 @@ def test_run_list_filters_by_a_job_offering_those_that_need_attention(admin_clie
     assert [r.job.name for r in only_fine.context["cl"].result_list] == ["fine-report"]
     assert f"?job={fine.pk}" in only_fine.content.decode()  # the chosen job is offered
     assert admin_client.get(changelist, {"job": "nope"}).status_code == 200
+
+
+def test_run_list_ignores_a_job_filter_that_is_not_a_number(admin_client, make_job):
+    make_run(make_job(name="nightly"), Run.Status.FAILED)
+    changelist = reverse("admin:jobs_run_changelist")
+
+    response = admin_client.get(changelist, {"job": "²"})  # "²".isdigit(), but not int()
+
+    assert response.status_code == 200
+    assert [r.job.name for r in response.context["cl"].result_list] == ["nightly"]
+
+
+# --- Change list filters: only the sidebar's --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "lookup",
+    [
+        {"environment__API_TOKEN__startswith": "tok-9"},
+        {"environment__API_TOKEN": "tok-9f8e7d6c"},
+        {"deliver_password__startswith": "hun"},
+        {"deliver_password": "hunter2"},
+    ],
+)
+def test_view_only_user_cannot_probe_secrets_through_list_filters(
+    view_only_client, make_job, lookup
+):
+    make_job(
+        name="secretive",
+        environment={"API_TOKEN": "tok-9f8e7d6c"},
+        secret_keys=["API_TOKEN"],
+        deliver_url="ftp://reports@ftp.example.com/in",
+        deliver_password="hunter2",
+    )
+
+    response = view_only_client.get(reverse("admin:jobs_job_changelist"), lookup)
+
+    assert response.status_code == 400
+    assert "cl" not in (response.context or {})
+
+
+@pytest.mark.parametrize(
+    "model, lookup",
+    [
+        ("job", {"tags__regex": "("}),  # PostgreSQL: invalid regular expression
+        ("job", {"timezone": "\x00"}),  # PostgreSQL: no NUL in a string literal
+        ("job", {"command__contains": "etl"}),
+        ("run", {"command__startswith": "echo"}),
+        ("run", {"environment__TOKEN": "x"}),
+        ("run", {"job__name": "nightly"}),
+        ("notification", {"target__startswith": "ops"}),
+        ("alertflip", {"reason__contains": "went"}),
+        ("missedfires", {"count__gt": "1"}),
+        ("jobdailystats", {"failed__gt": "1"}),
+    ],
+)
+def test_change_lists_refuse_lookups_their_filters_do_not_offer(
+    admin_client, make_job, model, lookup
+):
+    make_run(make_job(name="nightly"), Run.Status.FAILED)
+
+    response = admin_client.get(reverse(f"admin:jobs_{model}_changelist"), lookup)
+
+    assert response.status_code == 400
+
+
+def test_every_filter_and_date_link_in_the_change_lists_still_works(admin_client, make_job):
+    job = make_job(name="nightly", schedule="@daily", timezone="Europe/Berlin", tags="etl")
+    Job.objects.filter(pk=job.pk).update(alert_state=Job.AlertState.FAILING)
+    run = make_run(job, Run.Status.FAILED)
+    make_missed(job, count=3)
+    make_flip(job, Job.AlertState.FAILING, run=run)
+    make_notification(job, ok=False)
+    make_stats(job, 1, failed=1, executed=1)
+
+    checked = 0
+    for model in ["job", "run", "missedfires", "alertflip", "notification", "jobdailystats"]:
+        changelist = reverse(f"admin:jobs_{model}_changelist")
+        cl = admin_client.get(changelist).context["cl"]
+        links = [choice["query_string"] for spec in cl.filter_specs for choice in spec.choices(cl)]
+        if cl.date_hierarchy:
+            day = f"{cl.date_hierarchy}__year=2030&{cl.date_hierarchy}__month=1"
+            links += [f"?{day}", f"?{day}&{cl.date_hierarchy}__day=2"]
+        for link in links:
+            assert admin_client.get(changelist + link).status_code == 200, (model, link)
+            checked += 1
+
+    assert checked > 40
+
+
+def test_an_overlong_search_is_refused_with_a_message_not_a_database_error(admin_client, make_job):
+    make_job(name="nightly")
+
+    response = admin_client.get(reverse("admin:jobs_job_changelist"), {"q": "x" * 100_000})
+
+    assert response.status_code == 200
+    assert [j.name for j in response.context["cl"].result_list] == ["nightly"]
+    assert any("at most 200 characters" in m for m in messages_of(response))
