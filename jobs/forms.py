@@ -12,7 +12,7 @@ from django.db.models import QuerySet
 
 from jobs import services
 from jobs.jobfile import KIND_KEYS, validate_email, validate_webhook_url
-from jobs.models import Job
+from jobs.models import SECRET_MASK, Job
 
 _ADDRESS_SEPARATORS = re.compile(r"[\s,;]+")
 _KIND_NAMES = {Job.Kind.SHELL: "shell", Job.Kind.PYTHON: "Python", Job.Kind.SQL: "SQL"}
@@ -61,6 +61,41 @@ class WebhookURLField(forms.URLField):
     # message replaces any validator's, so it says so too.
     default_validators = [validate_webhook_url]
     default_error_messages = {"invalid": validate_webhook_url.message}
+
+
+class EnvironmentField(forms.JSONField):
+    """The environment as JSON, secret values write-only like the delivery
+    password: shown as SECRET_MASK (also when the form comes back with an
+    error), and a secret still holding the mask keeps its stored value; a
+    value typed over the mask replaces it. The form sets `stored` (the
+    job's secret values) and `secret_keys` (which keys to mask)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stored: dict[str, str] = {}
+        self.secret_keys: set[str] = set()
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            value = {k: SECRET_MASK if k in self.secret_keys else v for k, v in value.items()}
+        return super().prepare_value(value)
+
+    def to_python(self, value: Any) -> Any:
+        value = super().to_python(value)
+        if isinstance(value, dict):
+            value = {k: self.stored.get(k, v) if v == SECRET_MASK else v for k, v in value.items()}
+        return value
+
+    def validate(self, value: Any) -> None:
+        super().validate(value)
+        if not isinstance(value, dict):
+            return  # Job.clean says what the environment should be
+        masked = sorted(k for k, v in value.items() if v == SECRET_MASK)
+        if masked:
+            raise ValidationError(
+                f"Type the value of {', '.join(masked)}: {SECRET_MASK} stands for a stored "
+                "secret, and there is none to keep."
+            )
 
 
 class JobAdminForm(forms.ModelForm):
@@ -116,12 +151,21 @@ class JobAdminForm(forms.ModelForm):
             "SQL: the database and the SQL (and a statement timeout). "
             "The fields of the other kinds stay empty.",
         }
+        field_classes = {"environment": EnvironmentField}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # The stored password is not the field's initial value: it never
         # reaches the page, and leaving the field empty is "no change".
         self.initial.pop("deliver_password", None)
+        if "environment" in self.fields:
+            job = self.instance
+            secret = set(job.secret_keys) if isinstance(job.secret_keys, list) else set()
+            environment = job.environment if isinstance(job.environment, dict) else {}
+            self.fields["environment"].stored = {
+                k: v for k, v in environment.items() if k in secret
+            }
+            self.fields["environment"].secret_keys = secret
 
     def clean_kwargs(self) -> Any:
         kwargs = self.cleaned_data["kwargs"]
@@ -165,6 +209,10 @@ class JobAdminForm(forms.ModelForm):
             )
         self._check_other_kinds_fields(cleaned)
         self._keep_or_forget_password(cleaned)
+        secret_keys = cleaned.get("secret_keys")
+        if "environment" in self.fields and isinstance(secret_keys, list):
+            # Shown again with an error: a key just marked secret is masked too.
+            self.fields["environment"].secret_keys |= {str(k) for k in secret_keys}
         return cleaned
 
     def _check_other_kinds_fields(self, cleaned: dict[str, Any]) -> None:

@@ -4,10 +4,13 @@ messages, masked secrets and flat query counts."""
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from datetime import UTC, datetime
 
 import pytest
+from django.contrib.admin.models import LogEntry
 from django.contrib.messages import get_messages
 from django.db import connection
 from django.test import Client
@@ -427,6 +430,8 @@ def change_form(job: Job, **overrides) -> dict:
         alert_after=str(job.alert_after),
         webhook_url=job.webhook_url,
         grace="" if job.grace is None else str(job.grace),
+        environment=json.dumps(job.masked_environment()),
+        secret_keys=json.dumps(job.secret_keys),
     )
     if job.trigger_on_upstream:
         data["trigger_on_upstream"] = "on"
@@ -508,6 +513,100 @@ def test_secret_value_never_appears_on_the_run_admin_page(admin_client, make_job
     assert f"token is {SECRET_MASK}" in text  # the log, redacted
     assert f"API_TOKEN={SECRET_MASK}" in text  # the environment, masked
     assert "TARGET=reports" in text
+
+
+def make_secretive(make_job) -> Job:
+    return make_job(
+        environment={"API_TOKEN": "tok-9f8e7d6c", "TARGET": "reports"},
+        secret_keys=["API_TOKEN"],
+    )
+
+
+def test_secret_value_is_masked_in_the_editors_change_form(admin_client, make_job):
+    job = make_secretive(make_job)
+
+    text = admin_client.get(job_url("change", job)).content.decode()
+
+    assert "tok-9f8e7d6c" not in text
+    assert SECRET_MASK in text
+    assert "reports" in text
+
+
+def test_saving_a_masked_secret_keeps_its_stored_value(admin_client, make_job):
+    job = make_secretive(make_job)
+
+    response = admin_client.post(
+        job_url("change", job),
+        change_form(job, environment=json.dumps({"API_TOKEN": SECRET_MASK, "TARGET": "other"})),
+    )
+
+    assert response.status_code == 302, form_errors(response)
+    job.refresh_from_db()
+    assert job.environment == {"API_TOKEN": "tok-9f8e7d6c", "TARGET": "other"}
+
+
+def test_a_secret_typed_over_the_mask_replaces_it_and_is_never_shown(admin_client, make_job):
+    job = make_secretive(make_job)
+
+    admin_client.post(
+        job_url("change", job),
+        change_form(job, environment=json.dumps({"API_TOKEN": "new-secret-1", "TARGET": "x"})),
+    )
+    job.refresh_from_db()
+    history = admin_client.get(job_url("history", job)).content.decode()
+    page = admin_client.get(job_url("change", job)).content.decode()
+
+    assert job.environment["API_TOKEN"] == "new-secret-1"
+    assert "new-secret-1" not in history and "tok-9f8e7d6c" not in history
+    assert "new-secret-1" not in page
+
+
+def test_an_invalid_edit_shows_secrets_masked(admin_client, make_job):
+    job = make_secretive(make_job)
+
+    response = admin_client.post(
+        job_url("change", job),
+        change_form(
+            job,
+            timeout="0",
+            environment=json.dumps({"API_TOKEN": SECRET_MASK, "NEW_KEY": "typed-secret"}),
+            secret_keys='["API_TOKEN", "NEW_KEY"]',
+        ),
+    )
+
+    assert list(form_errors(response)) == ["timeout"]
+    text = response.content.decode()
+    assert "tok-9f8e7d6c" not in text
+    assert "typed-secret" not in text
+
+
+def test_the_mask_as_the_value_of_a_new_key_is_refused(admin_client, make_job):
+    job = make_secretive(make_job)
+
+    response = admin_client.post(
+        job_url("change", job),
+        change_form(job, environment=json.dumps({"RENAMED": SECRET_MASK})),
+    )
+
+    assert "Type the value of RENAMED" in form_errors(response)["environment"][0]
+
+
+def test_an_unchanged_masked_environment_is_not_logged_as_a_change(admin_client, make_job):
+    job = make_secretive(make_job)
+
+    # The form's hidden "initial-" copy (environment has a callable default), as a browser posts it.
+    page = admin_client.get(job_url("change", job)).content.decode()
+    initial = html.unescape(re.search(r'name="initial-environment" value="([^"]*)"', page)[1])
+    assert json.loads(initial) == job.masked_environment()
+
+    admin_client.post(
+        job_url("change", job),
+        {**change_form(job, owner="data-team"), "initial-environment": initial},
+    )
+
+    entry = LogEntry.objects.get()
+    assert "Owner" in entry.get_change_message()
+    assert "Environment" not in entry.get_change_message()
 
 
 # --- Python and SQL jobs, delivery -------------------------------------------------------
