@@ -9,9 +9,10 @@ from typing import Any
 from django import forms
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
+from django.utils.text import normalize_newlines
 
 from jobs import services
-from jobs.jobfile import KIND_KEYS, validate_email, validate_webhook_url
+from jobs.jobfile import KIND_KEYS, json_problems, validate_email, validate_webhook_url
 from jobs.models import SECRET_MASK, Job
 
 _ADDRESS_SEPARATORS = re.compile(r"[\s,;]+")
@@ -61,6 +62,15 @@ class WebhookURLField(forms.URLField):
     # message replaces any validator's, so it says so too.
     default_validators = [validate_webhook_url]
     default_error_messages = {"invalid": validate_webhook_url.message}
+
+
+class MultilineTextField(forms.CharField):
+    """A textarea's text with \\n line ends: browsers post \\r\\n, and
+    `cd /tmp\\r` is not `cd /tmp` to /bin/sh. (Job.clean does the same for
+    every other path; here it also keeps an unchanged text unchanged.)"""
+
+    def to_python(self, value: Any) -> str:
+        return normalize_newlines(super().to_python(value))
 
 
 class EnvironmentField(forms.JSONField):
@@ -151,7 +161,12 @@ class JobAdminForm(forms.ModelForm):
             "SQL: the database and the SQL (and a statement timeout). "
             "The fields of the other kinds stay empty.",
         }
-        field_classes = {"environment": EnvironmentField}
+        field_classes = {
+            "description": MultilineTextField,
+            "command": MultilineTextField,
+            "sql": MultilineTextField,
+            "environment": EnvironmentField,
+        }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -169,6 +184,10 @@ class JobAdminForm(forms.ModelForm):
 
     def clean_kwargs(self) -> Any:
         kwargs = self.cleaned_data["kwargs"]
+        # json.loads takes NaN, Infinity and 1e999, which JSON (and PostgreSQL) do not.
+        problems = json_problems(kwargs, "")
+        if problems:
+            raise forms.ValidationError("; ".join(problems) + ".")
         return {} if kwargs is None else kwargs
 
     def clean_statement_timeout(self) -> int | None:

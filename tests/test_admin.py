@@ -453,7 +453,7 @@ def form_errors(response) -> dict[str, list[str]]:
         ("timeout", "0", "The timeout must be more than 0 seconds."),
         ("environment", '{"N": 1}', "Use a JSON object of strings"),
         ("retries", "21", "At most 20 retries"),
-        ("retry_backoff", "0.5", "The backoff factor must be at least 1"),
+        ("retry_backoff", "0.5", "The backoff factor must be from 1 to 10"),
         ("retry_max_delay", "10", "at least the first delay (30 s)"),
         ("trigger_on_upstream", "on", "Choose at least one upstream job"),
         ("alert_emails", "ops@example.com\noncall@", "Not an email address: “oncall@”"),
@@ -462,6 +462,15 @@ def form_errors(response) -> dict[str, list[str]]:
         ("webhook_url", "ftp://hooks.example.com/x", "Enter an http:// or https:// URL."),
         ("webhook_url", "http://", "Enter an http:// or https:// URL."),
         ("grace", "-1", "greater than or equal to 0"),
+        ("grace", "2592001", "At most 30 days (2592000 seconds)."),
+        ("retry_max_delay", "2592001", "At most 30 days"),
+        ("deliver_timeout", "2592001", "At most 30 days"),
+        ("retry_backoff", "11", "The backoff factor must be from 1 to 10"),
+        ("environment", '{"A=B": "x"}', "Not an environment variable name: “A=B”"),
+        ("environment", '{"A": "x\\u0000y"}', "A NUL character (\\u0000) cannot be stored"),
+        ("environment", '{"A\\u0000": "x"}', "remove it from A\\u0000."),
+        ("secret_keys", '["A\\u0000"]', "A NUL character (\\u0000) cannot be stored"),
+        ("secret_keys", '["TOKEN"]', "Not a key of the environment: “TOKEN”"),
     ],
 )
 def test_add_form_shows_the_validation_message_on_the_field(admin_client, field, value, message):
@@ -480,6 +489,70 @@ def test_add_form_saves_a_valid_job(admin_client):
 
     assert response.status_code == 302
     assert Job.objects.get().schedule == "*/5 * * * *"
+
+
+@pytest.mark.parametrize("grace", ["999999999999", "9223372036854775807"])
+def test_a_huge_grace_is_refused_and_the_form_shown_again(admin_client, grace):
+    response = admin_client.post(reverse("admin:jobs_job_add"), add_form(grace=grace))
+
+    assert response.status_code == 200
+    assert list(form_errors(response)) == ["grace"]
+    assert not Job.objects.exists()
+
+
+@pytest.mark.parametrize("kwargs", ['{"x": NaN}', '{"x": [Infinity]}', '{"x": 1e999}'])
+def test_a_number_json_cannot_hold_in_kwargs_is_refused(admin_client, kwargs):
+    data = add_form(kind="python", command="", callable="os.getcwd", kwargs=kwargs)
+
+    response = admin_client.post(reverse("admin:jobs_job_add"), data)
+
+    assert response.status_code == 200
+    assert "use a finite number" in form_errors(response)["kwargs"][0]
+    assert not Job.objects.exists()
+
+
+def test_a_nul_character_in_kwargs_is_refused(admin_client):
+    data = add_form(kind="python", command="", callable="os.getcwd", kwargs='{"a\\u0000": 1}')
+
+    response = admin_client.post(reverse("admin:jobs_job_add"), data)
+
+    assert "remove it from a\\u0000." in form_errors(response)["kwargs"][0]
+
+
+def test_a_secret_key_in_another_case_than_the_env_key_is_refused(admin_client):
+    data = add_form(environment='{"API_TOKEN": "tok-abc123"}', secret_keys='["api_token"]')
+
+    response = admin_client.post(reverse("admin:jobs_job_add"), data)
+
+    assert form_errors(response) == {
+        "secret_keys": ["Not a key of the environment: “api_token” (keys are case-sensitive)."]
+    }
+
+
+def test_a_multiline_command_typed_in_the_admin_runs_line_by_line(admin_client, tmp_path):
+    # What a browser posts for a two-line <textarea>.
+    data = add_form(command=f"cd {tmp_path}\r\npwd\r\n", description="one\r\ntwo\rthree")
+
+    response = admin_client.post(reverse("admin:jobs_job_add"), data)
+
+    assert response.status_code == 302, form_errors(response)
+    job = Job.objects.get()
+    assert (job.command, job.description) == (f"cd {tmp_path}\npwd", "one\ntwo\nthree")
+    lines: list[str] = []
+    run = services.run_foreground(job=job, trigger=Run.Trigger.MANUAL, echo=lines.append)
+    assert run.status == Run.Status.SUCCEEDED
+    assert "".join(lines).strip() == str(tmp_path)
+
+
+def test_resaving_a_multiline_command_is_not_logged_as_a_change(admin_client, make_job):
+    job = make_job(command="cd /tmp\npwd", sql="", description="one\ntwo")
+
+    admin_client.post(
+        job_url("change", job),
+        change_form(job, command="cd /tmp\r\npwd", description="one\r\ntwo", owner="ops"),
+    )
+
+    assert "Command" not in LogEntry.objects.get().get_change_message()
 
 
 # --- Secrets ----------------------------------------------------------------------------
