@@ -852,6 +852,9 @@ def test_failures_page_filters_by_job(admin_client, make_job):
     assert '<option value="export" selected>' in html
     assert "Failures of export" in html
     assert admin_client.get("/failures/?job=nope").status_code == 404
+    # Not a slug at all: a NUL was a database error on PostgreSQL.
+    for slug in ["\x00", "é", "exp\x00ort"]:
+        assert admin_client.get("/failures/", {"job": slug}).status_code == 404
 
 
 def test_failures_page_pages_by_id_without_counting(
