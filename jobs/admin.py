@@ -16,9 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
-from django.contrib.admin.utils import unquote
+from django.contrib.admin.utils import get_fields_from_path, unquote
+from django.contrib.admin.views.main import SEARCH_VAR, ChangeList, ChangeListSearchForm
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import OuterRef, QuerySet, Subquery
@@ -124,16 +126,81 @@ class RunJobFilter(admin.SimpleListFilter):
     def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
         attention = Job.objects.exclude(alert_state=Job.AlertState.OK).order_by("name")
         jobs = list(attention.values_list("pk", "name")[: self.SHOWN])
-        chosen = self.value()
-        if chosen and chosen.isdigit() and all(str(pk) != chosen for pk, _ in jobs):
+        chosen = self.job_id()
+        if chosen is not None and all(pk != chosen for pk, _ in jobs):
             jobs += list(Job.objects.filter(pk=chosen).values_list("pk", "name"))
         return [(str(pk), name) for pk, name in jobs]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Run]) -> QuerySet[Run]:
-        value = self.value()
-        if value and value.isdigit():
-            return queryset.filter(job_id=int(value))
+        chosen = self.job_id()
+        if chosen is not None:
+            return queryset.filter(job_id=chosen)
         return queryset
+
+    def job_id(self) -> int | None:
+        """The chosen job's id; None for anything else ("²".isdigit() is
+        true, but int() refuses it)."""
+        value = self.value()
+        if value and value.isascii() and value.isdigit():
+            return int(value)
+        return None
+
+
+class CappedSearchForm(ChangeListSearchForm):
+    """The search box, at most MAX_LENGTH characters: each word of a search
+    is a LIKE per search field, and SQLite refuses a pattern over 50,000
+    bytes ("LIKE or GLOB pattern too complex"). A longer search is shown as
+    the field's error and the list unsearched, as for a NUL character."""
+
+    MAX_LENGTH = 200
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields[SEARCH_VAR] = forms.CharField(
+            required=False, strip=False, max_length=self.MAX_LENGTH
+        )
+
+
+class CappedSearchChangeList(ChangeList):
+    search_form_class = CappedSearchForm
+
+
+class FilterLookupsOnlyMixin:
+    """A change list filtered only by its list_filter and date_hierarchy.
+
+    Django allows a lookup on any of the model's own fields in the query
+    string, so someone who may only view jobs could read a secret one
+    character at a time (?deliver_password__startswith=h: one row or none),
+    and a lookup the database refuses (?tags__regex=( ) was a server error.
+    Any other parameter is refused as Django refuses a disallowed lookup
+    (400), and so is a NUL character, which PostgreSQL cannot compare.
+    """
+
+    model: type
+    date_hierarchy: str | None
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
+        return lookup in self.filter_parameters(request) and "\x00" not in value
+
+    def filter_parameters(self, request: HttpRequest | None) -> set[str]:
+        """The query string keys the filters in the sidebar (and the date
+        hierarchy) use, as Django's list filter classes name them."""
+        parameters = set()
+        for item in self.get_list_filter(request):
+            if isinstance(item, type) and issubclass(item, admin.SimpleListFilter):
+                parameters.add(item.parameter_name)
+                continue
+            path = item[0] if isinstance(item, list | tuple) else item
+            parameters |= {path, f"{path}__exact", f"{path}__isnull"}
+            field = get_fields_from_path(self.model, path)[-1]
+            if field.is_relation:
+                parameters.add(f"{path}__{field.target_field.name}__exact")
+        if self.date_hierarchy:
+            parameters |= {f"{self.date_hierarchy}__{part}" for part in ("year", "month", "day")}
+        return parameters
+
+    def get_changelist(self, request: HttpRequest, **kwargs) -> type[ChangeList]:
+        return CappedSearchChangeList
 
 
 class RunPermissionMixin:
@@ -184,7 +251,7 @@ class QuickCheckboxMixin:
 
 
 @admin.register(Job)
-class JobAdmin(QuickCheckboxMixin, RunPermissionMixin, admin.ModelAdmin):
+class JobAdmin(FilterLookupsOnlyMixin, QuickCheckboxMixin, RunPermissionMixin, admin.ModelAdmin):
     list_display = [
         "name",
         "kind",
@@ -571,7 +638,7 @@ class CappedPaginator(Paginator):
 
 
 @admin.register(Run)
-class RunAdmin(QuickCheckboxMixin, RunPermissionMixin, admin.ModelAdmin):
+class RunAdmin(FilterLookupsOnlyMixin, QuickCheckboxMixin, RunPermissionMixin, admin.ModelAdmin):
     list_display = [
         "id",
         "job",
@@ -744,7 +811,7 @@ class RunAdmin(QuickCheckboxMixin, RunPermissionMixin, admin.ModelAdmin):
         return redirect("admin:jobs_run_change", run.pk)
 
 
-class HistoryAdmin(admin.ModelAdmin):
+class HistoryAdmin(FilterLookupsOnlyMixin, admin.ModelAdmin):
     """Read-only history written by services: view it, never add or edit it."""
 
     list_select_related = ["job"]

@@ -9,10 +9,11 @@ from typing import Any
 from django import forms
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
+from django.utils.text import normalize_newlines
 
 from jobs import services
-from jobs.jobfile import KIND_KEYS, validate_email, validate_webhook_url
-from jobs.models import Job
+from jobs.jobfile import KIND_KEYS, json_problems, validate_email, validate_webhook_url
+from jobs.models import SECRET_MASK, Job
 
 _ADDRESS_SEPARATORS = re.compile(r"[\s,;]+")
 _KIND_NAMES = {Job.Kind.SHELL: "shell", Job.Kind.PYTHON: "Python", Job.Kind.SQL: "SQL"}
@@ -61,6 +62,50 @@ class WebhookURLField(forms.URLField):
     # message replaces any validator's, so it says so too.
     default_validators = [validate_webhook_url]
     default_error_messages = {"invalid": validate_webhook_url.message}
+
+
+class MultilineTextField(forms.CharField):
+    """A textarea's text with \\n line ends: browsers post \\r\\n, and
+    `cd /tmp\\r` is not `cd /tmp` to /bin/sh. (Job.clean does the same for
+    every other path; here it also keeps an unchanged text unchanged.)"""
+
+    def to_python(self, value: Any) -> str:
+        return normalize_newlines(super().to_python(value))
+
+
+class EnvironmentField(forms.JSONField):
+    """The environment as JSON, secret values write-only like the delivery
+    password: shown as SECRET_MASK (also when the form comes back with an
+    error), and a secret still holding the mask keeps its stored value; a
+    value typed over the mask replaces it. The form sets `stored` (the
+    job's secret values) and `secret_keys` (which keys to mask)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stored: dict[str, str] = {}
+        self.secret_keys: set[str] = set()
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            value = {k: SECRET_MASK if k in self.secret_keys else v for k, v in value.items()}
+        return super().prepare_value(value)
+
+    def to_python(self, value: Any) -> Any:
+        value = super().to_python(value)
+        if isinstance(value, dict):
+            value = {k: self.stored.get(k, v) if v == SECRET_MASK else v for k, v in value.items()}
+        return value
+
+    def validate(self, value: Any) -> None:
+        super().validate(value)
+        if not isinstance(value, dict):
+            return  # Job.clean says what the environment should be
+        masked = sorted(k for k, v in value.items() if v == SECRET_MASK)
+        if masked:
+            raise ValidationError(
+                f"Type the value of {', '.join(masked)}: {SECRET_MASK} stands for a stored "
+                "secret, and there is none to keep."
+            )
 
 
 class JobAdminForm(forms.ModelForm):
@@ -116,15 +161,33 @@ class JobAdminForm(forms.ModelForm):
             "SQL: the database and the SQL (and a statement timeout). "
             "The fields of the other kinds stay empty.",
         }
+        field_classes = {
+            "description": MultilineTextField,
+            "command": MultilineTextField,
+            "sql": MultilineTextField,
+            "environment": EnvironmentField,
+        }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # The stored password is not the field's initial value: it never
         # reaches the page, and leaving the field empty is "no change".
         self.initial.pop("deliver_password", None)
+        if "environment" in self.fields:
+            job = self.instance
+            secret = set(job.secret_keys) if isinstance(job.secret_keys, list) else set()
+            environment = job.environment if isinstance(job.environment, dict) else {}
+            self.fields["environment"].stored = {
+                k: v for k, v in environment.items() if k in secret
+            }
+            self.fields["environment"].secret_keys = secret
 
     def clean_kwargs(self) -> Any:
         kwargs = self.cleaned_data["kwargs"]
+        # json.loads takes NaN, Infinity and 1e999, which JSON (and PostgreSQL) do not.
+        problems = json_problems(kwargs, "")
+        if problems:
+            raise forms.ValidationError("; ".join(problems) + ".")
         return {} if kwargs is None else kwargs
 
     def clean_statement_timeout(self) -> int | None:
@@ -165,6 +228,10 @@ class JobAdminForm(forms.ModelForm):
             )
         self._check_other_kinds_fields(cleaned)
         self._keep_or_forget_password(cleaned)
+        secret_keys = cleaned.get("secret_keys")
+        if "environment" in self.fields and isinstance(secret_keys, list):
+            # Shown again with an error: a key just marked secret is masked too.
+            self.fields["environment"].secret_keys |= {str(k) for k in secret_keys}
         return cleaned
 
     def _check_other_kinds_fields(self, cleaned: dict[str, Any]) -> None:

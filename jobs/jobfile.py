@@ -25,9 +25,10 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import EmailValidator, URLValidator
 from django.db import transaction
-from django.utils.text import slugify
+from django.utils.text import normalize_newlines, slugify
 
-from jobs.models import Job
+from jobs.kinds import nul_paths
+from jobs.models import MAX_BACKOFF, MAX_DURATION, Job
 
 # The keys this version understands, in the order dumpjobs writes them.
 KEYS = (
@@ -205,7 +206,8 @@ def read_entries(path: Path) -> list[Any]:
 def entry_label(entry: Any, index: int) -> str:
     name = entry.get("name") if isinstance(entry, dict) else None
     if isinstance(name, str) and name.strip():
-        return f'job "{name}"'
+        shown = name.replace("\x00", "\\u0000")  # a NUL is refused, and said so
+        return f'job "{shown}"'
     return f"job #{index}"
 
 
@@ -234,13 +236,6 @@ def entry_fields(entry: Any, label: str) -> tuple[dict[str, Any], list[tuple[str
     problems += duration_problems
     problems += _retry_errors(entry, label)
     problems += _alert_errors(entry, label)
-    env = entry.get("env", {})
-    secret_env = entry.get("secret_env", [])
-    problems += [
-        ("secret_keys", f'{label}: secret_env names "{key}", which is not in env')
-        for key in secret_env
-        if key not in env
-    ]
     problems += [
         ("tags", f'{label}: tag "{tag}" contains a comma; give each tag as its own list item')
         for tag in entry.get("tags", [])
@@ -256,7 +251,7 @@ def entry_fields(entry: Any, label: str) -> tuple[dict[str, Any], list[tuple[str
     fields = {
         "name": name,
         "slug": slug,
-        "description": entry.get("description", ""),
+        "description": normalize_newlines(entry.get("description", "")),
         "owner": entry.get("owner", ""),
         "tags": ", ".join(tag.strip() for tag in entry.get("tags", []) if tag.strip()),
         "kind": entry.get("kind", Job.Kind.SHELL),
@@ -268,14 +263,14 @@ def entry_fields(entry: Any, label: str) -> tuple[dict[str, Any], list[tuple[str
         "trigger_on_upstream": entry.get("trigger") == TRIGGER_UPSTREAM,
         "overlap": entry.get("overlap", Job.Overlap.SKIP),
         "retries": entry.get("retries", _default("retries")),
-        "retry_backoff": entry.get("retry_backoff", _default("retry_backoff")),
+        "retry_backoff": _backoff(entry),
         **durations,
         "queue": entry.get("queue", ""),
         "alert_emails": [address.strip() for address in entry.get("alert_emails", [])],
         "alert_after": entry.get("alert_after", _default("alert_after")),
         "webhook_url": entry.get("webhook_url", "").strip(),
-        "environment": dict(env),
-        "secret_keys": list(secret_env),
+        "environment": dict(entry.get("env", {})),
+        "secret_keys": list(entry.get("secret_env", [])),
         "enabled": entry.get("enabled", True),
         "upstreams": upstreams,
     }
@@ -297,7 +292,11 @@ def _is_int(value: Any) -> bool:
 
 
 def _type_errors(entry: dict[str, Any], label: str) -> list[str]:
-    errors = []
+    # PostgreSQL cannot store a NUL, nor look up a name holding one.
+    errors = [
+        f"{label}: {path}: a NUL character (\\u0000) cannot be stored; remove it"
+        for path in nul_paths(entry, "")
+    ]
     for key, value in entry.items():
         if key in STRING_KEYS and not isinstance(value, str):
             errors.append(f'{label}: "{key}" must be a string')
@@ -354,18 +353,20 @@ def _choice_errors(entry: dict[str, Any], label: str) -> list[tuple[str, str]]:
 def _kwargs_type_errors(kwargs: Any, label: str) -> list[str]:
     if not isinstance(kwargs, dict):
         return [f'{label}: "kwargs" must be a table, e.g. kwargs = {{ days = 7 }}']
-    return [f"{label}: kwargs: {problem}" for problem in _json_problems(kwargs, "")]
+    return [f"{label}: kwargs: {problem}" for problem in json_problems(kwargs, "")]
 
 
-def _json_problems(value: Any, path: str) -> list[str]:
-    """What in a TOML value JSON cannot hold (the callable gets JSON kwargs)."""
+def json_problems(value: Any, path: str) -> list[str]:
+    """What in a TOML value (or in the admin's JSON, where Python's json
+    takes NaN, Infinity and 1e999) JSON cannot hold: the callable gets JSON
+    kwargs, and PostgreSQL refuses them."""
     if isinstance(value, dict):
-        return [p for key, item in value.items() for p in _json_problems(item, f"{path}.{key}")]
+        return [p for key, item in value.items() for p in json_problems(item, f"{path}.{key}")]
     if isinstance(value, list):
-        return [p for i, item in enumerate(value) for p in _json_problems(item, f"{path}[{i}]")]
+        return [p for i, item in enumerate(value) for p in json_problems(item, f"{path}[{i}]")]
     if isinstance(value, float) and not math.isfinite(value):
         return [f"{path[1:]} = {value}: use a finite number"]
-    if not isinstance(value, str | int | float | bool):
+    if value is not None and not isinstance(value, str | int | float | bool):
         return [f'{path[1:]} is a date or time; write it as a string, e.g. "2024-01-31"']
     return []
 
@@ -411,11 +412,11 @@ def _kind_fields(entry: dict[str, Any], label: str) -> tuple[dict[str, Any], lis
             if not entry.get(key, "").strip()
         ]
     fields = {
-        "command": entry.get("command", ""),
+        "command": normalize_newlines(entry.get("command", "")),
         "callable": entry.get("callable", "").strip(),
         "kwargs": dict(entry.get("kwargs", {})),
         "database": entry.get("database", "").strip(),
-        "sql": entry.get("sql", ""),
+        "sql": normalize_newlines(entry.get("sql", "")),
         "statement_timeout": None,
     }
     if "statement_timeout" in entry:
@@ -523,6 +524,9 @@ def _durations(
         if key != "timeout" and values[key] is not None and values[key] < 0:
             problems.append((key, f"{label}: {key}: must not be negative"))
             values[key] = default
+        elif key != "timeout" and values[key] is not None and values[key] > MAX_DURATION:
+            problems.append((key, f"{label}: {key}: at most {MAX_DURATION // 3600}h (30 days)"))
+            values[key] = default
     return values, problems
 
 
@@ -533,16 +537,24 @@ def _retry_errors(entry: dict[str, Any], label: str) -> list[tuple[str, str]]:
         problems.append(
             ("retries", f"{label}: retries: use a whole number from 0 to {MAX_RETRIES}")
         )
-    backoff = entry.get("retry_backoff", 2)
-    if not math.isfinite(backoff) or backoff < 1:
+    backoff = entry.get("retry_backoff", _default("retry_backoff"))
+    if not 1 <= backoff <= MAX_BACKOFF:  # also NaN
         problems.append(
             (
                 "retry_backoff",
-                f"{label}: retry_backoff: must be at least 1 "
+                f"{label}: retry_backoff: must be from 1 to {MAX_BACKOFF} "
                 "(1 waits retry_delay every time; 2 doubles it each attempt)",
             )
         )
     return problems
+
+
+def _backoff(entry: dict[str, Any]) -> float:
+    """The entry's retry_backoff, or the default when it is out of range
+    (NaN and a 400-digit integer included: float() of one overflows)."""
+    default = _default("retry_backoff")
+    backoff = entry.get("retry_backoff", default)
+    return backoff if 1 <= backoff <= MAX_BACKOFF else default
 
 
 def _alert_errors(entry: dict[str, Any], label: str) -> list[tuple[str, str]]:

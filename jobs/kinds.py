@@ -60,6 +60,26 @@ def definition_errors(job: Job) -> dict[str, str]:
     return errors
 
 
+def nul_paths(value: object, path: str) -> list[str]:
+    """Where a NUL character is in `value`: a string, or a key or a string
+    anywhere in nested tables and lists, as paths like TOKEN or a.b[2] (a
+    key holding one is named with it escaped)."""
+    if isinstance(value, str):
+        return [path] if "\x00" in value else []
+    if isinstance(value, dict):
+        found = []
+        for key, item in value.items():
+            name = str(key).replace("\x00", "\\u0000")
+            where = f"{path}.{name}" if path else name
+            if "\x00" in str(key):
+                found.append(where)
+            found += nul_paths(item, where)
+        return found
+    if isinstance(value, list | tuple):
+        return [p for i, item in enumerate(value) for p in nul_paths(item, f"{path}[{i}]")]
+    return []
+
+
 def callable_problem(path: str) -> str:
     """Why `path` is not an importable callable, or ""."""
     module_name, _, name = (path or "").strip().rpartition(".")

@@ -15,11 +15,16 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 from django.urls import reverse
+from django.utils.text import normalize_newlines
 
 from jobs import scheduling
 
 SECRET_MASK = "••••••"
 MAX_RETRIES = 20
+# Longest grace, retry delay and delivery timeout: beyond this a setting is
+# a typo, and a datetime minus it overflows (e.g. grace = "99999999h").
+MAX_DURATION = 30 * 24 * 3600
+MAX_BACKOFF = 10
 
 
 @dataclass(frozen=True)
@@ -262,7 +267,14 @@ class Job(models.Model):
         return reverse("jobs-job-detail", args=[self.slug])
 
     def clean(self) -> None:
-        """Field checks with messages a user can act on (admin and loadjobs)."""
+        """Field checks with messages a user can act on (admin and loadjobs).
+
+        Line ends become \\n first: a browser posts a textarea with \\r\\n,
+        and `cd /tmp\\r` is not `cd /tmp` to /bin/sh.
+        """
+        self.command, self.sql, self.description = (
+            normalize_newlines(text or "") for text in (self.command, self.sql, self.description)
+        )
         errors: dict[str, str] = {}
         if self.schedule:
             try:
@@ -280,14 +292,7 @@ class Job(models.Model):
                 f"The timeout may be at most {settings.JOBSITE_MAX_TIMEOUT} seconds "
                 "(JOBSITE_MAX_TIMEOUT)."
             )
-        if not isinstance(self.environment, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in self.environment.items()
-        ):
-            errors["environment"] = 'Use a JSON object of strings, e.g. {"TARGET": "reports"}.'
-        if not isinstance(self.secret_keys, list) or not all(
-            isinstance(k, str) for k in self.secret_keys
-        ):
-            errors["secret_keys"] = 'Use a JSON list of key names, e.g. ["TOKEN"].'
+        errors.update(self._environment_errors())
         errors.update(self._kind_errors())
         errors.update(self._alert_errors())
         if self.retries is not None and self.retries > MAX_RETRIES:
@@ -295,10 +300,12 @@ class Job(models.Model):
                 f"At most {MAX_RETRIES} retries; a job failing more often than that needs "
                 "fixing, not retrying."
             )
-        if self.retry_backoff is not None and self.retry_backoff < 1:
+        if self.retry_backoff is not None and not 1 <= self.retry_backoff <= MAX_BACKOFF:
             errors["retry_backoff"] = (
-                "The backoff factor must be at least 1 (1 keeps the same delay for every retry)."
+                f"The backoff factor must be from 1 to {MAX_BACKOFF} (1 keeps the same delay "
+                "for every retry, 2 doubles it)."
             )
+        errors.update(self._duration_errors())
         if (
             self.retry_delay is not None
             and self.retry_max_delay is not None
@@ -307,8 +314,72 @@ class Job(models.Model):
             errors["retry_max_delay"] = (
                 f"The longest retry delay must be at least the first delay ({self.retry_delay} s)."
             )
+        # Last, so a NUL is the message even where another check also failed.
+        errors.update(self._nul_errors())
         if errors:
             raise ValidationError(errors)
+
+    def _environment_errors(self) -> dict[str, str]:
+        """A JSON object of strings whose keys can name an environment
+        variable (execve takes any but an empty one or one with "="; a run
+        would fail to start); secret keys each one of them (a case typo would
+        leave the secret unmasked)."""
+        errors: dict[str, str] = {}
+        environment, secret_keys = self.environment, self.secret_keys
+        if not isinstance(environment, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in environment.items()
+        ):
+            errors["environment"] = 'Use a JSON object of strings, e.g. {"TARGET": "reports"}.'
+            environment = None
+        else:
+            bad = [k for k in environment if not k or "=" in k]
+            if bad:
+                listed = ", ".join(f"“{k}”" for k in bad)
+                errors["environment"] = (
+                    f"Not an environment variable name: {listed} (a name cannot be empty "
+                    "or hold “=”)."
+                )
+        if not isinstance(secret_keys, list) or not all(isinstance(k, str) for k in secret_keys):
+            errors["secret_keys"] = 'Use a JSON list of key names, e.g. ["TOKEN"].'
+        elif environment is not None:
+            missing = [k for k in secret_keys if k not in environment]
+            if missing:
+                listed = ", ".join(f"“{k}”" for k in missing)
+                errors["secret_keys"] = (
+                    f"Not a key of the environment: {listed} (keys are case-sensitive)."
+                )
+        return errors
+
+    def _duration_errors(self) -> dict[str, str]:
+        """Upper bounds: a setting beyond them is a typo, and would overflow
+        the datetime arithmetic of staleness and retries."""
+        errors: dict[str, str] = {}
+        days = MAX_DURATION // 86400
+        for name in ("grace", "retry_delay", "retry_max_delay", "deliver_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, int) and value > MAX_DURATION:
+                errors[name] = f"At most {days} days ({MAX_DURATION} seconds)."
+        limit = settings.JOBSITE_MAX_TIMEOUT
+        if isinstance(self.statement_timeout, int) and self.statement_timeout > limit:
+            errors["statement_timeout"] = (
+                f"The statement timeout may be at most {limit} seconds (JOBSITE_MAX_TIMEOUT)."
+            )
+        return errors
+
+    def _nul_errors(self) -> dict[str, str]:
+        """A NUL character anywhere: PostgreSQL cannot store one (SQLite can,
+        and the job breaks later)."""
+        from jobs.kinds import nul_paths
+
+        errors: dict[str, str] = {}
+        for field in self._meta.concrete_fields:
+            paths = nul_paths(getattr(self, field.attname), "")
+            if paths:
+                where = ", ".join(path for path in paths if path)
+                errors[field.name] = "A NUL character (\\u0000) cannot be stored: remove it" + (
+                    f" from {where}." if where else "."
+                )
+        return errors
 
     @property
     def current_fire_basis(self) -> str:
@@ -360,7 +431,8 @@ class Job(models.Model):
     def effective_grace(self, now: datetime) -> timedelta:
         """The job's grace, or half its interval clamped to [1 min, 1 h]."""
         if self.grace is not None:
-            return timedelta(seconds=self.grace)
+            # Clamped: a row saved before the bound must not break every page.
+            return timedelta(seconds=min(self.grace, MAX_DURATION))
         fires = scheduling.previous_fires(self.schedule, self.timezone, now, 2)
         if len(fires) < 2:
             return timedelta(minutes=1)

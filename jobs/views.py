@@ -20,6 +20,7 @@ from datetime import datetime
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
 from django.core.paginator import Page, Paginator
+from django.core.validators import slug_re
 from django.db import connection
 from django.db.models import Exists, OuterRef, QuerySet, Subquery
 from django.db.models.base import ModelState
@@ -379,6 +380,8 @@ def failures(request: HttpRequest) -> HttpResponse:
     runs = Run.objects.filter(status__in=Run.FAILURES).select_related("job")
     job = None
     if slug := request.GET.get("job", "").strip():
+        if not slug_re.match(slug):  # a NUL would be a database error on PostgreSQL
+            raise Http404("No such job.")
         job = get_object_or_404(Job, slug=slug)
         runs = runs.filter(job=job)
     context = {

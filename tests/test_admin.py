@@ -4,10 +4,13 @@ messages, masked secrets and flat query counts."""
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from datetime import UTC, datetime
 
 import pytest
+from django.contrib.admin.models import LogEntry
 from django.contrib.messages import get_messages
 from django.db import connection
 from django.test import Client
@@ -427,6 +430,8 @@ def change_form(job: Job, **overrides) -> dict:
         alert_after=str(job.alert_after),
         webhook_url=job.webhook_url,
         grace="" if job.grace is None else str(job.grace),
+        environment=json.dumps(job.masked_environment()),
+        secret_keys=json.dumps(job.secret_keys),
     )
     if job.trigger_on_upstream:
         data["trigger_on_upstream"] = "on"
@@ -448,7 +453,7 @@ def form_errors(response) -> dict[str, list[str]]:
         ("timeout", "0", "The timeout must be more than 0 seconds."),
         ("environment", '{"N": 1}', "Use a JSON object of strings"),
         ("retries", "21", "At most 20 retries"),
-        ("retry_backoff", "0.5", "The backoff factor must be at least 1"),
+        ("retry_backoff", "0.5", "The backoff factor must be from 1 to 10"),
         ("retry_max_delay", "10", "at least the first delay (30 s)"),
         ("trigger_on_upstream", "on", "Choose at least one upstream job"),
         ("alert_emails", "ops@example.com\noncall@", "Not an email address: “oncall@”"),
@@ -457,6 +462,15 @@ def form_errors(response) -> dict[str, list[str]]:
         ("webhook_url", "ftp://hooks.example.com/x", "Enter an http:// or https:// URL."),
         ("webhook_url", "http://", "Enter an http:// or https:// URL."),
         ("grace", "-1", "greater than or equal to 0"),
+        ("grace", "2592001", "At most 30 days (2592000 seconds)."),
+        ("retry_max_delay", "2592001", "At most 30 days"),
+        ("deliver_timeout", "2592001", "At most 30 days"),
+        ("retry_backoff", "11", "The backoff factor must be from 1 to 10"),
+        ("environment", '{"A=B": "x"}', "Not an environment variable name: “A=B”"),
+        ("environment", '{"A": "x\\u0000y"}', "A NUL character (\\u0000) cannot be stored"),
+        ("environment", '{"A\\u0000": "x"}', "remove it from A\\u0000."),
+        ("secret_keys", '["A\\u0000"]', "A NUL character (\\u0000) cannot be stored"),
+        ("secret_keys", '["TOKEN"]', "Not a key of the environment: “TOKEN”"),
     ],
 )
 def test_add_form_shows_the_validation_message_on_the_field(admin_client, field, value, message):
@@ -475,6 +489,70 @@ def test_add_form_saves_a_valid_job(admin_client):
 
     assert response.status_code == 302
     assert Job.objects.get().schedule == "*/5 * * * *"
+
+
+@pytest.mark.parametrize("grace", ["999999999999", "9223372036854775807"])
+def test_a_huge_grace_is_refused_and_the_form_shown_again(admin_client, grace):
+    response = admin_client.post(reverse("admin:jobs_job_add"), add_form(grace=grace))
+
+    assert response.status_code == 200
+    assert list(form_errors(response)) == ["grace"]
+    assert not Job.objects.exists()
+
+
+@pytest.mark.parametrize("kwargs", ['{"x": NaN}', '{"x": [Infinity]}', '{"x": 1e999}'])
+def test_a_number_json_cannot_hold_in_kwargs_is_refused(admin_client, kwargs):
+    data = add_form(kind="python", command="", callable="os.getcwd", kwargs=kwargs)
+
+    response = admin_client.post(reverse("admin:jobs_job_add"), data)
+
+    assert response.status_code == 200
+    assert "use a finite number" in form_errors(response)["kwargs"][0]
+    assert not Job.objects.exists()
+
+
+def test_a_nul_character_in_kwargs_is_refused(admin_client):
+    data = add_form(kind="python", command="", callable="os.getcwd", kwargs='{"a\\u0000": 1}')
+
+    response = admin_client.post(reverse("admin:jobs_job_add"), data)
+
+    assert "remove it from a\\u0000." in form_errors(response)["kwargs"][0]
+
+
+def test_a_secret_key_in_another_case_than_the_env_key_is_refused(admin_client):
+    data = add_form(environment='{"API_TOKEN": "tok-abc123"}', secret_keys='["api_token"]')
+
+    response = admin_client.post(reverse("admin:jobs_job_add"), data)
+
+    assert form_errors(response) == {
+        "secret_keys": ["Not a key of the environment: “api_token” (keys are case-sensitive)."]
+    }
+
+
+def test_a_multiline_command_typed_in_the_admin_runs_line_by_line(admin_client, tmp_path):
+    # What a browser posts for a two-line <textarea>.
+    data = add_form(command=f"cd {tmp_path}\r\npwd\r\n", description="one\r\ntwo\rthree")
+
+    response = admin_client.post(reverse("admin:jobs_job_add"), data)
+
+    assert response.status_code == 302, form_errors(response)
+    job = Job.objects.get()
+    assert (job.command, job.description) == (f"cd {tmp_path}\npwd", "one\ntwo\nthree")
+    lines: list[str] = []
+    run = services.run_foreground(job=job, trigger=Run.Trigger.MANUAL, echo=lines.append)
+    assert run.status == Run.Status.SUCCEEDED
+    assert "".join(lines).strip() == str(tmp_path)
+
+
+def test_resaving_a_multiline_command_is_not_logged_as_a_change(admin_client, make_job):
+    job = make_job(command="cd /tmp\npwd", sql="", description="one\ntwo")
+
+    admin_client.post(
+        job_url("change", job),
+        change_form(job, command="cd /tmp\r\npwd", description="one\r\ntwo", owner="ops"),
+    )
+
+    assert "Command" not in LogEntry.objects.get().get_change_message()
 
 
 # --- Secrets ----------------------------------------------------------------------------
@@ -508,6 +586,100 @@ def test_secret_value_never_appears_on_the_run_admin_page(admin_client, make_job
     assert f"token is {SECRET_MASK}" in text  # the log, redacted
     assert f"API_TOKEN={SECRET_MASK}" in text  # the environment, masked
     assert "TARGET=reports" in text
+
+
+def make_secretive(make_job) -> Job:
+    return make_job(
+        environment={"API_TOKEN": "tok-9f8e7d6c", "TARGET": "reports"},
+        secret_keys=["API_TOKEN"],
+    )
+
+
+def test_secret_value_is_masked_in_the_editors_change_form(admin_client, make_job):
+    job = make_secretive(make_job)
+
+    text = admin_client.get(job_url("change", job)).content.decode()
+
+    assert "tok-9f8e7d6c" not in text
+    assert SECRET_MASK in text
+    assert "reports" in text
+
+
+def test_saving_a_masked_secret_keeps_its_stored_value(admin_client, make_job):
+    job = make_secretive(make_job)
+
+    response = admin_client.post(
+        job_url("change", job),
+        change_form(job, environment=json.dumps({"API_TOKEN": SECRET_MASK, "TARGET": "other"})),
+    )
+
+    assert response.status_code == 302, form_errors(response)
+    job.refresh_from_db()
+    assert job.environment == {"API_TOKEN": "tok-9f8e7d6c", "TARGET": "other"}
+
+
+def test_a_secret_typed_over_the_mask_replaces_it_and_is_never_shown(admin_client, make_job):
+    job = make_secretive(make_job)
+
+    admin_client.post(
+        job_url("change", job),
+        change_form(job, environment=json.dumps({"API_TOKEN": "new-secret-1", "TARGET": "x"})),
+    )
+    job.refresh_from_db()
+    history = admin_client.get(job_url("history", job)).content.decode()
+    page = admin_client.get(job_url("change", job)).content.decode()
+
+    assert job.environment["API_TOKEN"] == "new-secret-1"
+    assert "new-secret-1" not in history and "tok-9f8e7d6c" not in history
+    assert "new-secret-1" not in page
+
+
+def test_an_invalid_edit_shows_secrets_masked(admin_client, make_job):
+    job = make_secretive(make_job)
+
+    response = admin_client.post(
+        job_url("change", job),
+        change_form(
+            job,
+            timeout="0",
+            environment=json.dumps({"API_TOKEN": SECRET_MASK, "NEW_KEY": "typed-secret"}),
+            secret_keys='["API_TOKEN", "NEW_KEY"]',
+        ),
+    )
+
+    assert list(form_errors(response)) == ["timeout"]
+    text = response.content.decode()
+    assert "tok-9f8e7d6c" not in text
+    assert "typed-secret" not in text
+
+
+def test_the_mask_as_the_value_of_a_new_key_is_refused(admin_client, make_job):
+    job = make_secretive(make_job)
+
+    response = admin_client.post(
+        job_url("change", job),
+        change_form(job, environment=json.dumps({"RENAMED": SECRET_MASK})),
+    )
+
+    assert "Type the value of RENAMED" in form_errors(response)["environment"][0]
+
+
+def test_an_unchanged_masked_environment_is_not_logged_as_a_change(admin_client, make_job):
+    job = make_secretive(make_job)
+
+    # The form's hidden "initial-" copy (environment has a callable default), as a browser posts it.
+    page = admin_client.get(job_url("change", job)).content.decode()
+    initial = html.unescape(re.search(r'name="initial-environment" value="([^"]*)"', page)[1])
+    assert json.loads(initial) == job.masked_environment()
+
+    admin_client.post(
+        job_url("change", job),
+        {**change_form(job, owner="data-team"), "initial-environment": initial},
+    )
+
+    entry = LogEntry.objects.get()
+    assert "Owner" in entry.get_change_message()
+    assert "Environment" not in entry.get_change_message()
 
 
 # --- Python and SQL jobs, delivery -------------------------------------------------------
@@ -1371,3 +1543,101 @@ def test_run_list_filters_by_a_job_offering_those_that_need_attention(admin_clie
     assert [r.job.name for r in only_fine.context["cl"].result_list] == ["fine-report"]
     assert f"?job={fine.pk}" in only_fine.content.decode()  # the chosen job is offered
     assert admin_client.get(changelist, {"job": "nope"}).status_code == 200
+
+
+def test_run_list_ignores_a_job_filter_that_is_not_a_number(admin_client, make_job):
+    make_run(make_job(name="nightly"), Run.Status.FAILED)
+    changelist = reverse("admin:jobs_run_changelist")
+
+    response = admin_client.get(changelist, {"job": "²"})  # "²".isdigit(), but not int()
+
+    assert response.status_code == 200
+    assert [r.job.name for r in response.context["cl"].result_list] == ["nightly"]
+
+
+# --- Change list filters: only the sidebar's --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "lookup",
+    [
+        {"environment__API_TOKEN__startswith": "tok-9"},
+        {"environment__API_TOKEN": "tok-9f8e7d6c"},
+        {"deliver_password__startswith": "hun"},
+        {"deliver_password": "hunter2"},
+    ],
+)
+def test_view_only_user_cannot_probe_secrets_through_list_filters(
+    view_only_client, make_job, lookup
+):
+    make_job(
+        name="secretive",
+        environment={"API_TOKEN": "tok-9f8e7d6c"},
+        secret_keys=["API_TOKEN"],
+        deliver_url="ftp://reports@ftp.example.com/in",
+        deliver_password="hunter2",
+    )
+
+    response = view_only_client.get(reverse("admin:jobs_job_changelist"), lookup)
+
+    assert response.status_code == 400
+    assert "cl" not in (response.context or {})
+
+
+@pytest.mark.parametrize(
+    "model, lookup",
+    [
+        ("job", {"tags__regex": "("}),  # PostgreSQL: invalid regular expression
+        ("job", {"timezone": "\x00"}),  # PostgreSQL: no NUL in a string literal
+        ("job", {"command__contains": "etl"}),
+        ("run", {"command__startswith": "echo"}),
+        ("run", {"environment__TOKEN": "x"}),
+        ("run", {"job__name": "nightly"}),
+        ("notification", {"target__startswith": "ops"}),
+        ("alertflip", {"reason__contains": "went"}),
+        ("missedfires", {"count__gt": "1"}),
+        ("jobdailystats", {"failed__gt": "1"}),
+    ],
+)
+def test_change_lists_refuse_lookups_their_filters_do_not_offer(
+    admin_client, make_job, model, lookup
+):
+    make_run(make_job(name="nightly"), Run.Status.FAILED)
+
+    response = admin_client.get(reverse(f"admin:jobs_{model}_changelist"), lookup)
+
+    assert response.status_code == 400
+
+
+def test_every_filter_and_date_link_in_the_change_lists_still_works(admin_client, make_job):
+    job = make_job(name="nightly", schedule="@daily", timezone="Europe/Berlin", tags="etl")
+    Job.objects.filter(pk=job.pk).update(alert_state=Job.AlertState.FAILING)
+    run = make_run(job, Run.Status.FAILED)
+    make_missed(job, count=3)
+    make_flip(job, Job.AlertState.FAILING, run=run)
+    make_notification(job, ok=False)
+    make_stats(job, 1, failed=1, executed=1)
+
+    checked = 0
+    for model in ["job", "run", "missedfires", "alertflip", "notification", "jobdailystats"]:
+        changelist = reverse(f"admin:jobs_{model}_changelist")
+        cl = admin_client.get(changelist).context["cl"]
+        links = [choice["query_string"] for spec in cl.filter_specs for choice in spec.choices(cl)]
+        if cl.date_hierarchy:
+            day = f"{cl.date_hierarchy}__year=2030&{cl.date_hierarchy}__month=1"
+            links += [f"?{day}", f"?{day}&{cl.date_hierarchy}__day=2"]
+        for link in links:
+            assert admin_client.get(changelist + link).status_code == 200, (model, link)
+            checked += 1
+
+    assert checked > 40
+
+
+def test_an_overlong_search_is_refused_with_a_message_not_a_database_error(admin_client, make_job):
+    make_job(name="nightly")
+
+    response = admin_client.get(reverse("admin:jobs_job_changelist"), {"q": "x" * 100_000})
+
+    assert response.status_code == 200
+    assert [j.name for j in response.context["cl"].result_list] == ["nightly"]
+    assert any("at most 200 characters" in m for m in messages_of(response))

@@ -232,8 +232,8 @@ def test_misspelt_key_suggests_the_right_one(db, tmp_path):
         ('retry_delay = "5 min"', "job \"nightly\": retry_delay: '5 min' is not a duration"),
         ("retry_delay = -5", 'job "nightly": retry_delay: must not be negative'),
         ('retry_max_delay = "1d"', "job \"nightly\": retry_max_delay: '1d' is not a duration"),
-        ("retry_backoff = 0.5", 'job "nightly": retry_backoff: must be at least 1'),
-        ("retry_backoff = inf", 'job "nightly": retry_backoff: must be at least 1'),
+        ("retry_backoff = 0.5", 'job "nightly": retry_backoff: must be from 1 to 10'),
+        ("retry_backoff = inf", 'job "nightly": retry_backoff: must be from 1 to 10'),
         ('retry_backoff = "2"', 'job "nightly": "retry_backoff" must be a number'),
         ('depends_on = "fine"', 'job "nightly": "depends_on" must be a list of strings'),
         ('depends_on = ["fine", "fine"]', 'job "nightly": depends_on names "fine" twice'),
@@ -242,7 +242,27 @@ def test_misspelt_key_suggests_the_right_one(db, tmp_path):
             'depends_on = ["fine"]\ntrigger = "schedule"',
             'job "nightly": unknown trigger "schedule"; the only trigger is "upstream"',
         ),
-        ('secret_env = ["TOKEN"]', 'job "nightly": secret_env names "TOKEN", which is not in env'),
+        (
+            'secret_env = ["TOKEN"]',
+            'job "nightly": secret_env: Not a key of the environment: “TOKEN” '
+            "(keys are case-sensitive).",
+        ),
+        (
+            'env = { TOKEN = "x" }\nsecret_env = ["token"]',
+            'job "nightly": secret_env: Not a key of the environment: “token”',
+        ),
+        ('env = { "A=B" = "x" }', 'job "nightly": env: Not an environment variable name: “A=B”'),
+        ("retry_backoff = 11", 'job "nightly": retry_backoff: must be from 1 to 10'),
+        ("retry_backoff = nan", 'job "nightly": retry_backoff: must be from 1 to 10'),
+        (f"retry_backoff = {'9' * 400}", 'job "nightly": retry_backoff: must be from 1 to 10'),
+        ('grace = "99999999h"', 'job "nightly": grace: at most 720h (30 days)'),
+        ('retry_delay = "721h"', 'job "nightly": retry_delay: at most 720h (30 days)'),
+        ('retry_max_delay = "31d"', "job \"nightly\": retry_max_delay: '31d' is not a duration"),
+        ('retry_max_delay = "744h"', 'job "nightly": retry_max_delay: at most 720h (30 days)'),
+        (
+            'deliver = { url = "ftp://reports@ftp.example.com/in", timeout = "744h" }',
+            'job "nightly": deliver.timeout: At most 30 days (2592000 seconds).',
+        ),
         ('grace = "half an hour"', "job \"nightly\": grace: 'half an hour' is not a duration"),
         ("grace = -60", 'job "nightly": grace: must not be negative'),
         (
@@ -286,6 +306,47 @@ def test_an_invalid_value_is_an_error_naming_the_job_and_writes_nothing(
     assert code == 2
     assert message in err
     assert not Job.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ('name = "a\\u0000b"\ncommand = "true"', 'job "a\\u0000b": name: a NUL character'),
+        ('name = "nightly"\nslug = "n\\u0000"\ncommand = "true"', 'job "nightly": slug: a NUL'),
+        ('name = "nightly"\ncommand = "echo \\u0000"', 'job "nightly": command: a NUL'),
+        ('name = "nightly"\ncommand = "true"\ntags = ["x\\u0000"]', "tags[0]: a NUL"),
+        ('name = "nightly"\ncommand = "true"\ndepends_on = ["x\\u0000"]', "depends_on[0]: a NUL"),
+        ('name = "nightly"\ncommand = "true"\nenv = { A = "x\\u0000" }', "env.A: a NUL"),
+        ('name = "nightly"\ncommand = "true"\nenv = { "A\\u0000" = "x" }', "env.A\\u0000: a NUL"),
+        (
+            'name = "nightly"\nkind = "python"\ncallable = "os.getcwd"\n'
+            'kwargs = { a = { b = ["\\u0000"] } }',
+            'job "nightly": kwargs.a.b[0]: a NUL character (\\u0000) cannot be stored; remove it',
+        ),
+    ],
+)
+def test_a_nul_character_anywhere_is_an_error_naming_the_key(db, tmp_path, entry, message):
+    # PostgreSQL cannot store (or look up) a NUL; SQLite stored it.
+    code, _out, err = loadjobs(write(tmp_path, f"[[job]]\n{entry}\n"))
+
+    assert code == 2
+    assert message in err
+    assert not Job.objects.exists()
+
+
+def test_carriage_returns_in_commands_become_newlines_and_load_idempotently(db, tmp_path):
+    path = write(
+        tmp_path,
+        '[[job]]\nname = "nightly"\ncommand = "cd /tmp\\r\\npwd\\r"\n'
+        'description = "one\\r\\ntwo"\n',
+    )
+
+    assert loadjobs(path)[0] == 0
+    _code, out, _err = loadjobs(path)
+
+    job = Job.objects.get()
+    assert (job.command, job.description) == ("cd /tmp\npwd\n", "one\ntwo")
+    assert "0 created, 0 updated, 1 unchanged" in out
 
 
 def test_a_job_without_name_or_command_is_an_error(db, tmp_path):

@@ -303,7 +303,9 @@ def test_metrics_show_active_runs_alert_states_last_success_and_scheduler_tick(
 
 
 @override_settings(METRICS_TOKEN=TOKEN)
-@pytest.mark.parametrize("header", [None, "Bearer wrong-token", f"Basic {TOKEN}", TOKEN])
+@pytest.mark.parametrize(
+    "header", [None, "Bearer wrong-token", f"Basic {TOKEN}", TOKEN, "Bearer é", "Bearer ÿþ"]
+)
 def test_metrics_with_a_token_configured_refuse_a_missing_or_wrong_one(client, db, header):
     headers = {"Authorization": header} if header else {}
 

@@ -13,7 +13,7 @@ from django.test import override_settings
 from django.urls import reverse
 from django.utils import timezone
 
-from jobs import services, views
+from jobs import alerts, services, views
 from jobs.models import AlertFlip, Job, JobDailyStats, Notification, Run, RunLogChunk
 from jobs.templatetags.jobs_tags import duration
 from tests.conftest import browser_login, chromium_path
@@ -592,6 +592,19 @@ def test_stale_page_lists_a_job_without_a_run_for_its_last_fire(client, make_use
     assert '<a href="/jobs/every-five/">every-five</a>' in rows["every-five"]
 
 
+def test_a_grace_stored_before_its_bound_breaks_no_page(admin_client, make_job):
+    """A row saved before Job.clean bounded grace: datetime minus 99999999 h
+    overflowed on every page that checks staleness, for every job."""
+    job = make_job(name="nightly", schedule="@daily")
+    # SQLite kept 99999999 h; PostgreSQL's integer stops at 68 years.
+    grace = 99999999 * 3600 if connections["default"].vendor == "sqlite" else 2**31 - 1
+    Job.objects.filter(pk=job.pk).update(grace=grace)
+
+    for url in ["/", "/stale/", "/jobs/nightly/", reverse("admin:jobs_job_change", args=[job.pk])]:
+        assert admin_client.get(url).status_code == 200, url
+    assert alerts.check_stale(now=timezone.now()) == 0
+
+
 def test_job_that_ran_and_succeeded_for_its_last_fire_is_not_stale(client, make_user, make_job):
     job = scheduled_job(
         make_job, name="every-five", schedule="*/5 * * * *", created=NOON - timedelta(days=1)
@@ -839,6 +852,9 @@ def test_failures_page_filters_by_job(admin_client, make_job):
     assert '<option value="export" selected>' in html
     assert "Failures of export" in html
     assert admin_client.get("/failures/?job=nope").status_code == 404
+    # Not a slug at all: a NUL was a database error on PostgreSQL.
+    for slug in ["\x00", "é", "exp\x00ort"]:
+        assert admin_client.get("/failures/", {"job": slug}).status_code == 404
 
 
 def test_failures_page_pages_by_id_without_counting(

@@ -279,7 +279,7 @@ def test_the_claim_reads_the_run_and_its_job_as_the_orm_does(make_job):
     JSON, booleans and aware datetimes included."""
     job = make_job(
         environment={"TARGET": "reports", "N": "1"},
-        secret_keys=["TOKEN"],
+        secret_keys=["N"],
         tags="nightly, billing",
         overlap=Job.Overlap.ALLOW,
         enabled=True,
