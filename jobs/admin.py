@@ -865,11 +865,27 @@ class AlertFlipAdmin(HistoryAdmin):
 class NotificationAdmin(HistoryAdmin):
     """Every email and webhook sent (or tried): when, to whom, what came of it."""
 
-    list_display = ["sent_at", "job", "kind", "channel", "target", "ok", "error_short"]
+    list_display = [
+        "sent_at",
+        "job",
+        "kind",
+        "channel",
+        "shown_target",
+        "ok",
+        "tries",
+        "error_short",
+    ]
     list_filter = ["ok", "kind", "channel", "job"]
-    search_fields = ["job__name", "target", "subject"]
+    search_fields = ["job__name", "subject"]
     date_hierarchy = "sent_at"
     show_full_result_count = False
+    # A webhook URL's path is often its token: shown as scheme://host/… only.
+    exclude = ["target"]
+    readonly_fields = ["shown_target"]
+
+    @admin.display(description="To")
+    def shown_target(self, obj: Notification) -> str:
+        return obj.shown_target
 
     @admin.display(description="Error")
     def error_short(self, obj: Notification) -> str:

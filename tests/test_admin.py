@@ -1417,7 +1417,7 @@ def make_notification(job: Job, *, ok: bool = True, channel: str = "email") -> N
         job=job,
         kind=Notification.Kind.ALERT,
         channel=channel,
-        target="ops@example.com" if channel == "email" else "https://hooks.example.com/x",
+        target="ops@example.com" if channel == "email" else "https://hooks.example.com/T0/s3cr3t",
         subject=f"[Jobsite] {job.name}: failing",
         sent_at=datetime(2030, 1, 2, 3, 5, tzinfo=UTC),
         ok=ok,
@@ -1462,10 +1462,16 @@ def test_notification_admin_lists_sends_with_their_result_and_filters_failures(
 
     text = every.content.decode()
     assert "ops@example.com" in text
+    assert "https://hooks.example.com/…" in text
     assert "Connection refused" in text
     assert [(n.channel, n.error) for n in failed.context["cl"].result_list] == [
         ("webhook", "Connection refused")
     ]
+    hook = Notification.objects.get(channel="webhook")
+    detail = admin_client.get(reverse("admin:jobs_notification_change", args=[hook.pk]))
+    assert "https://hooks.example.com/…" in detail.content.decode()
+    for page in (text, detail.content.decode()):
+        assert "s3cr3t" not in page  # a webhook URL's path is often its token
 
 
 def test_daily_stats_admin_lists_days_with_failures(admin_client, make_job):
