@@ -9,6 +9,7 @@ scheduled_for, attempt) for scheduled runs is the final guard.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -60,15 +61,29 @@ def fire_due(*, now: datetime) -> list[Run]:
     """Claim every due fire and create its runs."""
     runs: list[Run] = []
     due = Job.objects.filter(enabled=True, next_fire_at__lte=now).exclude(schedule="")
-    for job in due:
+    for job in due.exclude(pk__in=_held_off()):
         try:
             runs.extend(fire(job, now))
         except scheduling.ScheduleError as exc:
             log.error("job %s: %s", job.slug, exc)
         except Exception:
-            # One job must never stop the clock for the others.
-            log.exception("job %s: firing failed", job.slug)
+            # One job must never stop the clock for the others; nor, failing
+            # at every try, keep it awake: it is tried again in a while.
+            log.exception("job %s: firing failed, trying again in %.0f s", job.slug, HOLD_OFF)
+            _holding[job.pk] = time.monotonic() + HOLD_OFF
     return runs
+
+
+# Jobs whose fire raised, and until when (monotonic) the clock leaves them be.
+HOLD_OFF = 30.0
+_holding: dict[int, float] = {}
+
+
+def _held_off() -> list[int]:
+    now = time.monotonic()
+    for pk in [pk for pk, until in _holding.items() if until <= now]:
+        del _holding[pk]
+    return list(_holding)
 
 
 @dataclass(frozen=True)
@@ -207,9 +222,11 @@ def next_due() -> datetime | None:
     A retry whose job is busy is left out (as dispatch_waiting leaves it):
     the end of the run it waits for dispatches it, and its delay, long
     past, would have the clock wake at once, again and again."""
-    fire = Job.objects.filter(enabled=True, next_fire_at__isnull=False).aggregate(
-        due=Min("next_fire_at")
-    )["due"]
+    fire = (
+        Job.objects.filter(enabled=True, next_fire_at__isnull=False)
+        .exclude(pk__in=_held_off())
+        .aggregate(due=Min("next_fire_at"))["due"]
+    )
     busy = Run.objects.filter(job=OuterRef("job")).filter(
         Q(status=Run.Status.RUNNING) | Q(status=Run.Status.QUEUED, enqueued_at__isnull=False)
     )

@@ -63,6 +63,17 @@ def admin_client(client, make_user):
     return client
 
 
+@pytest.fixture(autouse=True)
+def _clock_holds_off_nothing():
+    """The clock's hold-off of jobs whose fire raised lives in the process:
+    a job id of one test must not be held off in the next."""
+    from jobs import clock
+
+    clock._holding.clear()
+    yield
+    clock._holding.clear()
+
+
 @pytest.fixture
 def q_sync():
     """Run django-q2 tasks inline (Q_CLUSTER is read once at import, so

@@ -168,9 +168,18 @@ def test_a_job_that_fails_to_fire_does_not_stop_the_others(make_job, monkeypatch
 
     monkeypatch.setattr(clock, "plan_fires", failing_for_broken)
     clock.sync(now=T0)
-    runs = clock.tick(now=T0 + timedelta(minutes=1))
+    now = T0 + timedelta(minutes=1)
+    runs = clock.tick(now=now)
     assert [r.job_id for r in runs] == [good.pk]
     assert "broken" in caplog.text and "boom" in caplog.text
+    # Its fire, still due, does not keep the clock awake (a busy loop of
+    # tracebacks); it is tried again once its hold-off is over.
+    assert clock.sleep_seconds(now=now, max_sleep=1.0) == 1.0
+    assert clock.tick(now=now) == []
+    assert len([r for r in caplog.records if "firing failed" in r.getMessage()]) == 1
+    monkeypatch.setattr(clock, "plan_fires", plan_fires)
+    monkeypatch.setitem(clock._holding, broken.pk, 0.0)  # the hold-off is over
+    assert [r.job_id for r in clock.tick(now=now)] == [broken.pk]
 
 
 def test_a_second_fire_while_running_is_skipped_with_reason(make_job):
@@ -306,3 +315,23 @@ def test_a_fire_claim_is_refused_when_read_stale_and_never_notes_backwards(make_
     Job.objects.filter(pk=job.pk).update(last_scheduled_for=None)
     assert services.claim_fire(fresh, following=following + timedelta(minutes=5), latest=None)
     assert Job.objects.get(pk=job.pk).last_scheduled_for is None  # missed fires note nothing
+
+
+def test_the_scheduler_command_outlives_an_error_in_a_tick(monkeypatch, caplog):
+    """A bug in one part of a tick (the sweep, a digest) is logged and the
+    clock goes on: a scheduler that stops is the failure nobody sees."""
+    from django.core.management import call_command
+
+    from jobs.management.commands import scheduler
+
+    ticks = []
+
+    def failing_tick():
+        ticks.append(1)
+        raise RuntimeError("sweep exploded")
+
+    monkeypatch.setattr(clock, "tick", failing_tick)
+    assert scheduler.Command().tick(max_sleep=1.0) == scheduler.ERROR_PAUSE
+    assert "scheduler tick failed" in caplog.text and "sweep exploded" in caplog.text
+    call_command("scheduler", "--once")  # returns: the error did not end the process badly
+    assert len(ticks) == 2

@@ -57,3 +57,12 @@ class Command(BaseCommand):
             log.warning("database unavailable, retrying: %s", exc)
             connections.close_all()
             return max_sleep
+        except Exception:
+            # Nor a bug in one part of a tick (the sweep, a digest): the
+            # clock that stops is the failure nobody sees.
+            log.exception("scheduler tick failed, trying again in %.0f s", ERROR_PAUSE)
+            connections.close_all()
+            return max(max_sleep, ERROR_PAUSE)
+
+
+ERROR_PAUSE = 5.0
