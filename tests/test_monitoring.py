@@ -131,6 +131,25 @@ def test_health_is_503_with_scheduler_failing_when_its_last_tick_is_old(client, 
     assert body["database"]["reachable"] is True
 
 
+def test_health_for_a_load_balancer_is_503_when_the_database_is_down(client, database_down):
+    response = client.get("/health/", {"scope": "web"})
+    assert response.status_code == 503  # this web server is of no use
+    assert response.json()["status"] == "down"
+
+
+def test_health_for_a_load_balancer_is_200_while_only_the_clock_and_workers_are_down(
+    client, fresh_cache
+):
+    tick(age=timedelta(minutes=10))  # the scheduler is down, no cluster runs
+
+    response = client.get("/health/", {"scope": "web"})
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "degraded"
+    assert body["failing"] == ["scheduler", "workers"]
+
+
 def test_health_says_the_scheduler_never_ticked(client, fresh_cache):
     body = client.get("/health/").json()
 
