@@ -70,8 +70,11 @@ def test_backoff_is_exponential_and_capped(make_job):
 
 def test_a_huge_backoff_waits_the_longest_delay_instead_of_failing(make_job):
     """The delay grew past a float (OverflowError): the run's end, or the
-    sweeper in the scheduler, failed with it."""
-    job = make_job(retries=20, retry_delay=10, retry_backoff=1e20, retry_max_delay=600)
+    sweeper in the scheduler, failed with it. Job.clean now bounds the
+    backoff; a row stored before that bound still must not break a run."""
+    job = make_job(retries=20, retry_delay=10, retry_backoff=2, retry_max_delay=600)
+    Job.objects.filter(pk=job.pk).update(retry_backoff=1e20)
+    job.refresh_from_db()
     assert services.retry_delay(job, 20, jitter=0) == 600
     lost = start(job)
     Run.objects.filter(pk=lost.pk).update(heartbeat_at=T0, attempt=20)
