@@ -279,6 +279,32 @@ def test_sql_job_with_an_unknown_database_fails_before_it_starts(make_job):
     assert "'NOT_SET_URL' is neither a DATABASES alias nor set" in done.error_summary
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgres://report:Sup3rS3cretPW@127.0.0.1:notaport/wh",
+        "postgres://report:Sup3rS3cretPW@127.0.0.1:99999/wh",
+        "postgres://report:Sup3r/S3cretPW@db.internal/wh",  # the port error quoted "Sup3r"
+        "postgres://report:Sup3rS3cretPW@[::1/wh",
+        "Sup3rS3cretPW is no URL at all",
+    ],
+)
+def test_a_database_url_the_parser_rejects_fails_the_run_without_showing_it(
+    make_job, monkeypatch, url
+):
+    import warnings
+
+    monkeypatch.setenv("WH_URL", url)
+    job = make_job(kind="sql", database="WH_URL", sql="SELECT 1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        done = run(job)
+    assert done.status == Run.Status.FAILED
+    assert done.error_summary == "Not started: WH_URL is not a valid database URL"
+    shown = done.error_summary + runlog.read_log(done) + "".join(str(w.message) for w in caught)
+    assert "Sup3r" not in shown
+
+
 def test_sql_statement_timeout(make_job):
     if connection.vendor == "postgresql":
         sql = "SELECT pg_sleep(5)"
