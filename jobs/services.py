@@ -826,9 +826,13 @@ def run_execute(run: Run, *, echo: Callable[[str], None] | None = None, reload: 
         writer = RunLogWriter(run, redact=secrets, echo=echo)
         watch = _Watch(run, shown=shown)
         status, summary, returncode = _supervise(run, child, env, writer, watch)
-        artifacts_stored = _retrying_database(lambda: artifacts.collect(run, workdir / "artifacts"))
+        stored, problem = _collect(run, workdir / "artifacts", writer)
+        if problem and status == Run.Status.SUCCEEDED:
+            status, summary = Run.Status.FAILED, problem
+        elif problem:
+            writer.feed(f"[jobsite] {problem}\n".encode())
         if status == Run.Status.SUCCEEDED and job.deliver_url:
-            status, summary = _deliver(job, artifacts_stored or [], password, writer, watch)
+            status, summary = _deliver(job, stored, password, writer, watch)
         writer.end(f"[jobsite] {summary}" if status != Run.Status.SUCCEEDED else "")
         _retrying_database(
             lambda: run_finish(
@@ -931,6 +935,24 @@ class _Progress:
                 raise
             return  # try again next time
         self.pending = {}
+
+
+def _collect(run: Run, directory: Path, writer: RunLogWriter) -> tuple[list, str]:
+    """Store the run's files: (artifacts, why they could not be, or "").
+    The lease is kept meanwhile (a big file can take longer to copy than the
+    lease lasts), and whatever breaks fails the run: left running, it would
+    be marked lost and retried."""
+
+    def note(line: str) -> None:
+        writer.feed(f"{line}\n".encode())
+
+    try:
+        with _heartbeat(run.pk):
+            stored = _retrying_database(lambda: artifacts.collect(run, directory, note=note))
+    except Exception as exc:
+        log.exception("run %s: storing its files failed", run.pk)
+        return [], writer.masked(f"Could not store the run's files: {type(exc).__name__}: {exc}")
+    return stored, ""
 
 
 def _deliver(

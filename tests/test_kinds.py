@@ -101,6 +101,96 @@ def test_shell_job_files_in_the_artifacts_dir_are_collected(make_job):
     ]
 
 
+def test_files_with_names_storage_refuses_are_kept_under_their_own_names(make_job):
+    """Django's storage refuses "@@@" and "€", and a name that is not UTF-8
+    cannot be stored in the database: the files are stored under made-up
+    names, the run shows the real ones."""
+    job = make_job(
+        command='cd "$JOBSITE_ARTIFACTS_DIR"; printf 1 > @@@; printf 22 > €.txt;'
+        " printf 333 > \"$(printf '\\377.csv')\""
+    )
+    done = run(job)
+    assert done.status == Run.Status.SUCCEEDED, done.error_summary
+    assert sorted(Artifact.objects.filter(run=done).values_list("name", "size")) == [
+        ("@@@", 1),
+        ("€.txt", 2),
+        ("\ufffd.csv", 3),
+    ]
+    assert artifact_text(done, "\ufffd.csv") == "333"
+
+
+def test_a_file_that_cannot_be_stored_fails_the_run_with_the_reason(make_job, monkeypatch):
+    from django.core.files.storage import FileSystemStorage
+
+    def broken(self, name, content):
+        raise RuntimeError("storage is read-only")
+
+    monkeypatch.setattr(FileSystemStorage, "_save", broken)
+    done = run(make_job(command='echo a > "$JOBSITE_ARTIFACTS_DIR/a.txt"; echo done'))
+    assert done.status == Run.Status.FAILED
+    assert (
+        done.error_summary == "Could not store the run's files: RuntimeError: storage is read-only"
+    )
+    assert "done" in runlog.read_log(done)
+
+
+@pytest.mark.django_db(transaction=True)
+@override_settings(JOBSITE_LEASE_SECONDS=2, JOBSITE_HEARTBEAT_SECONDS=0.5)
+def test_storing_files_for_longer_than_the_lease_keeps_the_run_alive(make_job, monkeypatch):
+    import time
+
+    from django.core.files.storage import FileSystemStorage
+    from django.utils import timezone
+
+    save = FileSystemStorage._save
+
+    def slow(self, name, content):  # a big file on a slow disk
+        time.sleep(1.0)
+        return save(self, name, content)
+
+    monkeypatch.setattr(FileSystemStorage, "_save", slow)
+    job = make_job(
+        command='for i in 1 2 3 4; do echo $i > "$JOBSITE_ARTIFACTS_DIR/f$i"; done', retries=1
+    )
+    stop = threading.Event()
+
+    def sweeper() -> None:
+        try:
+            while not stop.wait(0.3):
+                services.sweep_lost(now=timezone.now())
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=sweeper)
+    thread.start()
+    try:
+        done = run(job)
+    finally:
+        stop.set()
+        thread.join()
+    assert done.status == Run.Status.SUCCEEDED, done.error_summary
+    assert list(Run.objects.filter(job=job).values_list("status", flat=True)) == ["succeeded"]
+
+
+@pytest.mark.parametrize("link", ["directory", "file", "subdirectory"])
+def test_symlinks_in_the_artifacts_dir_are_not_followed(make_job, tmp_path, link):
+    """A job can point its artifacts directory, or anything in it, at files
+    it should not hand out (the worker's own)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "passwd").write_text("root:x:0:0")
+    command = {
+        "directory": f'rmdir "$JOBSITE_ARTIFACTS_DIR" && ln -s {outside} "$JOBSITE_ARTIFACTS_DIR"',
+        "file": f'ln -s {outside}/passwd "$JOBSITE_ARTIFACTS_DIR/passwd"',
+        "subdirectory": f'ln -s {outside} "$JOBSITE_ARTIFACTS_DIR/sub"',
+    }[link]
+    done = run(make_job(command=command))
+    assert done.status == Run.Status.SUCCEEDED, done.error_summary
+    assert not Artifact.objects.filter(run=done).exists()
+    if link == "directory":
+        assert "$JOBSITE_ARTIFACTS_DIR is no longer a directory" in runlog.read_log(done)
+
+
 @pytest.fixture
 def work_dir(tmp_path, settings) -> Path:
     """JOBSITE_WORK_DIR, empty, for the tests of kept scratch directories."""
