@@ -897,8 +897,8 @@ def _supervise(
         writer.feed(f"[jobsite] execution failed: {exc}\n".encode())
         return Run.Status.FAILED, f"Jobsite error: {exc}", None
     _retrying_database(lambda: progress.flush(force=True))
-    writer.output_done()  # what was held back for masking counts for the last line
-    status, summary = _judge(outcome, run.job, watch, writer)
+    writer.output_done()  # what was held back for masking comes before Jobsite's notes
+    status, summary = _judge(outcome, run.job, watch, progress.failure)
     return status, summary, outcome.returncode
 
 
@@ -910,8 +910,11 @@ class _Progress:
         self.mask = mask  # a message as the log would store it (RunLogWriter.masked)
         self.pending: dict = {}
         self.last = 0.0
+        self.failure = ""  # what a python or SQL job's runner says went wrong
 
     def update(self, payload: dict) -> None:
+        if isinstance(payload.get("failure"), str):
+            self.failure = self.mask(payload["failure"])[:1000]
         for key, field in (
             ("done", "progress_done"),
             ("total", "progress_total"),
@@ -1099,9 +1102,7 @@ class _Watch:
         return False
 
 
-def _judge(
-    outcome: execution.Outcome, job: Job, watch: _Watch, writer: RunLogWriter
-) -> tuple[str, str]:
+def _judge(outcome: execution.Outcome, job: Job, watch: _Watch, failure: str) -> tuple[str, str]:
     if outcome.timed_out:
         return Run.Status.TIMED_OUT, (
             f"Timed out after {job.timeout}s: process group sent SIGTERM, "
@@ -1113,9 +1114,10 @@ def _judge(
         return Run.Status.SUCCEEDED, ""
     if outcome.signal_name:
         return Run.Status.FAILED, f"Killed by {outcome.signal_name}"
-    if job.kind != Job.Kind.SHELL and writer.last_line:
-        # A Python traceback's or the SQL runner's last line says what went wrong.
-        return Run.Status.FAILED, writer.last_line
+    if job.kind != Job.Kind.SHELL and failure:
+        # The runner's own account (the exception, the failed statement); not
+        # the output's last line, which may be anything the job printed.
+        return Run.Status.FAILED, failure
     return Run.Status.FAILED, f"Exit code {outcome.returncode}"
 
 

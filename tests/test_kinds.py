@@ -16,6 +16,7 @@ from django.test import override_settings
 
 from jobs import runlog, services
 from jobs.models import Artifact, Job, Run
+from tests.conftest import requires_postgres
 
 quiet = {"echo": lambda text: None}
 
@@ -58,6 +59,35 @@ def test_python_exception_fails_with_the_traceback_and_its_last_line(make_job):
     assert done.error_summary == "ValueError: bad input"
     log = runlog.read_log(done)
     assert "Traceback (most recent call last)" in log and "raise ValueError(message)" in log
+
+
+def test_python_sys_exit_ends_the_run_as_it_would_end_python(make_job):
+    """sys.exit() is success, sys.exit(3) exit code 3, sys.exit("message")
+    prints the message and is a failure that says it."""
+
+    def exit_with(status):
+        job = make_job(kind="python", callable="tests.sample_jobs.exit_with", kwargs=status)
+        return run(job)
+
+    done = exit_with({})
+    assert (done.status, done.exit_code) == (Run.Status.SUCCEEDED, 0), done.error_summary
+    done = exit_with({"status": 3})
+    assert (done.status, done.exit_code, done.error_summary) == ("failed", 3, "Exit code 3")
+    done = exit_with({"status": "fatal: /etc/x is missing"})
+    assert (done.status, done.exit_code) == (Run.Status.FAILED, 1)
+    assert done.error_summary == "fatal: /etc/x is missing"
+    assert "fatal: /etc/x is missing" in runlog.read_log(done)
+
+
+def test_a_python_job_that_exits_by_itself_is_not_summed_up_by_its_last_print(make_job):
+    job = make_job(
+        kind="python",
+        callable="tests.sample_jobs.print_then_exit",
+        kwargs={"message": "all rows loaded", "code": 4},
+    )
+    done = run(job)
+    assert (done.status, done.exit_code) == (Run.Status.FAILED, 4)
+    assert done.error_summary == "Exit code 4"
 
 
 def test_python_job_times_out_like_any_other(make_job):
@@ -393,6 +423,125 @@ def test_a_database_url_the_parser_rejects_fails_the_run_without_showing_it(
     assert done.error_summary == "Not started: WH_URL is not a valid database URL"
     shown = done.error_summary + runlog.read_log(done) + "".join(str(w.message) for w in caught)
     assert "Sup3r" not in shown
+
+
+@pytest.fixture
+def warehouse(tmp_path, monkeypatch) -> Path:
+    """A SQLite database in $WH_URL with a table t holding one row."""
+    import sqlite3
+
+    path = tmp_path / "warehouse.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE t (id INTEGER, v TEXT)")
+        db.execute("INSERT INTO t VALUES (1, 'keep')")
+    db.close()
+    monkeypatch.setenv("WH_URL", f"sqlite:///{path}")
+    return path
+
+
+def test_a_failed_sqlite_script_keeps_none_of_its_changes(make_job, warehouse):
+    """Python's sqlite3 commits before DDL unless told otherwise: the DROP
+    and the CREATE were kept although the script failed."""
+    import sqlite3
+
+    sql = "DROP TABLE t;\nCREATE TABLE t2 AS SELECT 1 AS x;\nSELECT nosuch FROM t2;"
+    done = run(make_job(kind="sql", database="WH_URL", sql=sql))
+    assert done.status == Run.Status.FAILED
+    assert done.error_summary == "SQL error in statement 3: no such column: nosuch"
+    with sqlite3.connect(warehouse) as db:
+        assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("t",)]
+        assert db.execute("SELECT v FROM t").fetchall() == [("keep",)]
+    db.close()
+
+
+def test_a_sqlite_url_to_a_missing_file_fails_and_creates_no_database(
+    make_job, tmp_path, monkeypatch
+):
+    missing = tmp_path / "typo.sqlite3"
+    monkeypatch.setenv("WH_URL", f"sqlite:///{missing}")
+    done = run(make_job(kind="sql", database="WH_URL", sql="SELECT 1 AS one"))
+    assert done.status == Run.Status.FAILED
+    assert done.error_summary == f"cannot open {missing}: the file does not exist"
+    assert not missing.exists()
+
+
+def test_a_database_that_refuses_the_connection_fails_with_one_line_saying_so(
+    make_job, monkeypatch
+):
+    """Not a traceback ending in libpq's hint "Is the server running...?"."""
+    monkeypatch.setenv("WH_URL", "postgres://report:Sup3rS3cretPW@127.0.0.1:1/wh")
+    done = run(make_job(kind="sql", database="WH_URL", sql="SELECT 1"))
+    assert (done.status, done.exit_code) == (Run.Status.FAILED, 1)
+    assert done.error_summary.startswith("cannot connect to 127.0.0.1:1/wh: "), done.error_summary
+    assert "refused" in done.error_summary
+    log = runlog.read_log(done)
+    assert "Traceback" not in log and "Sup3r" not in log + done.error_summary
+
+
+def test_an_error_while_the_rows_are_fetched_names_the_statement_and_leaves_no_csv(make_job):
+    """The last statement's errors can come while its rows stream into the
+    CSV (a division by zero at row 60,000, a timeout): half a CSV is no
+    result."""
+    if connection.vendor == "postgresql":
+        last = "SELECT g, 1 / (g - 60000) FROM generate_series(1, 100000) AS g"
+        reason = "division by zero"
+    else:  # endless rows, stopped by the statement timeout
+        last = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c"
+        reason = "statement timeout (1 s) exceeded"
+    job = make_job(
+        kind="sql", database="default", sql=f"SELECT 1;\n{last}", statement_timeout=1, timeout=30
+    )
+    done = run(job)
+    assert done.status == Run.Status.FAILED
+    assert done.error_summary == f"SQL error in statement 2: {reason}"
+    assert "Traceback" not in runlog.read_log(done)
+    assert not Artifact.objects.filter(run=done).exists()
+
+
+def test_sql_values_are_written_as_text_not_as_python_sees_them(make_job):
+    if connection.vendor == "postgresql":
+        sql = (
+            "SELECT '\\x00ff'::bytea AS b, '{\"k\": [1, \"é\"]}'::jsonb AS j, ARRAY[1, 2] AS a,"
+            " interval '1 day 2 hours 3.5 seconds' AS iv, interval '-90 minutes' AS neg, 1.5 AS n"
+        )
+        expected = ["\\x00ff", '{"k": [1, "é"]}', "[1, 2]", "P1DT2H3.5S", "-PT1H30M", "1.5"]
+    else:
+        sql = "SELECT X'00FF' AS b, '{\"k\": [1, \"é\"]}' AS j, 1.5 AS n"
+        expected = ["\\x00ff", '{"k": [1, "é"]}', "1.5"]
+    done = run(make_job(name="values", kind="sql", database="default", sql=sql))
+    assert done.status == Run.Status.SUCCEEDED, done.error_summary
+    rows = list(csv.reader(io.StringIO(artifact_text(done, "values.csv"))))
+    assert rows[1] == expected
+
+
+@pytest.mark.parametrize(
+    "statement, streams",
+    [
+        ("SELECT * FROM t", True),
+        ("-- the export\nWITH a AS (SELECT 1) SELECT * FROM a", True),
+        ("(SELECT g FROM generate_series(1, 9) g) UNION ALL (SELECT 0)", True),
+        ("VALUES (1), (2)", True),
+        ("TABLE t", True),
+        ("SELECT 1 AS a INTO TEMP newt", False),  # DECLARE refuses it
+        ("INSERT INTO t VALUES (1) RETURNING *", False),
+        ("WITH a AS (SELECT 1) DELETE FROM t RETURNING *", False),
+    ],
+)
+def test_which_last_statements_stream_from_a_postgresql_cursor(statement, streams):
+    from jobs.runners.sql_job import _declarable
+
+    assert _declarable(statement) is streams
+
+
+@requires_postgres
+def test_a_postgresql_script_may_end_with_select_into_or_a_parenthesized_select(make_job):
+    done = run(make_job(kind="sql", database="default", sql="SELECT 1 AS a INTO TEMP newt"))
+    assert done.status == Run.Status.SUCCEEDED, done.error_summary
+    assert "no CSV written" in runlog.read_log(done)
+    sql = "(SELECT g FROM generate_series(1, 3) AS g) UNION ALL (SELECT 0) ORDER BY 1"
+    done = run(make_job(name="paren", kind="sql", database="default", sql=sql))
+    assert done.status == Run.Status.SUCCEEDED, done.error_summary
+    assert artifact_text(done, "paren.csv") == "g\r\n0\r\n1\r\n2\r\n3\r\n"
 
 
 def test_sql_statement_timeout(make_job):
