@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from django.core.files import File
+from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from jobs.models import Artifact, Run
@@ -98,3 +100,17 @@ def delete_files(runs) -> int:
         artifact.file.delete(save=False)
         count += 1
     return count
+
+
+def delete_files_on_commit(artifacts: QuerySet[Artifact]) -> None:
+    """Remove these artifacts' stored files once the transaction that deletes
+    their rows commits (a rollback keeps both): deleting a job or a run
+    cascades to the rows only. Call it inside that transaction."""
+    storage = Artifact._meta.get_field("file").storage
+    names = [name for name in artifacts.values_list("file", flat=True) if name]
+
+    def delete() -> None:
+        for name in names:
+            storage.delete(name)
+
+    transaction.on_commit(delete)
