@@ -204,6 +204,18 @@ def test_prune_runs_command_rejects_a_bad_age(db):
         call_command("prune_runs", "--older-than", "ninety days", stdout=StringIO())
 
 
+@pytest.mark.parametrize("age", ["99999999999d", "1000000d", "5300000w"])
+def test_a_period_too_long_for_a_date_is_an_error_not_a_traceback(db, age):
+    """prune_runs and send_digest share the period parser: a timedelta
+    overflowed, or now - period did."""
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match=f'Period "{age}" is too long: at most 36500d'):
+        call_command("prune_runs", "--older-than", age, stdout=StringIO())
+    with pytest.raises(CommandError, match="too long"):
+        call_command("send_digest", "--period", age, stdout=StringIO())
+
+
 @pytest.fixture
 def daily_prune(settings):
     settings.TIME_ZONE = "Europe/Berlin"
