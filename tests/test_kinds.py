@@ -633,10 +633,21 @@ def ftp_server(tmp_path):
     Handler.passive_ports = range(60000, 60100)
     server = FTPServer(("127.0.0.1", 0), Handler)
     port = server.socket.getsockname()[1]
-    thread = threading.Thread(target=server.serve_forever, kwargs={"timeout": 0.1}, daemon=True)
+    stop = threading.Event()
+
+    def serve() -> None:
+        # Closed from this thread only: close_all() from the test's thread
+        # pulled the sockets from under a poll still running here (EBADF,
+        # an "unhandled thread exception" warning some runs later).
+        while not stop.is_set():
+            server.serve_forever(timeout=0.1, blocking=False)
+        server.close_all()
+
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     yield {"port": port, "root": root}
-    server.close_all()
+    stop.set()
+    thread.join()
 
 
 def test_sql_csv_is_uploaded_to_ftp_and_the_log_says_so(make_job, ftp_server, monkeypatch):
