@@ -27,8 +27,9 @@ from django.core.validators import EmailValidator, URLValidator
 from django.db import transaction
 from django.utils.text import normalize_newlines, slugify
 
+from jobs import artifacts
 from jobs.kinds import nul_paths
-from jobs.models import MAX_BACKOFF, MAX_DURATION, Job
+from jobs.models import MAX_BACKOFF, MAX_DURATION, Artifact, Job
 
 # The keys this version understands, in the order dumpjobs writes them.
 KEYS = (
@@ -858,6 +859,7 @@ def jobs_load(*, path: str | Path, prune: bool = False) -> LoadReport:
                 name__in=[plan.job.name for plan in plans]
             )
             report.pruned = sorted(doomed.values_list("name", flat=True))
+            artifacts.delete_files_on_commit(Artifact.objects.filter(run__job__in=doomed))
             doomed.delete()
     return report
 

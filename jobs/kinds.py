@@ -8,6 +8,7 @@ import importlib
 import json
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -142,7 +143,7 @@ def sql_database(name: str, server_env: dict[str, str]) -> dict:
     if name in settings.DATABASES:
         db = settings.DATABASES[name]
     elif name in server_env:
-        db = environ.Env.db_url_config(server_env[name])
+        db = _parse_database_url(name, server_env[name])
     else:
         raise KindError(
             f"database {name!r} is neither a DATABASES alias nor set in the server's environment"
@@ -150,3 +151,18 @@ def sql_database(name: str, server_env: dict[str, str]) -> dict:
     return {k: db.get(k) for k in ("ENGINE", "NAME", "USER", "PASSWORD", "HOST", "PORT")} | {
         "NAME": str(db.get("NAME"))
     }
+
+
+def _parse_database_url(name: str, url: str) -> dict:
+    """Parse a *_URL variable's value. The parser's own messages quote the
+    URL (a port error can hold part of the password, the unknown-engine
+    warning all of it), so none of them is passed on."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            db = environ.Env.db_url_config(url)
+    except Exception:  # ValueError, and whatever else a malformed URL raises
+        db = {}
+    if not db.get("ENGINE"):
+        raise KindError(f"{name} is not a valid database URL")
+    return db

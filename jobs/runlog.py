@@ -78,7 +78,6 @@ class RunLogWriter:
         self.last_flush = time.monotonic()
         self.unsaved_dropped = 0
         self.closing = False
-        self.recent = ""  # the last output, for last_line
 
     def feed(self, data: bytes) -> None:
         self.produced += len(data)
@@ -116,12 +115,6 @@ class RunLogWriter:
         self.pending = rest
         self.pending_size = sum(len(piece) for piece in rest)
 
-    @property
-    def last_line(self) -> str:
-        """The last non-empty line of output (a traceback's verdict)."""
-        lines = [line.strip() for line in self.recent.splitlines() if line.strip()]
-        return lines[-1][:500] if lines else ""
-
     def tick(self) -> None:
         if self.pending and self._flush_due():
             self.flush()
@@ -144,7 +137,7 @@ class RunLogWriter:
 
     def output_done(self) -> None:
         """The job's output is complete: add the decoder's rest and the text
-        held back for masking, so that last_line sees the end. Safe to repeat."""
+        held back for masking, before Jobsite's own notes. Safe to repeat."""
         text = self.decoder.decode(b"", final=True)
         if text or self.held:
             self._add(text, final=True)
@@ -200,7 +193,6 @@ class RunLogWriter:
                 return
         if self.echo:
             self.echo(text)
-        self.recent = (self.recent + text[-2000:])[-2000:]
         self.pending.append(text)
         self.pending_size += len(text)
 

@@ -826,9 +826,13 @@ def run_execute(run: Run, *, echo: Callable[[str], None] | None = None, reload: 
         writer = RunLogWriter(run, redact=secrets, echo=echo)
         watch = _Watch(run, shown=shown)
         status, summary, returncode = _supervise(run, child, env, writer, watch)
-        artifacts_stored = _retrying_database(lambda: artifacts.collect(run, workdir / "artifacts"))
+        stored, problem = _collect(run, workdir / "artifacts", writer)
+        if problem and status == Run.Status.SUCCEEDED:
+            status, summary = Run.Status.FAILED, problem
+        elif problem:
+            writer.feed(f"[jobsite] {problem}\n".encode())
         if status == Run.Status.SUCCEEDED and job.deliver_url:
-            status, summary = _deliver(job, artifacts_stored or [], password, writer, watch)
+            status, summary = _deliver(job, stored, password, writer, watch)
         writer.end(f"[jobsite] {summary}" if status != Run.Status.SUCCEEDED else "")
         _retrying_database(
             lambda: run_finish(
@@ -893,8 +897,8 @@ def _supervise(
         writer.feed(f"[jobsite] execution failed: {exc}\n".encode())
         return Run.Status.FAILED, f"Jobsite error: {exc}", None
     _retrying_database(lambda: progress.flush(force=True))
-    writer.output_done()  # what was held back for masking counts for the last line
-    status, summary = _judge(outcome, run.job, watch, writer)
+    writer.output_done()  # what was held back for masking comes before Jobsite's notes
+    status, summary = _judge(outcome, run.job, watch, progress.failure)
     return status, summary, outcome.returncode
 
 
@@ -906,8 +910,11 @@ class _Progress:
         self.mask = mask  # a message as the log would store it (RunLogWriter.masked)
         self.pending: dict = {}
         self.last = 0.0
+        self.failure = ""  # what a python or SQL job's runner says went wrong
 
     def update(self, payload: dict) -> None:
+        if isinstance(payload.get("failure"), str):
+            self.failure = self.mask(payload["failure"])[:1000]
         for key, field in (
             ("done", "progress_done"),
             ("total", "progress_total"),
@@ -931,6 +938,24 @@ class _Progress:
                 raise
             return  # try again next time
         self.pending = {}
+
+
+def _collect(run: Run, directory: Path, writer: RunLogWriter) -> tuple[list, str]:
+    """Store the run's files: (artifacts, why they could not be, or "").
+    The lease is kept meanwhile (a big file can take longer to copy than the
+    lease lasts), and whatever breaks fails the run: left running, it would
+    be marked lost and retried."""
+
+    def note(line: str) -> None:
+        writer.feed(f"{line}\n".encode())
+
+    try:
+        with _heartbeat(run.pk):
+            stored = _retrying_database(lambda: artifacts.collect(run, directory, note=note))
+    except Exception as exc:
+        log.exception("run %s: storing its files failed", run.pk)
+        return [], writer.masked(f"Could not store the run's files: {type(exc).__name__}: {exc}")
+    return stored, ""
 
 
 def _deliver(
@@ -1077,9 +1102,7 @@ class _Watch:
         return False
 
 
-def _judge(
-    outcome: execution.Outcome, job: Job, watch: _Watch, writer: RunLogWriter
-) -> tuple[str, str]:
+def _judge(outcome: execution.Outcome, job: Job, watch: _Watch, failure: str) -> tuple[str, str]:
     if outcome.timed_out:
         return Run.Status.TIMED_OUT, (
             f"Timed out after {job.timeout}s: process group sent SIGTERM, "
@@ -1091,9 +1114,10 @@ def _judge(
         return Run.Status.SUCCEEDED, ""
     if outcome.signal_name:
         return Run.Status.FAILED, f"Killed by {outcome.signal_name}"
-    if job.kind != Job.Kind.SHELL and writer.last_line:
-        # A Python traceback's or the SQL runner's last line says what went wrong.
-        return Run.Status.FAILED, writer.last_line
+    if job.kind != Job.Kind.SHELL and failure:
+        # The runner's own account (the exception, the failed statement); not
+        # the output's last line, which may be anything the job printed.
+        return Run.Status.FAILED, failure
     return Run.Status.FAILED, f"Exit code {outcome.returncode}"
 
 

@@ -16,6 +16,7 @@ from django.test import override_settings
 
 from jobs import runlog, services
 from jobs.models import Artifact, Job, Run
+from tests.conftest import requires_postgres
 
 quiet = {"echo": lambda text: None}
 
@@ -60,6 +61,35 @@ def test_python_exception_fails_with_the_traceback_and_its_last_line(make_job):
     assert "Traceback (most recent call last)" in log and "raise ValueError(message)" in log
 
 
+def test_python_sys_exit_ends_the_run_as_it_would_end_python(make_job):
+    """sys.exit() is success, sys.exit(3) exit code 3, sys.exit("message")
+    prints the message and is a failure that says it."""
+
+    def exit_with(status):
+        job = make_job(kind="python", callable="tests.sample_jobs.exit_with", kwargs=status)
+        return run(job)
+
+    done = exit_with({})
+    assert (done.status, done.exit_code) == (Run.Status.SUCCEEDED, 0), done.error_summary
+    done = exit_with({"status": 3})
+    assert (done.status, done.exit_code, done.error_summary) == ("failed", 3, "Exit code 3")
+    done = exit_with({"status": "fatal: /etc/x is missing"})
+    assert (done.status, done.exit_code) == (Run.Status.FAILED, 1)
+    assert done.error_summary == "fatal: /etc/x is missing"
+    assert "fatal: /etc/x is missing" in runlog.read_log(done)
+
+
+def test_a_python_job_that_exits_by_itself_is_not_summed_up_by_its_last_print(make_job):
+    job = make_job(
+        kind="python",
+        callable="tests.sample_jobs.print_then_exit",
+        kwargs={"message": "all rows loaded", "code": 4},
+    )
+    done = run(job)
+    assert (done.status, done.exit_code) == (Run.Status.FAILED, 4)
+    assert done.error_summary == "Exit code 4"
+
+
 def test_python_job_times_out_like_any_other(make_job):
     job = make_job(
         kind="python", callable="jobs.demo.count_to", kwargs={"n": 100, "pause": 1}, timeout=1
@@ -99,6 +129,96 @@ def test_shell_job_files_in_the_artifacts_dir_are_collected(make_job):
         ("out.csv", 4),
         ("sub/x.txt", 1),
     ]
+
+
+def test_files_with_names_storage_refuses_are_kept_under_their_own_names(make_job):
+    """Django's storage refuses "@@@" and "€", and a name that is not UTF-8
+    cannot be stored in the database: the files are stored under made-up
+    names, the run shows the real ones."""
+    job = make_job(
+        command='cd "$JOBSITE_ARTIFACTS_DIR"; printf 1 > @@@; printf 22 > €.txt;'
+        " printf 333 > \"$(printf '\\377.csv')\""
+    )
+    done = run(job)
+    assert done.status == Run.Status.SUCCEEDED, done.error_summary
+    assert sorted(Artifact.objects.filter(run=done).values_list("name", "size")) == [
+        ("@@@", 1),
+        ("€.txt", 2),
+        ("\ufffd.csv", 3),
+    ]
+    assert artifact_text(done, "\ufffd.csv") == "333"
+
+
+def test_a_file_that_cannot_be_stored_fails_the_run_with_the_reason(make_job, monkeypatch):
+    from django.core.files.storage import FileSystemStorage
+
+    def broken(self, name, content):
+        raise RuntimeError("storage is read-only")
+
+    monkeypatch.setattr(FileSystemStorage, "_save", broken)
+    done = run(make_job(command='echo a > "$JOBSITE_ARTIFACTS_DIR/a.txt"; echo done'))
+    assert done.status == Run.Status.FAILED
+    assert (
+        done.error_summary == "Could not store the run's files: RuntimeError: storage is read-only"
+    )
+    assert "done" in runlog.read_log(done)
+
+
+@pytest.mark.django_db(transaction=True)
+@override_settings(JOBSITE_LEASE_SECONDS=2, JOBSITE_HEARTBEAT_SECONDS=0.5)
+def test_storing_files_for_longer_than_the_lease_keeps_the_run_alive(make_job, monkeypatch):
+    import time
+
+    from django.core.files.storage import FileSystemStorage
+    from django.utils import timezone
+
+    save = FileSystemStorage._save
+
+    def slow(self, name, content):  # a big file on a slow disk
+        time.sleep(1.0)
+        return save(self, name, content)
+
+    monkeypatch.setattr(FileSystemStorage, "_save", slow)
+    job = make_job(
+        command='for i in 1 2 3 4; do echo $i > "$JOBSITE_ARTIFACTS_DIR/f$i"; done', retries=1
+    )
+    stop = threading.Event()
+
+    def sweeper() -> None:
+        try:
+            while not stop.wait(0.3):
+                services.sweep_lost(now=timezone.now())
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=sweeper)
+    thread.start()
+    try:
+        done = run(job)
+    finally:
+        stop.set()
+        thread.join()
+    assert done.status == Run.Status.SUCCEEDED, done.error_summary
+    assert list(Run.objects.filter(job=job).values_list("status", flat=True)) == ["succeeded"]
+
+
+@pytest.mark.parametrize("link", ["directory", "file", "subdirectory"])
+def test_symlinks_in_the_artifacts_dir_are_not_followed(make_job, tmp_path, link):
+    """A job can point its artifacts directory, or anything in it, at files
+    it should not hand out (the worker's own)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "passwd").write_text("root:x:0:0")
+    command = {
+        "directory": f'rmdir "$JOBSITE_ARTIFACTS_DIR" && ln -s {outside} "$JOBSITE_ARTIFACTS_DIR"',
+        "file": f'ln -s {outside}/passwd "$JOBSITE_ARTIFACTS_DIR/passwd"',
+        "subdirectory": f'ln -s {outside} "$JOBSITE_ARTIFACTS_DIR/sub"',
+    }[link]
+    done = run(make_job(command=command))
+    assert done.status == Run.Status.SUCCEEDED, done.error_summary
+    assert not Artifact.objects.filter(run=done).exists()
+    if link == "directory":
+        assert "$JOBSITE_ARTIFACTS_DIR is no longer a directory" in runlog.read_log(done)
 
 
 @pytest.fixture
@@ -279,6 +399,151 @@ def test_sql_job_with_an_unknown_database_fails_before_it_starts(make_job):
     assert "'NOT_SET_URL' is neither a DATABASES alias nor set" in done.error_summary
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgres://report:Sup3rS3cretPW@127.0.0.1:notaport/wh",
+        "postgres://report:Sup3rS3cretPW@127.0.0.1:99999/wh",
+        "postgres://report:Sup3r/S3cretPW@db.internal/wh",  # the port error quoted "Sup3r"
+        "postgres://report:Sup3rS3cretPW@[::1/wh",
+        "Sup3rS3cretPW is no URL at all",
+    ],
+)
+def test_a_database_url_the_parser_rejects_fails_the_run_without_showing_it(
+    make_job, monkeypatch, url
+):
+    import warnings
+
+    monkeypatch.setenv("WH_URL", url)
+    job = make_job(kind="sql", database="WH_URL", sql="SELECT 1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        done = run(job)
+    assert done.status == Run.Status.FAILED
+    assert done.error_summary == "Not started: WH_URL is not a valid database URL"
+    shown = done.error_summary + runlog.read_log(done) + "".join(str(w.message) for w in caught)
+    assert "Sup3r" not in shown
+
+
+@pytest.fixture
+def warehouse(tmp_path, monkeypatch) -> Path:
+    """A SQLite database in $WH_URL with a table t holding one row."""
+    import sqlite3
+
+    path = tmp_path / "warehouse.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE t (id INTEGER, v TEXT)")
+        db.execute("INSERT INTO t VALUES (1, 'keep')")
+    db.close()
+    monkeypatch.setenv("WH_URL", f"sqlite:///{path}")
+    return path
+
+
+def test_a_failed_sqlite_script_keeps_none_of_its_changes(make_job, warehouse):
+    """Python's sqlite3 commits before DDL unless told otherwise: the DROP
+    and the CREATE were kept although the script failed."""
+    import sqlite3
+
+    sql = "DROP TABLE t;\nCREATE TABLE t2 AS SELECT 1 AS x;\nSELECT nosuch FROM t2;"
+    done = run(make_job(kind="sql", database="WH_URL", sql=sql))
+    assert done.status == Run.Status.FAILED
+    assert done.error_summary == "SQL error in statement 3: no such column: nosuch"
+    with sqlite3.connect(warehouse) as db:
+        assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("t",)]
+        assert db.execute("SELECT v FROM t").fetchall() == [("keep",)]
+    db.close()
+
+
+def test_a_sqlite_url_to_a_missing_file_fails_and_creates_no_database(
+    make_job, tmp_path, monkeypatch
+):
+    missing = tmp_path / "typo.sqlite3"
+    monkeypatch.setenv("WH_URL", f"sqlite:///{missing}")
+    done = run(make_job(kind="sql", database="WH_URL", sql="SELECT 1 AS one"))
+    assert done.status == Run.Status.FAILED
+    assert done.error_summary == f"cannot open {missing}: the file does not exist"
+    assert not missing.exists()
+
+
+def test_a_database_that_refuses_the_connection_fails_with_one_line_saying_so(
+    make_job, monkeypatch
+):
+    """Not a traceback ending in libpq's hint "Is the server running...?"."""
+    monkeypatch.setenv("WH_URL", "postgres://report:Sup3rS3cretPW@127.0.0.1:1/wh")
+    done = run(make_job(kind="sql", database="WH_URL", sql="SELECT 1"))
+    assert (done.status, done.exit_code) == (Run.Status.FAILED, 1)
+    assert done.error_summary.startswith("cannot connect to 127.0.0.1:1/wh: "), done.error_summary
+    assert "refused" in done.error_summary
+    log = runlog.read_log(done)
+    assert "Traceback" not in log and "Sup3r" not in log + done.error_summary
+
+
+def test_an_error_while_the_rows_are_fetched_names_the_statement_and_leaves_no_csv(make_job):
+    """The last statement's errors can come while its rows stream into the
+    CSV (a division by zero at row 60,000, a timeout): half a CSV is no
+    result."""
+    if connection.vendor == "postgresql":
+        last = "SELECT g, 1 / (g - 60000) FROM generate_series(1, 100000) AS g"
+        reason = "division by zero"
+    else:  # endless rows, stopped by the statement timeout
+        last = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c"
+        reason = "statement timeout (1 s) exceeded"
+    job = make_job(
+        kind="sql", database="default", sql=f"SELECT 1;\n{last}", statement_timeout=1, timeout=30
+    )
+    done = run(job)
+    assert done.status == Run.Status.FAILED
+    assert done.error_summary == f"SQL error in statement 2: {reason}"
+    assert "Traceback" not in runlog.read_log(done)
+    assert not Artifact.objects.filter(run=done).exists()
+
+
+def test_sql_values_are_written_as_text_not_as_python_sees_them(make_job):
+    if connection.vendor == "postgresql":
+        sql = (
+            "SELECT '\\x00ff'::bytea AS b, '{\"k\": [1, \"é\"]}'::jsonb AS j, ARRAY[1, 2] AS a,"
+            " interval '1 day 2 hours 3.5 seconds' AS iv, interval '-90 minutes' AS neg, 1.5 AS n"
+        )
+        expected = ["\\x00ff", '{"k": [1, "é"]}', "[1, 2]", "P1DT2H3.5S", "-PT1H30M", "1.5"]
+    else:
+        sql = "SELECT X'00FF' AS b, '{\"k\": [1, \"é\"]}' AS j, 1.5 AS n"
+        expected = ["\\x00ff", '{"k": [1, "é"]}', "1.5"]
+    done = run(make_job(name="values", kind="sql", database="default", sql=sql))
+    assert done.status == Run.Status.SUCCEEDED, done.error_summary
+    rows = list(csv.reader(io.StringIO(artifact_text(done, "values.csv"))))
+    assert rows[1] == expected
+
+
+@pytest.mark.parametrize(
+    "statement, streams",
+    [
+        ("SELECT * FROM t", True),
+        ("-- the export\nWITH a AS (SELECT 1) SELECT * FROM a", True),
+        ("(SELECT g FROM generate_series(1, 9) g) UNION ALL (SELECT 0)", True),
+        ("VALUES (1), (2)", True),
+        ("TABLE t", True),
+        ("SELECT 1 AS a INTO TEMP newt", False),  # DECLARE refuses it
+        ("INSERT INTO t VALUES (1) RETURNING *", False),
+        ("WITH a AS (SELECT 1) DELETE FROM t RETURNING *", False),
+    ],
+)
+def test_which_last_statements_stream_from_a_postgresql_cursor(statement, streams):
+    from jobs.runners.sql_job import _declarable
+
+    assert _declarable(statement) is streams
+
+
+@requires_postgres
+def test_a_postgresql_script_may_end_with_select_into_or_a_parenthesized_select(make_job):
+    done = run(make_job(kind="sql", database="default", sql="SELECT 1 AS a INTO TEMP newt"))
+    assert done.status == Run.Status.SUCCEEDED, done.error_summary
+    assert "no CSV written" in runlog.read_log(done)
+    sql = "(SELECT g FROM generate_series(1, 3) AS g) UNION ALL (SELECT 0) ORDER BY 1"
+    done = run(make_job(name="paren", kind="sql", database="default", sql=sql))
+    assert done.status == Run.Status.SUCCEEDED, done.error_summary
+    assert artifact_text(done, "paren.csv") == "g\r\n0\r\n1\r\n2\r\n3\r\n"
+
+
 def test_sql_statement_timeout(make_job):
     if connection.vendor == "postgresql":
         sql = "SELECT pg_sleep(5)"
@@ -368,10 +633,21 @@ def ftp_server(tmp_path):
     Handler.passive_ports = range(60000, 60100)
     server = FTPServer(("127.0.0.1", 0), Handler)
     port = server.socket.getsockname()[1]
-    thread = threading.Thread(target=server.serve_forever, kwargs={"timeout": 0.1}, daemon=True)
+    stop = threading.Event()
+
+    def serve() -> None:
+        # Closed from this thread only: close_all() from the test's thread
+        # pulled the sockets from under a poll still running here (EBADF,
+        # an "unhandled thread exception" warning some runs later).
+        while not stop.is_set():
+            server.serve_forever(timeout=0.1, blocking=False)
+        server.close_all()
+
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     yield {"port": port, "root": root}
-    server.close_all()
+    stop.set()
+    thread.join()
 
 
 def test_sql_csv_is_uploaded_to_ftp_and_the_log_says_so(make_job, ftp_server, monkeypatch):

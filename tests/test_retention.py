@@ -204,6 +204,18 @@ def test_prune_runs_command_rejects_a_bad_age(db):
         call_command("prune_runs", "--older-than", "ninety days", stdout=StringIO())
 
 
+@pytest.mark.parametrize("age", ["99999999999d", "1000000d", "5300000w"])
+def test_a_period_too_long_for_a_date_is_an_error_not_a_traceback(db, age):
+    """prune_runs and send_digest share the period parser: a timedelta
+    overflowed, or now - period did."""
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match=f'Period "{age}" is too long: at most 36500d'):
+        call_command("prune_runs", "--older-than", age, stdout=StringIO())
+    with pytest.raises(CommandError, match="too long"):
+        call_command("send_digest", "--period", age, stdout=StringIO())
+
+
 @pytest.fixture
 def daily_prune(settings):
     settings.TIME_ZONE = "Europe/Berlin"
@@ -254,3 +266,65 @@ def test_daily_prune_uses_the_retention_window(make_job, daily_prune, q_sync, se
 def test_no_daily_prune_without_a_prune_time(db, settings):
     settings.JOBSITE_PRUNE_TIME = ""
     assert not retention.prune_due(now=datetime(2026, 6, 15, 23, 0, tzinfo=UTC))
+
+
+# --- Files of deleted jobs and runs ---------------------------------------------------------------
+
+
+@pytest.fixture
+def stored_file(settings, tmp_path):
+    """stored_file(job) -> (a new run of `job`, the path of a file stored for it)."""
+    from django.core.files.base import ContentFile
+
+    settings.MEDIA_ROOT = str(tmp_path / "media")
+
+    def store(job: Job) -> tuple[Run, Path]:
+        run = make_run(job)
+        artifact = Artifact(run=run, name="a.txt", size=1, created_at=NOW)
+        artifact.file.save("a.txt", ContentFile(b"x"))
+        path = Path(artifact.file.path)
+        assert path.exists()
+        return run, path
+
+    return store
+
+
+def test_deleting_a_job_in_the_admin_deletes_its_runs_files(
+    make_job, admin_client, stored_file, django_capture_on_commit_callbacks
+):
+    job = make_job()
+    _run, path = stored_file(job)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(f"/admin/jobs/job/{job.pk}/delete/", {"post": "yes"})
+    assert response.status_code == 302
+    assert not Job.objects.filter(pk=job.pk).exists()
+    assert not path.exists()
+
+
+def test_deleting_runs_in_the_admin_deletes_their_files(
+    make_job, admin_client, stored_file, django_capture_on_commit_callbacks
+):
+    job = make_job()
+    (run, doomed), (_other, kept) = stored_file(job), stored_file(job)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(
+            "/admin/jobs/run/",
+            {"action": "delete_selected", "_selected_action": [run.pk], "post": "yes"},
+        )
+    assert response.status_code == 302
+    assert not Run.objects.filter(pk=run.pk).exists()
+    assert (doomed.exists(), kept.exists()) == (False, True)
+
+
+def test_loadjobs_prune_deletes_the_pruned_jobs_files(
+    make_job, stored_file, tmp_path, django_capture_on_commit_callbacks
+):
+    jobfile = tmp_path / "jobs.toml"
+    jobfile.write_text('[[job]]\nname = "old"\ncommand = "true"\n')
+    call_command("loadjobs", str(jobfile), stdout=StringIO())
+    _run, path = stored_file(Job.objects.get(name="old"))
+    jobfile.write_text('[[job]]\nname = "new"\ncommand = "true"\n')
+    with django_capture_on_commit_callbacks(execute=True):
+        call_command("loadjobs", str(jobfile), "--prune", stdout=StringIO())
+    assert list(Job.objects.values_list("name", flat=True)) == ["new"]
+    assert not path.exists()

@@ -3,7 +3,8 @@
     python -m jobs.runners.python_job DOTTED.PATH '{"kwarg": 1}'
 
 print(), logging and warnings go to stdout (the run log); an exception
-prints its traceback and exits 1, so its last line is the error summary.
+prints its traceback and exits 1; its last line is the error summary
+(reported to Jobsite, not guessed from the output).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import logging
 import sys
 import traceback
 import warnings
+
+from jobs.runners import report_failure
 
 
 def main(argv: list[str]) -> int:
@@ -30,18 +33,50 @@ def main(argv: list[str]) -> int:
         target = getattr(importlib.import_module(module_name), name)
     except Exception:
         traceback.print_exc()
-        print(f"ImportError: cannot import {path}", file=sys.stderr)
+        summary = f"ImportError: cannot import {path}"
+        print(summary, file=sys.stderr)
+        report_failure(summary)
         return 2
     try:
         result = target(**kwargs)
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
+        return _exit_status(exc)
+    except BaseException as exc:
         traceback.print_exc()
+        report_failure(_exception_line(exc))
         return 1
     if result is not None:
         print(f"returned {result!r}")
     return 0
+
+
+def _exit_status(exc: SystemExit) -> int:
+    """As the interpreter exits on sys.exit(code): None is success, a number
+    is the status, anything else is printed to stderr and is status 1."""
+    if exc.code is None or isinstance(exc.code, int):
+        return exc.code or 0
+    print(exc.code, file=sys.stderr)
+    report_failure(_first_line(str(exc.code)) or "Exit code 1")
+    return 1
+
+
+def _exception_line(exc: BaseException) -> str:
+    """The traceback's last line, "ValueError: bad input" (the first line of
+    a message that has several)."""
+    kind = type(exc)
+    name = kind.__qualname__
+    if kind.__module__ != "builtins":
+        name = f"{kind.__module__}.{name}"
+    try:
+        message = _first_line(str(exc))
+    except Exception:  # a broken __str__; the traceback says so too
+        message = ""
+    return f"{name}: {message}" if message else name
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0].strip() if lines else ""
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ from django.utils import timezone
 from jobs import digests
 
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+# Far more than any retention or digest needs, and far enough from
+# datetime's limits that now - period cannot overflow.
+MAX_PERIOD = timedelta(days=36500)
 
 
 def parse_period(value: str) -> timedelta:
@@ -19,9 +22,14 @@ def parse_period(value: str) -> timedelta:
     parts = re.findall(r"(\d+)\s*([smhdw])", text)
     if not parts or re.sub(r"\s", "", "".join(n + u for n, u in parts)) != re.sub(r"\s", "", text):
         raise CommandError(f'Period "{value}" is not like 24h, 7d or 30m.')
-    period = sum((timedelta(**{_UNITS[u]: int(n)}) for n, u in parts), timedelta())
+    try:
+        period = sum((timedelta(**{_UNITS[u]: int(n)}) for n, u in parts), timedelta())
+    except OverflowError:  # more days than a timedelta holds
+        period = MAX_PERIOD + timedelta(days=1)
     if period <= timedelta(0):
         raise CommandError("The period must be longer than 0.")
+    if period > MAX_PERIOD:
+        raise CommandError(f'Period "{value}" is too long: at most {MAX_PERIOD.days}d.')
     return period
 
 
