@@ -138,6 +138,10 @@ def adopt_orphans() -> bool:
     return _adopting
 
 
+def adopting() -> bool:
+    return _adopting
+
+
 def _children() -> list[int]:
     """This process's children, zombies included (/proc/self/task/*/children)."""
     pids: list[int] = []

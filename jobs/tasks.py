@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import multiprocessing
+
 from django.db import InterfaceError, OperationalError, connection
 
-from jobs import services
+from jobs import execution, services
 
 
 def execute_run(run_id: int) -> str:
+    if not execution.adopting() and multiprocessing.parent_process() is not None:
+        # A django-q2 worker inherits what its jobs leave behind with setsid
+        # (execution.adopt_orphans). Not in sync mode, where tasks run inside
+        # a process (a test run, a shell) that has children of its own.
+        execution.adopt_orphans()
     run = _claim(run_id)
     if run is None:
         return "nothing to claim"
