@@ -63,7 +63,7 @@ def on_run_finished(
         if Job.objects.filter(pk=job.pk, alert_state=State.OK).update(**updates):
             return
         Job.objects.filter(pk=job.pk).update(**updates)
-        job.refresh_from_db(fields=["alert_state", "alert_state_since"])
+        job.refresh_from_db(fields=["alert_state", "alert_state_since", "last_success_at"])
         if job.alert_state == State.STALE and job.stale_reason(now):
             return  # a run by hand proves nothing about the schedule: check_stale decides
         if job.alert_state != State.OK:
@@ -107,7 +107,11 @@ def on_retry_dropped(retry: Run, *, now: datetime) -> None:
         .select_related("job")
         .first()
     )
-    if previous is not None and previous.status in Run.FAILURES:
+    if previous is None or previous.status not in Run.FAILURES:
+        return
+    # Outdated by a run that ended since (a success reset the count): no news.
+    later = Run.objects.filter(job_id=previous.job_id, finished_at__gt=previous.finished_at)
+    if not later.exclude(pk=retry.pk).exists():
         on_run_finished(previous, now=now, retrying=False)
 
 

@@ -93,13 +93,17 @@ def send_due_digests(*, now: datetime) -> bool:
     start, end = period
     if not cache.add(done_mark(end), True, timeout=3 * 86400):
         return False
-    async_task(
-        "jobs.digests.digest_task",
-        end.isoformat(),
-        (end - start).total_seconds(),
-        now.isoformat(),
-        q_options={"task_name": f"digest {end.isoformat()}"},
-    )
+    try:
+        async_task(
+            "jobs.digests.digest_task",
+            end.isoformat(),
+            (end - start).total_seconds(),
+            now.isoformat(),
+            q_options={"task_name": f"digest {end.isoformat()}"},
+        )
+    except Exception:
+        cache.delete(done_mark(end))  # the next tick tries again
+        raise
     return True
 
 
@@ -463,10 +467,14 @@ def _claim(*, recipient: str, start: datetime, end: datetime, now: datetime) -> 
         return None
 
 
-def resend(sent: DigestSent, *, now: datetime) -> tuple[str, str]:
-    """A digest whose send failed, built again and sent: (subject, error).
-    For notify.retry; the recipient keeps the period's claim throughout."""
-    jobs = followers().get(sent.recipient) or list(Job.objects.order_by("name"))
+def resend(sent: DigestSent, *, now: datetime) -> tuple[str, str] | None:
+    """A digest whose send failed, built again and sent: (subject, error),
+    or None when the recipient follows no job any more (a digest sent with
+    --to is not tried again: the command said it failed). For notify.retry;
+    the recipient keeps the period's claim throughout."""
+    jobs = followers().get(sent.recipient)
+    if not jobs:
+        return None
     start, end = sent.period_start, sent.period_end
     digest = build_digest(
         recipient=sent.recipient,

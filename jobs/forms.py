@@ -85,10 +85,19 @@ class EnvironmentField(forms.JSONField):
         self.stored: dict[str, str] = {}
         self.secret_keys: set[str] = set()
 
+    # A new secret typed into a form that came back with an error: not shown
+    # again, and not mistaken for the mask (which keeps the stored value).
+    RETYPE = f"{SECRET_MASK} (type it again)"
+
     def prepare_value(self, value: Any) -> Any:
         if isinstance(value, dict):
-            value = {k: SECRET_MASK if k in self.secret_keys else v for k, v in value.items()}
+            value = {k: self._shown(k, v) for k, v in value.items()}
         return super().prepare_value(value)
+
+    def _shown(self, key: str, value: Any) -> Any:
+        if key not in self.secret_keys or value in (SECRET_MASK, self.RETYPE):
+            return value
+        return SECRET_MASK if value == self.stored.get(key) else self.RETYPE
 
     def to_python(self, value: Any) -> Any:
         value = super().to_python(value)
@@ -100,6 +109,12 @@ class EnvironmentField(forms.JSONField):
         super().validate(value)
         if not isinstance(value, dict):
             return  # Job.clean says what the environment should be
+        retype = sorted(k for k, v in value.items() if v == self.RETYPE)
+        if retype:
+            raise ValidationError(
+                f"Type the new value of {', '.join(retype)} again: a secret is not shown "
+                "back when the form has an error."
+            )
         masked = sorted(k for k, v in value.items() if v == SECRET_MASK)
         if masked:
             raise ValidationError(

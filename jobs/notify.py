@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 from django.conf import settings
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.html import escape
 
@@ -89,12 +90,13 @@ def retry_failed(*, now: datetime) -> int:
     from django_q.tasks import async_task
 
     queued = 0
+    due = Q(tries__gt=len(RETRY_AFTER))  # given up on: claimed and left
+    for tries, pause in enumerate(RETRY_AFTER, 1):
+        due |= Q(tries=tries, sent_at__lte=now - pause)
     failed = Notification.objects.filter(
-        ok=False, retried_at__isnull=True, sent_at__gt=now - timedelta(days=1)
+        due, ok=False, retried_at__isnull=True, sent_at__gt=now - timedelta(days=1)
     ).order_by("sent_at")
     for row in failed[:100]:
-        if row.tries <= len(RETRY_AFTER) and now - row.sent_at < RETRY_AFTER[row.tries - 1]:
-            continue  # not yet
         if not Notification.objects.filter(pk=row.pk, retried_at__isnull=True).update(
             retried_at=now
         ):
@@ -123,7 +125,10 @@ def retry(*, notification_id: int) -> str:
     if row.digest_id:
         from jobs import digests
 
-        subject, error = digests.resend(row.digest, now=now)
+        resent = digests.resend(row.digest, now=now)
+        if resent is None:
+            return f"not tried again: {row.target} follows no job now"
+        subject, error = resent
     elif row.flip_id and row.channel == Notification.Channel.EMAIL:
         email = _flip_email(row.flip, now)
         subject, error = email.subject, emails.send(email=email, to=row.target)
@@ -145,7 +150,9 @@ def retry(*, notification_id: int) -> str:
         error=error,
         tries=row.tries + 1,
     )
-    return f"try {row.tries + 1} to {row.target}: " + (f"failed: {error}" if error else "sent")
+    return f"try {row.tries + 1} to {row.shown_target}: " + (
+        f"failed: {error}" if error else "sent"
+    )
 
 
 def _plain_email(flip: AlertFlip) -> emails.Email:

@@ -949,13 +949,25 @@ def _collect(run: Run, directory: Path, writer: RunLogWriter) -> tuple[list, str
     def note(line: str) -> None:
         writer.feed(f"{line}\n".encode())
 
+    # Most runs leave no file: no heartbeat thread for them.
+    keep_lease = _heartbeat(run.pk) if _has_entries(directory) else contextlib.nullcontext()
     try:
-        with _heartbeat(run.pk):
+        with keep_lease:
             stored = _retrying_database(lambda: artifacts.collect(run, directory, note=note))
     except Exception as exc:
         log.exception("run %s: storing its files failed", run.pk)
         return [], writer.masked(f"Could not store the run's files: {type(exc).__name__}: {exc}")
     return stored, ""
+
+
+def _has_entries(directory: Path) -> bool:
+    try:
+        with os.scandir(directory) as entries:
+            return next(entries, None) is not None
+    except NotADirectoryError:
+        return True  # a link or file in its place: collect says what is wrong
+    except OSError:
+        return False
 
 
 def _deliver(

@@ -653,6 +653,35 @@ def test_an_invalid_edit_shows_secrets_masked(admin_client, make_job):
     assert "typed-secret" not in text
 
 
+def test_a_secret_typed_into_a_form_with_an_error_must_be_typed_again_not_lost(
+    admin_client, make_job
+):
+    """It is not shown back, and resubmitting what is shown must not quietly
+    keep the old value: the editor believes the token was rotated."""
+    job = make_secretive(make_job)  # API_TOKEN = tok-9f8e7d6c
+    rotated = {"API_TOKEN": "NEW-rotated", "TARGET": "reports"}
+    first = admin_client.post(
+        job_url("change", job), change_form(job, timeout="0", environment=json.dumps(rotated))
+    )
+    assert list(form_errors(first)) == ["timeout"]
+    assert "NEW-rotated" not in first.content.decode()
+    shown = re.search(
+        r'<textarea[^>]*name="environment"[^>]*>(.*?)</textarea>', first.content.decode(), re.S
+    )[1]
+    again = admin_client.post(
+        job_url("change", job), change_form(job, environment=html.unescape(shown))
+    )
+    assert "Type the new value of API_TOKEN again" in str(form_errors(again)["environment"])
+    job.refresh_from_db()
+    assert job.environment["API_TOKEN"] == "tok-9f8e7d6c"  # unchanged, and the editor was told
+    retyped = admin_client.post(
+        job_url("change", job), change_form(job, environment=json.dumps(rotated))
+    )
+    assert retyped.status_code == 302
+    job.refresh_from_db()
+    assert job.environment["API_TOKEN"] == "NEW-rotated"
+
+
 def test_the_mask_as_the_value_of_a_new_key_is_refused(admin_client, make_job):
     job = make_secretive(make_job)
 

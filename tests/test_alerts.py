@@ -301,6 +301,37 @@ def test_a_run_by_hand_does_not_clear_a_stale_job_its_schedule_still_misses(make
     ]
 
 
+def test_a_success_clears_a_job_stale_for_want_of_one_at_once(make_job):
+    job = job_created_at(make_job(schedule="0 * * * *", command="true"), T0 - timedelta(days=1))
+    Job.objects.filter(pk=job.pk).update(
+        last_scheduled_for=T0,
+        last_success_at=T0 - timedelta(hours=5),  # runs, none succeeded
+    )
+    job.refresh_from_db()
+    with time_machine.travel(T0 + timedelta(minutes=45), tick=False):
+        assert alerts.check_stale(now=timezone.now()) == 1
+    with time_machine.travel(T0 + timedelta(minutes=50), tick=False):
+        run = services.run_foreground(job=job, trigger=Run.Trigger.MANUAL, **quiet)
+    job.refresh_from_db()
+    assert job.alert_state == Job.AlertState.OK  # not only at the next sweep
+    recovery = AlertFlip.objects.filter(job=job).first()
+    assert (recovery.new_state, recovery.run) == ("ok", run)
+    assert recovery.reason == "succeeded again after 5 min"
+
+
+def test_cancelling_a_retry_outdated_by_a_later_success_sends_no_alert(make_job, admin_user):
+    job = failing(make_job, retries=1, retry_delay=600, overlap="allow")
+    services.run_foreground(job=job, **quiet)
+    retry = Run.objects.get(job=job, trigger=Run.Trigger.RETRY)
+    Job.objects.filter(pk=job.pk).update(command="true")
+    job.refresh_from_db()
+    services.run_foreground(job=job, **quiet)  # fixed meanwhile
+    services.run_cancel(run=retry, by=admin_user)
+    job.refresh_from_db()
+    assert (job.alert_state, job.consecutive_failures) == (Job.AlertState.OK, 0)
+    assert not AlertFlip.objects.filter(job=job).exists()
+
+
 def test_two_processes_flipping_at_once_record_one_flip(make_job):
     job = make_job()
     stale_copy = Job.objects.get(pk=job.pk)

@@ -257,6 +257,56 @@ def test_a_digest_the_mail_server_refused_is_sent_again_when_it_is_back(make_job
     assert digests.send_digests(period_end=end).already_sent == ["ana@example.com"]
 
 
+def test_a_failed_digest_is_not_tried_again_for_someone_who_follows_no_job_now(
+    make_job, mailoutbox, q_sync
+):
+    """Tried again, it would report on every job (an address that follows
+    none was the --to case): someone taken off the alert list since would
+    read about jobs that are none of their business."""
+    from jobs import notify
+    from tests.test_notify import free_port
+
+    followed = make_job(name="warehouse-load", command="true", alert_emails=["ana@example.com"])
+    make_job(name="payroll-export", command="exit 1", alert_emails=["hr@example.com"])
+    end = soon()
+    with override_settings(
+        EMAIL_BACKEND="django.core.mail.backends.smtp.EmailBackend",
+        EMAIL_HOST="127.0.0.1",
+        EMAIL_PORT=free_port(),
+        EMAIL_TIMEOUT=2,
+    ):
+        digests.send_digests(period_end=end, to=None)
+    failed = Notification.objects.get(target="ana@example.com")
+    Job.objects.filter(pk=followed.pk).update(alert_emails=[])
+    assert notify.retry(notification_id=failed.pk) == (
+        "not tried again: ana@example.com follows no job now"
+    )
+    assert mailoutbox == []
+
+
+@override_settings(JOBSITE_DIGEST_TIME="08:00")
+def test_a_digest_the_queue_refused_is_handed_on_at_the_next_tick(
+    make_job, mailoutbox, q_sync, monkeypatch
+):
+    from django.db import OperationalError
+    from django_q import tasks
+
+    make_job(command="true", alert_emails=["ana@example.com"])
+    morning = datetime(2026, 6, 10, 8, 0, 1, tzinfo=UTC)
+    cache.delete(digests.done_mark(morning.replace(second=0)))
+    real = tasks.async_task
+
+    def locked(*args, **kwargs):
+        raise OperationalError("database is locked")
+
+    monkeypatch.setattr(tasks, "async_task", locked)
+    with pytest.raises(OperationalError):
+        digests.send_due_digests(now=morning)
+    monkeypatch.setattr(tasks, "async_task", real)
+    assert digests.send_due_digests(now=morning + timedelta(seconds=1)) is True
+    assert [m.to for m in mailoutbox] == [["ana@example.com"]]
+
+
 def test_an_owner_that_is_not_one_plain_address_gets_no_digest(make_job):
     make_job(owner="@data-team")
     make_job(owner="Data team (data@example.com, bob@example.com)")

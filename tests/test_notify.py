@@ -355,6 +355,40 @@ def test_failed_sends_are_tried_four_more_times_then_given_up(make_job, q_sync):
     assert "Connection refused" in tries[-1].error or "ConnectionRefused" in tries[-1].error
 
 
+def test_a_fresh_failure_is_tried_again_on_time_behind_many_older_ones(make_job, monkeypatch):
+    """Older failures on their 4th try (a 2-hour pause) must not fill the
+    sweep's batch and hold up a 2-minute retry."""
+    from django_q import tasks
+
+    job = failing_job(make_job)
+    flip = failure_flip(job)
+    now = flip.at + timedelta(hours=1)
+    Notification.objects.bulk_create(
+        Notification(
+            job=job,
+            flip=flip,
+            kind="alert",
+            channel="email",
+            target=f"old{i}@example.com",
+            sent_at=now - timedelta(minutes=30),
+            tries=4,
+        )
+        for i in range(120)
+    )
+    fresh = Notification.objects.create(
+        job=job,
+        flip=flip,
+        kind="alert",
+        channel="email",
+        target="new@example.com",
+        sent_at=now - timedelta(minutes=5),
+    )
+    queued = []
+    monkeypatch.setattr(tasks, "async_task", lambda *args, **kwargs: queued.append(args))
+    assert notify.retry_failed(now=now) == 1
+    assert queued == [("jobs.tasks.retry_notification", fresh.pk)]
+
+
 def test_a_failed_alert_is_not_sent_late_once_the_job_flipped_again(make_job, mailoutbox, q_sync):
     job = failing_job(make_job)
     flip = failure_flip(job)
