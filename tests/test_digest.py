@@ -229,16 +229,11 @@ def test_the_clock_hands_the_digest_to_the_workers_and_never_waits_for_the_mail_
 
 def test_a_digest_the_mail_server_refused_is_sent_again_when_it_is_back(make_job, q_sync):
     from jobs import notify
-    from tests.test_notify import free_port
+    from tests.test_notify import mail_server_down
 
     make_job(command="true", alert_emails=["ana@example.com"])
     end = soon()
-    with override_settings(
-        EMAIL_BACKEND="django.core.mail.backends.smtp.EmailBackend",
-        EMAIL_HOST="127.0.0.1",
-        EMAIL_PORT=free_port(),
-        EMAIL_TIMEOUT=2,
-    ):
+    with mail_server_down():
         report = digests.send_digests(period_end=end)
     assert list(report.failed) == ["ana@example.com"]
     [failed] = Notification.objects.all()
@@ -264,17 +259,12 @@ def test_a_failed_digest_is_not_tried_again_for_someone_who_follows_no_job_now(
     none was the --to case): someone taken off the alert list since would
     read about jobs that are none of their business."""
     from jobs import notify
-    from tests.test_notify import free_port
+    from tests.test_notify import mail_server_down
 
     followed = make_job(name="warehouse-load", command="true", alert_emails=["ana@example.com"])
     make_job(name="payroll-export", command="exit 1", alert_emails=["hr@example.com"])
     end = soon()
-    with override_settings(
-        EMAIL_BACKEND="django.core.mail.backends.smtp.EmailBackend",
-        EMAIL_HOST="127.0.0.1",
-        EMAIL_PORT=free_port(),
-        EMAIL_TIMEOUT=2,
-    ):
+    with mail_server_down():
         digests.send_digests(period_end=end, to=None)
     failed = Notification.objects.get(target="ana@example.com")
     Job.objects.filter(pk=followed.pk).update(alert_emails=[])
