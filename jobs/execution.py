@@ -185,6 +185,27 @@ def _kill_adopted(wait: float = 2.0) -> int:
     return reaped
 
 
+def kill_run_group(pgid: int, *, run_id: int) -> bool:
+    """SIGKILL what is left of a lost run's process group, unless its number
+    now belongs to another process: a lease runs out a minute after the
+    worker died, time enough for pids to wrap round (pid_max is often 32768)
+    and for another run's child to lead a group of that number.
+
+    While a process of the group lives, its number cannot be given to a new
+    process; so if a process of that number exists, it is the run's only if
+    it is the run's own leader (its JOBSITE_RUN_ID says so)."""
+    try:
+        with open(f"/proc/{pgid}/environ", "rb") as f:
+            environ = f.read().split(b"\0")
+    except FileNotFoundError:  # the leader is gone: the group, if any, is the run's
+        return kill_group(pgid, signal.SIGKILL)
+    except OSError:
+        return False  # not ours to read, so not ours to kill
+    if f"JOBSITE_RUN_ID={run_id}".encode() not in environ:
+        return False
+    return kill_group(pgid, signal.SIGKILL)
+
+
 def kill_group(pgid: int, sig: int) -> bool:
     """Signal a whole process group; False when nothing is left in it."""
     try:

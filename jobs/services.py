@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import random
-import signal
 import socket
 import sys
 import threading
@@ -1430,7 +1429,7 @@ def sweep_lost(*, now: datetime) -> int:
 def _kill_if_local(run: Run) -> None:
     host = run.worker.rsplit(":", 1)[0]
     if run.pid and host == socket.gethostname():
-        execution.kill_group(run.pid, signal.SIGKILL)
+        execution.kill_run_group(run.pid, run_id=run.pk)
 
 
 def sweep_queued(*, now: datetime) -> int:

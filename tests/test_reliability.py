@@ -281,6 +281,38 @@ def test_a_run_whose_heartbeat_stopped_is_lost_and_retried(make_job):
     assert Run.objects.get(retry_of=run).attempt == 2
 
 
+@override_settings(JOBSITE_LEASE_SECONDS=60)
+def test_the_sweeper_kills_a_lost_runs_group_but_not_a_process_that_took_its_number(make_job):
+    """Pids wrap round within a lease (pid_max is often 32768): the number a
+    lost run's group had may lead another run's group by the time the sweeper
+    comes. It kills the run's own leftovers, and only those."""
+    import os
+    import socket
+    import subprocess
+
+    def group(env: dict) -> subprocess.Popen:
+        return subprocess.Popen(
+            ["sleep", "30"], start_new_session=True, env={"PATH": os.environ["PATH"], **env}
+        )
+
+    job = make_job()
+    own, stranger = start(job), start(make_job())
+    own_group = group({"JOBSITE_RUN_ID": str(own.pk)})
+    other_run = group({"JOBSITE_RUN_ID": str(own.pk + 1000)})  # has the stranger's number
+    try:
+        for run, proc in ((own, own_group), (stranger, other_run)):
+            Run.objects.filter(pk=run.pk).update(
+                heartbeat_at=T0, pid=proc.pid, worker=f"{socket.gethostname()}:1"
+            )
+        assert services.sweep_lost(now=T0 + timedelta(seconds=61)) == 2
+        assert own_group.wait(timeout=5) == -9
+        assert other_run.poll() is None, "the sweeper killed another run's processes"
+    finally:
+        for proc in (own_group, other_run):
+            proc.kill()
+            proc.wait()
+
+
 @override_settings(JOBSITE_REQUEUE_SECONDS=300, JOBSITE_MAX_DELIVERIES=2)
 def test_a_queued_run_the_broker_lost_is_sent_again_then_given_up(make_job):
     job = make_job()
