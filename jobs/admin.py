@@ -21,6 +21,7 @@ from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.contrib.admin.utils import get_fields_from_path, unquote
 from django.contrib.admin.views.main import SEARCH_VAR, ChangeList, ChangeListSearchForm
+from django.contrib.admin.widgets import AutocompleteSelectMultiple
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import transaction
@@ -164,6 +165,16 @@ class CappedSearchForm(ChangeListSearchForm):
 
 class CappedSearchChangeList(ChangeList):
     search_form_class = CappedSearchForm
+
+
+class _NumericAutocomplete(AutocompleteSelectMultiple):
+    """Django's autocomplete looks up the posted ids to show them again, and
+    a form posted with a non-number there (upstreams=abc) was a server error
+    instead of the field's "not a valid value"."""
+
+    def optgroups(self, name: str, value: list, attr: dict | None = None) -> list:
+        numbers = [v for v in value if str(v).isascii() and str(v).isdigit()]
+        return super().optgroups(name, numbers, attr)
 
 
 class FilterLookupsOnlyMixin:
@@ -414,6 +425,13 @@ class JobAdmin(
                 ),
             )
         )
+
+    def formfield_for_manytomany(self, db_field, request: HttpRequest, **kwargs):
+        if db_field.name in self.get_autocomplete_fields(request):
+            kwargs.setdefault(
+                "widget", _NumericAutocomplete(db_field, self.admin_site, using=kwargs.get("using"))
+            )
+        return super().formfield_for_manytomany(db_field, request, **kwargs)
 
     def get_fieldsets(self, request: HttpRequest, obj: Job | None = None) -> list:
         """Without the change permission every field is shown read-only; show

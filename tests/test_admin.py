@@ -682,6 +682,12 @@ def test_a_secret_typed_into_a_form_with_an_error_must_be_typed_again_not_lost(
     assert job.environment["API_TOKEN"] == "NEW-rotated"
 
 
+def test_an_upstream_that_is_not_a_job_id_is_a_form_error_not_a_server_error(admin_client):
+    response = admin_client.post(reverse("admin:jobs_job_add"), add_form(upstreams="abc"))
+    assert response.status_code == 200
+    assert "upstreams" in form_errors(response)
+
+
 def test_the_mask_as_the_value_of_a_new_key_is_refused(admin_client, make_job):
     job = make_secretive(make_job)
 
