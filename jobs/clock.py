@@ -227,9 +227,7 @@ def next_due() -> datetime | None:
         .exclude(pk__in=_held_off())
         .aggregate(due=Min("next_fire_at"))["due"]
     )
-    busy = Run.objects.filter(job=OuterRef("job")).filter(
-        Q(status=Run.Status.RUNNING) | Q(status=Run.Status.QUEUED, enqueued_at__isnull=False)
-    )
+    busy = Run.objects.filter(services.BUSY, job=OuterRef("job"))
     retry = (
         Run.objects.filter(
             status=Run.Status.QUEUED, enqueued_at__isnull=True, not_before__isnull=False

@@ -23,7 +23,7 @@ from django.db.models import Count, DurationField, ExpressionWrapper, F, Max
 from django.urls import reverse
 from django.utils import timezone
 
-from jobs import emails, stats
+from jobs import emails, notify, stats
 from jobs.models import DigestSent, Job, JobDailyStats, Notification, Run, Stale
 
 log = logging.getLogger(__name__)
@@ -439,15 +439,12 @@ def send_digests(
             continue
         email = digest_email(digest)
         error = emails.send(email=email, to=recipient)
-        Notification.objects.create(
-            job=None,
+        notify.record_send(
             digest=claim,
             kind=Notification.Kind.DIGEST,
             channel=Notification.Channel.EMAIL,
-            target=recipient[:500],
-            subject=email.subject[:300],
-            sent_at=timezone.now(),
-            ok=not error,
+            target=recipient,
+            subject=email.subject,
             error=error,
         )
         if error:

@@ -49,13 +49,29 @@ def notify_flip(*, flip_id: int) -> str:
     sent = failed = 0
     for address in _addresses(job.alert_emails):
         error = emails.send(email=email, to=address)
-        _record(record, kind, Notification.Channel.EMAIL, address, email.subject, error)
+        record_send(
+            job=job,
+            flip=record,
+            kind=kind,
+            channel=Notification.Channel.EMAIL,
+            target=address,
+            subject=email.subject,
+            error=error,
+        )
         sent, failed = sent + (not error), failed + bool(error)
     if webhook_targets(job):
         payload = webhook_payload(flip=record, now=now)
         for url in webhook_targets(job):
             error = post_webhook(url=url, payload=payload)
-            _record(record, kind, Notification.Channel.WEBHOOK, url, payload["text"], error)
+            record_send(
+                job=job,
+                flip=record,
+                kind=kind,
+                channel=Notification.Channel.WEBHOOK,
+                target=url,
+                subject=payload["text"],
+                error=error,
+            )
             sent, failed = sent + (not error), failed + bool(error)
     return f"sent {sent}, failed {failed}"
 
@@ -93,9 +109,13 @@ def retry_failed(*, now: datetime) -> int:
     due = Q(tries__gt=len(RETRY_AFTER))  # given up on: claimed and left
     for tries, pause in enumerate(RETRY_AFTER, 1):
         due |= Q(tries=tries, sent_at__lte=now - pause)
-    failed = Notification.objects.filter(
-        due, ok=False, retried_at__isnull=True, sent_at__gt=now - timedelta(days=1)
-    ).order_by("sent_at")
+    failed = (
+        Notification.objects.filter(
+            due, ok=False, retried_at__isnull=True, sent_at__gt=now - timedelta(days=1)
+        )
+        .select_related("flip")  # _overtaken reads its time
+        .order_by("sent_at")
+    )
     for row in failed[:100]:
         if not Notification.objects.filter(pk=row.pk, retried_at__isnull=True).update(
             retried_at=now
@@ -137,16 +157,14 @@ def retry(*, notification_id: int) -> str:
         subject, error = payload["text"], post_webhook(url=row.target, payload=payload)
     else:
         return "nothing to retry"
-    Notification.objects.create(
+    record_send(
         job_id=row.job_id,
         flip_id=row.flip_id,
         digest_id=row.digest_id,
         kind=row.kind,
         channel=row.channel,
         target=row.target,
-        subject=subject[:300],
-        sent_at=timezone.now(),
-        ok=not error,
+        subject=subject,
         error=error,
         tries=row.tries + 1,
     )
@@ -175,12 +193,12 @@ def _addresses(values: list[str]) -> list[str]:
     return list(seen.values())
 
 
-def _record(
-    flip: AlertFlip, kind: str, channel: str, target: str, subject: str, error: str
+def record_send(
+    *, kind: str, channel: str, target: str, subject: str, error: str, tries: int = 1, **about
 ) -> Notification:
+    """A send's outcome ("" error: sent) as a Notification row; `about`: the
+    job, flip or digest it was for."""
     return Notification.objects.create(
-        job=flip.job,
-        flip=flip,
         kind=kind,
         channel=channel,
         target=target[:500],
@@ -188,6 +206,8 @@ def _record(
         sent_at=timezone.now(),
         ok=not error,
         error=error,
+        tries=tries,
+        **about,
     )
 
 

@@ -142,6 +142,11 @@ class RunLogWriter:
         if text or self.held:
             self._add(text, final=True)
 
+    def line(self, text: str) -> None:
+        """One line of Jobsite's own (a note on the upload, the files) in
+        the log, masked like the output."""
+        self.feed(f"{text}\n".encode())
+
     def masked(self, text: str) -> str:
         """`text` (not output: a progress message) as the log would store it:
         every secret masked, a NUL shown as U+FFFD."""

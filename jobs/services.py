@@ -398,11 +398,12 @@ def _skip_paused(run: Run, *, now: datetime, was: str = Run.Status.QUEUED) -> bo
     return True
 
 
+# A run that holds or is about to take its job's slot: the job is busy.
+BUSY = Q(status=Run.Status.RUNNING) | Q(status=Run.Status.QUEUED, enqueued_at__isnull=False)
+
+
 def _job_busy(run: Run) -> bool:
-    others = Run.objects.filter(job_id=run.job_id).exclude(pk=run.pk)
-    return others.filter(
-        Q(status=Run.Status.RUNNING) | Q(status=Run.Status.QUEUED, enqueued_at__isnull=False)
-    ).exists()
+    return Run.objects.filter(BUSY, job_id=run.job_id).exclude(pk=run.pk).exists()
 
 
 def run_rerun(*, run: Run, by: AbstractBaseUser | None) -> Run:
@@ -829,7 +830,7 @@ def run_execute(run: Run, *, echo: Callable[[str], None] | None = None, reload: 
         if problem and status == Run.Status.SUCCEEDED:
             status, summary = Run.Status.FAILED, problem
         elif problem:
-            writer.feed(f"[jobsite] {problem}\n".encode())
+            writer.line(f"[jobsite] {problem}")
         if status == Run.Status.SUCCEEDED and job.deliver_url:
             status, summary = _deliver(job, stored, password, writer, watch)
         writer.end(f"[jobsite] {summary}" if status != Run.Status.SUCCEEDED else "")
@@ -893,7 +894,7 @@ def _supervise(
     except Exception as exc:
         log.exception("run %s: execution failed", run.pk)
         _retrying_database(lambda: Run.objects.filter(pk=run.pk, command="").update(**watch.shown))
-        writer.feed(f"[jobsite] execution failed: {exc}\n".encode())
+        writer.line(f"[jobsite] execution failed: {exc}")
         return Run.Status.FAILED, f"Jobsite error: {exc}", None
     _retrying_database(lambda: progress.flush(force=True))
     writer.output_done()  # what was held back for masking comes before Jobsite's notes
@@ -944,15 +945,11 @@ def _collect(run: Run, directory: Path, writer: RunLogWriter) -> tuple[list, str
     The lease is kept meanwhile (a big file can take longer to copy than the
     lease lasts), and whatever breaks fails the run: left running, it would
     be marked lost and retried."""
-
-    def note(line: str) -> None:
-        writer.feed(f"{line}\n".encode())
-
     # Most runs leave no file: no heartbeat thread for them.
     keep_lease = _heartbeat(run.pk) if _has_entries(directory) else contextlib.nullcontext()
     try:
         with keep_lease:
-            stored = _retrying_database(lambda: artifacts.collect(run, directory, note=note))
+            stored = _retrying_database(lambda: artifacts.collect(run, directory, note=writer.line))
     except Exception as exc:
         log.exception("run %s: storing its files failed", run.pk)
         return [], writer.masked(f"Could not store the run's files: {type(exc).__name__}: {exc}")
@@ -976,12 +973,8 @@ def _deliver(
     while it lasts (a slow server must not get it marked lost), a cancel
     stops it, and whatever goes wrong fails the run with the reason."""
     if not stored:
-        writer.feed(b"[jobsite] nothing to upload: the run produced no files\n")
+        writer.line("[jobsite] nothing to upload: the run produced no files")
         return Run.Status.SUCCEEDED, ""
-
-    def note(line: str) -> None:
-        writer.feed(f"{line}\n".encode())
-
     try:
         destination = delivery.Destination.from_url(
             job.deliver_url,
@@ -994,7 +987,7 @@ def _deliver(
                 stored,
                 destination,
                 retries=job.deliver_retries,
-                log=note,
+                log=writer.line,
                 should_stop=watch.should_stop,
             )
     except delivery.DeliveryStopped:
@@ -1007,6 +1000,11 @@ def _deliver(
     return Run.Status.SUCCEEDED, ""
 
 
+def _beat(run_id: int) -> None:
+    """Renew a running run's lease."""
+    Run.objects.filter(pk=run_id, status=Run.Status.RUNNING).update(heartbeat_at=timezone.now())
+
+
 @contextlib.contextmanager
 def _heartbeat(run_id: int):
     """Heartbeat the run from a thread while the block runs: for work that
@@ -1017,9 +1015,7 @@ def _heartbeat(run_id: int):
         try:
             while not stop.wait(settings.JOBSITE_HEARTBEAT_SECONDS):
                 try:
-                    Run.objects.filter(pk=run_id, status=Run.Status.RUNNING).update(
-                        heartbeat_at=timezone.now()
-                    )
+                    _beat(run_id)
                 except DatabaseError as exc:
                     log.warning("run %s: heartbeat failed: %s", run_id, exc)
         finally:
@@ -1097,9 +1093,7 @@ class _Watch:
             self.start_saved = True
         if now - self.last_beat >= settings.JOBSITE_HEARTBEAT_SECONDS:
             self.last_beat = now
-            Run.objects.filter(pk=self.run_id, status=Run.Status.RUNNING).update(
-                heartbeat_at=timezone.now()
-            )
+            _beat(self.run_id)
         row = (
             Run.objects.filter(pk=self.run_id)
             .values("status", "cancel_requested_at", "error_summary")
