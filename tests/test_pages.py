@@ -69,6 +69,44 @@ def test_anonymous_visitor_is_sent_to_login(client, db, path):
     assert response["Location"] == f"/accounts/login/?next={path}"
 
 
+# Pages a visitor reaches without a login: the health check, and the way in.
+PUBLIC = {"/health/", "/accounts/login/"}
+
+
+def _every_path(patterns=None, prefix=""):
+    """Each URL the project serves, with 1 for each argument (admin excluded:
+    its own site sends visitors to its own login)."""
+    from django.urls import URLPattern, URLResolver, get_resolver
+
+    for entry in get_resolver().url_patterns if patterns is None else patterns:
+        route = prefix + str(entry.pattern)
+        if isinstance(entry, URLResolver):
+            if not route.startswith("admin/"):
+                yield from _every_path(entry.url_patterns, route)
+        elif isinstance(entry, URLPattern):
+            yield "/" + re.sub(r"<(?:\w+:)?\w+>", "1", route).lstrip("^").rstrip("$")
+
+
+def test_every_page_but_health_and_login_needs_a_login(client, db):
+    """The brief's rule, over every URL there is, so a page added later (or
+    one a contrib app brings along, such as password reset) cannot slip by."""
+    paths = set(_every_path())
+    assert {"/", "/runs/1/log/", "/metrics", "/accounts/logout/"} <= paths
+
+    for path in sorted(paths - PUBLIC):
+        response = client.get(path)
+        assert response.status_code in (302, 401, 405), path
+        if response.status_code == 302:
+            assert response["Location"].startswith("/accounts/login/?next="), path
+
+
+def test_no_password_reset_by_email_for_visitors(client, db):
+    """No page sends mail to an address a visitor types (users are managed by
+    an admin; `manage.py changepassword` resets a password)."""
+    assert client.get("/accounts/password_reset/").status_code == 404
+    assert client.post("/accounts/password_reset/", {"email": "a@x.org"}).status_code == 404
+
+
 def test_login_page_renders_a_form(client, db):
     response = client.get("/accounts/login/?next=/")
 
