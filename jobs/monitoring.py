@@ -109,9 +109,11 @@ def check_scheduler(now: datetime) -> dict[str, Any]:
     }
 
 
-def check_workers() -> dict[str, Any]:
+def check_workers(*, where: bool = False) -> dict[str, Any]:
     """django-q2 clusters seen in the shared cache (each refreshes its
-    status every guard cycle with a 3 s expiry, so a dead one vanishes)."""
+    status every guard cycle with a 3 s expiry, so a dead one vanishes).
+    `where`: each cluster's host and pid too (for signed-in users only:
+    /health/ is public, and host names map the network)."""
     try:
         stats = Stat.get_all()
     except Exception as exc:
@@ -120,8 +122,7 @@ def check_workers() -> dict[str, Any]:
     clusters = [
         {
             "id": str(stat.cluster_id),
-            "host": stat.host,
-            "pid": stat.pid,
+            **({"host": stat.host, "pid": stat.pid} if where else {}),
             "status": str(stat.status),
             "workers": len(stat.workers),
         }
@@ -169,7 +170,7 @@ def health(request: HttpRequest) -> JsonResponse:
     now = timezone.now()
     body: dict[str, Any] = {"database": check_database()}
     body["scheduler"] = check_scheduler(now)
-    body["workers"] = check_workers()
+    body["workers"] = check_workers(where=request.user.is_authenticated)
     failing = [name for name, key in CHECKS if not body[name][key]]
     if body["database"]["reachable"]:
         tally = counts()

@@ -73,7 +73,7 @@ def values(samples, name: str, **labels) -> list[float]:
 @pytest.mark.django_db(transaction=True)
 @override_settings(JOBSITE_SCHEDULER_STALE_SECONDS=5)
 def test_health_is_ok_without_login_while_a_scheduler_and_a_cluster_run(
-    client, fresh_cache, processes
+    client, fresh_cache, processes, make_user
 ):
     scheduler = processes.start("scheduler")
     processes.start("qcluster")
@@ -98,8 +98,14 @@ def test_health_is_ok_without_login_while_a_scheduler_and_a_cluster_run(
     assert 0 <= body["scheduler"]["age_seconds"] < 5
     [cluster] = body["workers"]["clusters"]
     assert cluster["workers"] == 2  # Q_WORKERS=2 in the processes fixture
-    assert cluster["host"] == socket.gethostname()
     assert cluster["status"] in ("Idle", "Working")
+    # Where the workers run is for signed-in users: /health/ is public.
+    assert "host" not in cluster and "pid" not in cluster
+    assert socket.gethostname() not in response.content.decode()
+    client.force_login(make_user())
+    [cluster] = client.get("/health/").json()["workers"]["clusters"]
+    assert cluster["host"] == socket.gethostname() and cluster["pid"] > 0
+    client.logout()
     assert body["queue"] == {"depth": 0, "django_q": 0}
     assert body["counts"] == {"running": 0, "failing": 0, "stale": 0}
 
