@@ -122,6 +122,11 @@ def flip_email(*, flip: AlertFlip, now: datetime) -> Email:
         if not broken_for:
             subject = f"[Jobsite] Fixed: {job.name} ({what})"
         return render(template="recovery", subject=subject, context=context)
+    # Each flip is its own task, so with several workers "Failing" can go out
+    # after the "Fixed" that followed it: then it says so, in the subject too.
+    since = AlertFlip.objects.filter(job_id=flip.job_id, pk__gt=flip.pk).order_by("pk").first()
+    context["since"] = since
+    late = f" (now {since.get_new_state_display()})" if since else ""
     if flip.new_state == Job.AlertState.STALE:
         stale = job.stale_reason(now) or job.stale_reason(flip.at)
         last_run = job.runs.order_by("-id").first()
@@ -133,11 +138,11 @@ def flip_email(*, flip: AlertFlip, now: datetime) -> Email:
             last_run_url=link(last_run.get_absolute_url()) if last_run else "",
         )
         overdue = f": overdue by {context['overdue']}" if stale else ""
-        subject = f"[Jobsite] Stale: {job.name}{overdue}"
+        subject = f"[Jobsite] Stale{late}: {job.name}{overdue}"
         return render(template="stale", subject=subject, context=context)
     context.update(_run_context(flip.run, secrets, with_log=True))
     summary = context.get("error_summary") or context["reason"] or "failed"
-    subject = f"[Jobsite] Failing: {job.name}: {summary.splitlines()[0][:120]}"
+    subject = f"[Jobsite] Failing{late}: {job.name}: {summary.splitlines()[0][:120]}"
     return render(template="failing", subject=subject, context=context)
 
 

@@ -543,3 +543,34 @@ def test_recovery_webhook_says_fixed_and_for_how_long(make_job, webhook):
         f"{settings.SITE_URL}/jobs/billing-sync/"
     )
     assert (payload["state"], payload["old_state"], payload["run"]) == ("ok", "failing", None)
+
+
+def test_an_alert_sent_after_the_job_flipped_back_says_so(make_job, mailoutbox):
+    """Each flip is its own task: with several workers, "Failing" can go out
+    after the "Fixed" that followed it. Read last in the inbox, it must not
+    look like the job is still broken."""
+    job = failing_job(make_job)
+    failing = failure_flip(job)
+    alerts.flip(
+        job=job,
+        old=Job.AlertState.FAILING,
+        new=Job.AlertState.OK,
+        now=failing.at + timedelta(seconds=5),
+    )
+    fixed = AlertFlip.objects.get(job=job, new_state=Job.AlertState.OK)
+    notify.notify_flip(flip_id=fixed.pk)  # the later flip's task ran first
+    notify.notify_flip(flip_id=failing.pk)
+
+    first, late = mailoutbox
+    assert first.subject.startswith(f"[Jobsite] Fixed: {job.name}")
+    assert late.subject.startswith(f"[Jobsite] Failing (now OK): {job.name}: ")
+    for body in outbox_parts(late):
+        assert "Sent late:" in body and "the job is OK." in body
+
+    # In order, nothing is said.
+    mailoutbox.clear()
+    again = failure_flip(job)
+    notify.notify_flip(flip_id=again.pk)
+    [message] = mailoutbox
+    assert message.subject.startswith(f"[Jobsite] Failing: {job.name}: ")
+    assert "Sent late" not in outbox_parts(message)[0]
