@@ -73,7 +73,8 @@ def secret_values(job: Job) -> list[str]:
         values.append(raw)
     # Longest first, so a secret containing another is masked whole; very
     # short values would mask half the text and protect nothing.
-    return sorted({v for v in values if len(v) >= 3}, key=len, reverse=True)
+    forms = execution.secret_forms(values)
+    return sorted({v for v in forms if len(v) >= 3}, key=len, reverse=True)
 
 
 def redact(text: str, secrets: list[str]) -> str:

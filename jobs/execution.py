@@ -6,6 +6,7 @@ connects it to runs.
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import json
 import os
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 # Variables the child inherits from the server's environment; everything
 # else it gets comes from the job's definition and the JOBSITE_* variables,
@@ -66,6 +68,30 @@ def resolve_references(values: Mapping[str, str], server_env: Mapping[str, str])
 
         resolved[key] = _REFERENCE.sub(lookup, str(value))
     return resolved
+
+
+def secret_forms(values: list[str]) -> list[str]:
+    """Each secret as a job may print it: as is, without its surrounding
+    blanks (a shell's "$(cat key)" or "$TOKEN" loses the trailing newline),
+    percent-encoded (in a URL: postgres://user:p%40ss@db/), JSON-escaped,
+    and base64-encoded (`printf %s "$TOKEN" | base64`). Only the value alone:
+    a secret inside a longer encoded text cannot be recognised."""
+    forms: list[str] = []
+    for value in values:
+        for text in {value, value.strip()}:
+            if not text:
+                continue
+            raw = text.encode()
+            forms += [
+                text,
+                quote(text, safe=""),
+                quote_plus(text, safe=""),
+                json.dumps(text)[1:-1],
+                base64.b64encode(raw).decode(),
+                base64.b64encode(raw).decode().rstrip("="),
+                base64.urlsafe_b64encode(raw).decode().rstrip("="),
+            ]
+    return list(dict.fromkeys(forms))
 
 
 def build_environment(

@@ -855,16 +855,13 @@ def _resolve(run: Run, workdir: Path) -> tuple[dict[str, str], list[str], str]:
     env = child_environment(run)
     env["JOBSITE_ARTIFACTS_DIR"] = str(workdir / "artifacts")
     secrets = [env[k] for k in job.secret_keys if k in env]
-    # As a shell prints it: "$(cat key)" or "$TOKEN" in a line loses the
-    # value's surrounding newline or blanks.
-    secrets += [v.strip() for v in secrets if v.strip() and v.strip() != v]
     password = ""
     if job.deliver_url and job.deliver_password:  # no password: anonymous FTP
         password = execution.resolve_references(
             {"delivery password": job.deliver_password}, os.environ
         )["delivery password"]
         secrets.append(password)
-    return env, secrets, password
+    return env, execution.secret_forms(secrets), password
 
 
 def _what_runs(job: Job) -> str:

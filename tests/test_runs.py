@@ -70,6 +70,27 @@ def test_a_secret_in_a_progress_message_or_printed_without_its_newline_is_masked
     assert runlog.read_log(run) == "[••••••]\n"
 
 
+def test_a_secret_printed_url_encoded_json_escaped_or_in_base64_is_masked(make_job):
+    """Jobs print passwords inside URLs (percent-encoded), JSON (escaped) and
+    as base64; each form is the secret all the same."""
+    secret = 'p@ss w/rd:"x"'
+    job = make_job(
+        command=(
+            "python3 -c \"import json, os, urllib.parse as u; t = os.environ['DB_PASSWORD'];"
+            " print('postgres://etl:' + u.quote(t, safe='') + '@db/x');"
+            " print('q=' + u.quote_plus(t)); print(json.dumps({'password': t}))\";"
+            ' printf %s "$DB_PASSWORD" | base64'
+        ),
+        environment={"DB_PASSWORD": secret},
+        secret_keys=["DB_PASSWORD"],
+    )
+    run = services.run_foreground(job=job, **quiet)
+
+    log = runlog.read_log(run)
+    assert run.status == Run.Status.SUCCEEDED, log
+    assert log == ('postgres://etl:••••••@db/x\nq=••••••\n{"password": "••••••"}\n••••••\n')
+
+
 def test_a_python_jobs_summary_is_its_last_line_even_with_secrets(make_job):
     """The last characters of output are held back until the output ends, in
     case they begin a secret; the failure's summary still sees them."""
