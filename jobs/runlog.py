@@ -78,6 +78,9 @@ class RunLogWriter:
         self.last_flush = time.monotonic()
         self.unsaved_dropped = 0
         self.closing = False
+        # The last pieces of output as stored (masked): references, no copy.
+        self.recent: deque[str] = deque(maxlen=3)
+        self.output_end: tuple[str, ...] | None = None  # `recent` when the output ended
 
     def feed(self, data: bytes) -> None:
         self.produced += len(data)
@@ -141,6 +144,8 @@ class RunLogWriter:
         text = self.decoder.decode(b"", final=True)
         if text or self.held:
             self._add(text, final=True)
+        if self.output_end is None:
+            self.output_end = tuple(self.recent)
 
     def line(self, text: str) -> None:
         """One line of Jobsite's own (a note on the upload, the files) in
@@ -200,6 +205,18 @@ class RunLogWriter:
             self.echo(text)
         self.pending.append(text)
         self.pending_size += len(text)
+        self.recent.append(text)
+
+    def last_line(self, limit: int = 200) -> str:
+        """The output's last line with text in it, masked (for a failed
+        run's summary: the error a script prints last), once the output has
+        ended (`output_done`): Jobsite's own notes after it do not count."""
+        ended = self.recent if self.output_end is None else self.output_end
+        for line in reversed("".join(ended)[-8192:].splitlines()):
+            line = " ".join(line.split())
+            if line and not line.startswith("[jobsite]"):
+                return line if len(line) <= limit else line[: limit - 1] + "…"
+        return ""
 
     def _masked(self, text: str, *, final: bool) -> str:
         """`text` with every secret masked, but for its last `hold`

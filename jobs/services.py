@@ -834,6 +834,11 @@ def run_execute(run: Run, *, echo: Callable[[str], None] | None = None, reload: 
         if status == Run.Status.SUCCEEDED and job.deliver_url:
             status, summary = _deliver(job, stored, password, writer, watch)
         writer.end(f"[jobsite] {summary}" if status != Run.Status.SUCCEEDED else "")
+        if job.kind == Job.Kind.SHELL and summary == f"Exit code {returncode}":
+            # "Exit code 3" tells the person on call little; the line a script
+            # printed last is usually the error ("table orders is locked").
+            last = writer.last_line()
+            summary = f"{summary}: {last}" if last else summary
         _retrying_database(
             lambda: run_finish(
                 run=run,

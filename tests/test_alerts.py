@@ -234,7 +234,7 @@ def test_first_failure_flips_to_failing_once_and_not_again(make_job):
     assert job.consecutive_failures == 2
     [flip] = AlertFlip.objects.filter(job=job)
     assert (flip.old_state, flip.new_state) == ("ok", "failing")
-    assert flip.reason == "Exit code 2"
+    assert flip.reason == "Exit code 2: boom"
 
 
 def test_threshold_alerts_only_after_n_consecutive_failures(make_job):
@@ -275,7 +275,7 @@ def test_a_failure_whose_retry_is_replaced_or_cancelled_alerts_after_all(make_jo
     job.refresh_from_db()
     assert job.alert_state == Job.AlertState.FAILING
     [flip] = AlertFlip.objects.filter(job=job)
-    assert flip.reason == "Exit code 2"
+    assert flip.reason == "Exit code 2: boom"
 
     other = failing(make_job, retries=1, retry_delay=600)
     services.run_foreground(job=other, **quiet)

@@ -68,7 +68,7 @@ def test_digest_for_a_follower_of_two_jobs_lists_failures_stale_rates_slowest_an
     assert digest.subject.endswith(": 1 failure, 1 stale job (2 jobs, 2 runs)")
     text, html = outbox_parts(digest)
     run_url = f"{settings.SITE_URL}/runs/{failed.pk}/"
-    assert f"warehouse-export #{failed.pk} failed: Exit code 4\n  {run_url}" in text
+    assert f"warehouse-export #{failed.pk} failed: Exit code 4: no space left\n  {run_url}" in text
     assert f'<a href="{run_url}">#{failed.pk}</a> failed' in html
     assert "- warehouse-load: overdue by" in text
     assert ">warehouse-load</a>: overdue by" in html

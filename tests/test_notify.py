@@ -214,7 +214,7 @@ def test_failure_email_names_job_run_error_and_last_log_lines_without_secret_val
     notify.notify_flip(flip_id=AlertFlip.objects.get(job=job).pk)
 
     [message] = mailoutbox
-    assert message.subject == "[Jobsite] Failing: warehouse-export: Exit code 2"
+    assert message.subject == "[Jobsite] Failing: warehouse-export: Exit code 2: token=••••••"
     text, html = outbox_parts(message)
     for body in (text, html):
         assert "warehouse-export" in body
@@ -446,13 +446,14 @@ def test_webhook_gets_slack_compatible_json(make_job, webhook, mailoutbox):
     [payload] = hook.payloads()
     run_url = f"{settings.SITE_URL}/runs/{flip.run_id}/"
     assert payload["text"] == (
-        f"[Jobsite] nightly-export is failing: Exit code 3 (run #{flip.run_id}) {run_url}"
+        "[Jobsite] nightly-export is failing: Exit code 3: disk full"
+        f" (run #{flip.run_id}) {run_url}"
     )
     assert payload["job"] == "nightly-export"
     assert (payload["state"], payload["old_state"]) == ("failing", "ok")
     assert payload["run"] == flip.run_id
     assert payload["url"] == run_url
-    assert payload["reason"] == "Exit code 3"
+    assert payload["reason"] == "Exit code 3: disk full"
     record = Notification.objects.get(job=job, channel="webhook")
     assert (record.target, record.ok, record.error) == (hook.url, True, "")
     assert len(mailoutbox) == 1  # email goes out as well

@@ -19,11 +19,37 @@ def test_foreground_run_records_status_exit_code_worker_and_log(make_job):
     run = services.run_foreground(job=job, **quiet)
     assert run.status == Run.Status.FAILED
     assert run.exit_code == 3
-    assert run.error_summary == "Exit code 3"
+    # The summary adds the last line the job printed: usually the error.
+    assert run.error_summary == "Exit code 3: err"
     assert run.trigger == Run.Trigger.CLI
     assert run.worker.endswith(f":{__import__('os').getpid()}")
     assert run.started_at and run.finished_at and run.finished_at >= run.started_at
     assert runlog.read_log(run) == "out\nerr\n[jobsite] Exit code 3\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "summary"),
+    [
+        # The error a script prints last says more than its exit code.
+        (
+            'echo "connecting"; echo "error:  table orders is locked  " >&2; exit 3',
+            "Exit code 3: error: table orders is locked",
+        ),
+        (
+            'echo "token $TOKEN refused"; echo; echo "   "; exit 4',
+            "Exit code 4: token •••••• refused",
+        ),
+        ("exit 5", "Exit code 5"),
+        ("python3 -c \"print('x' * 5000)\"; exit 6", "Exit code 6: " + "x" * 199 + "…"),
+    ],
+)
+def test_a_failed_shell_runs_summary_quotes_its_last_line(make_job, command, summary):
+    job = make_job(command=command, environment={"TOKEN": "tok-7c1d"}, secret_keys=["TOKEN"])
+    run = services.run_foreground(job=job, **quiet)
+    assert run.status == Run.Status.FAILED
+    assert run.error_summary == summary
+    # The log's own note stays the bare exit code: the line is just above it.
+    assert runlog.read_log(run).endswith(f"[jobsite] {summary.split(':')[0]}\n")
 
 
 def test_child_gets_its_run_context_in_the_environment(make_job):
@@ -664,7 +690,7 @@ def test_an_outcome_the_database_refused_once_is_stored_once_with_its_whole_log(
     assert tasks.execute_run(run.pk) == Run.Status.FAILED
     assert failures == [run.pk]
     run.refresh_from_db()
-    assert run.status == Run.Status.FAILED and run.error_summary == "Exit code 4"
+    assert run.status == Run.Status.FAILED and run.error_summary == "Exit code 4: two"
     assert runlog.read_log(run) == "one\ntwo\n[jobsite] Exit code 4\n"
     assert run.log_bytes == len("one\ntwo\n")
     assert list(RunLogChunk.objects.filter(run=run).values_list("seq", flat=True)) == [1]
