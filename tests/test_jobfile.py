@@ -822,6 +822,18 @@ def test_dumpjobs_unknown_slug_exits_2(make_job):
     assert exited.value.code == 2
 
 
+@pytest.mark.parametrize("where", ["missing-dir/jobs.toml", "."])
+def test_dumpjobs_to_a_path_it_cannot_write_says_so_and_exits_73(make_job, tmp_path, where):
+    make_job(name="a")
+    err = io.StringIO()
+
+    with pytest.raises(SystemExit) as exited:
+        call_command("dumpjobs", "-o", str(tmp_path / where), stdout=io.StringIO(), stderr=err)
+
+    assert exited.value.code == 73
+    assert err.getvalue().startswith(f"Cannot write {tmp_path / where}: ")
+
+
 def test_dumpjobs_never_prints_a_secret_value(make_job):
     make_job(
         name="nightly",
