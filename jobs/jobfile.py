@@ -192,10 +192,12 @@ def format_duration(seconds: int) -> str:
 # --- Reading and checking ---------------------------------------------------------
 
 
-def read_entries(path: Path) -> list[Any]:
-    """The file's [[job]] tables (not yet checked)."""
+def read_entries(path: Path) -> tuple[list[Any], list[str]]:
+    """The file's [[job]] tables (not yet checked), and where each begins
+    ("FILE:LINE", to start its error messages; "" when that is unclear)."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
     except FileNotFoundError:
         raise JobFileError([f"{path}: no such file"]) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -213,15 +215,32 @@ def read_entries(path: Path) -> list[Any]:
         entries = []
     if errors:
         raise JobFileError(errors)
-    return entries
+    return entries, _entry_places(path, text, len(entries))
 
 
-def entry_label(entry: Any, index: int) -> str:
+# A [[job]] header on a line of its own (tomllib tells no positions).
+_JOB_HEADER = re.compile(r"\s*\[\[\s*job\s*\]\]\s*(#.*)?")
+
+
+def _entry_places(path: Path, text: str, count: int) -> list[str]:
+    """ "FILE:LINE" of each entry's [[job]] header. Blank when the headers do
+    not match the entries one for one (`job = [...]` inline, or a header
+    inside a multi-line string): better no line than a wrong one."""
+    lines = [n for n, line in enumerate(text.splitlines(), 1) if _JOB_HEADER.fullmatch(line)]
+    if len(lines) != count:
+        return [""] * count
+    return [f"{path}:{line}" for line in lines]
+
+
+def entry_label(entry: Any, index: int, place: str = "") -> str:
+    """How messages name an entry: 'FILE:LINE: job "name"' (or job #N without a name)."""
     name = entry.get("name") if isinstance(entry, dict) else None
     if isinstance(name, str) and name.strip():
         shown = name.replace("\x00", "\\u0000")  # a NUL is refused, and said so
-        return f'job "{shown}"'
-    return f"job #{index}"
+        label = f'job "{shown}"'
+    else:
+        label = f"job #{index}"
+    return f"{place}: {label}" if place else label
 
 
 def entry_fields(entry: Any, label: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
@@ -670,7 +689,9 @@ def _same(field_name: str, old: Any, new: Any) -> bool:
     return old == new
 
 
-def _plan_jobs(entries: list[Any], source: str, *, prune: bool = False) -> list[_Plan]:
+def _plan_jobs(
+    entries: list[Any], source: str, *, prune: bool = False, places: list[str] | None = None
+) -> list[_Plan]:
     """Check every entry and work out what to write; JobFileError lists all problems.
 
     An entry is the job of the same name; failing that, a job this file
@@ -679,8 +700,9 @@ def _plan_jobs(entries: list[Any], source: str, *, prune: bool = False) -> list[
     """
     errors: list[str] = []
     checked: list[tuple[str, dict[str, Any], set[str]]] = []
-    for index, entry in enumerate(entries, start=1):
-        label = entry_label(entry, index)
+    places = places or [""] * len(entries)
+    for index, (entry, place) in enumerate(zip(entries, places, strict=True), start=1):
+        label = entry_label(entry, index, place)
         fields, problems = entry_fields(entry, label)
         errors += [message for _name, message in problems if message]
         if fields:
@@ -903,12 +925,12 @@ def jobs_load(*, path: str | Path, prune: bool = False) -> LoadReport:
     source = str(source_path)
     report = LoadReport(path=source)
     with transaction.atomic():
-        entries = read_entries(source_path)
-        plans = _plan_jobs(entries, source, prune=prune)
+        entries, places = read_entries(source_path)
+        plans = _plan_jobs(entries, source, prune=prune, places=places)
         report.warnings = [
             warning
-            for index, entry in enumerate(entries, start=1)
-            for warning in entry_warnings(entry, entry_label(entry, index))
+            for index, (entry, place) in enumerate(zip(entries, places, strict=True), start=1)
+            for warning in entry_warnings(entry, entry_label(entry, index, place))
         ]
         for plan in plans:
             _save_plan(plan, report, source=source)

@@ -380,6 +380,29 @@ def test_a_slug_taken_by_another_job_is_an_error(make_job, tmp_path):
     assert 'job "nightly": slug "nightly" is already used by job "Nightly"' in err
 
 
+def test_each_error_names_the_file_and_the_line_of_its_job(db, tmp_path):
+    path = write(
+        tmp_path,
+        "# nightly jobs\n"
+        + job_toml("ok")
+        + job_toml("bad-cron", 'schedule = "61 * * * *"', 'timezone = "Mars/Base"')
+        + job_toml("typo", "retires = 2"),
+    )
+
+    code, _out, err = loadjobs(path)
+
+    assert code == 2
+    where = path.resolve()
+    assert err.splitlines() == [
+        f'{where}:13: job "typo": unknown key "retires" (did you mean "retries"?)',
+        f"{where}:7: job \"bad-cron\": schedule: Bad cron expression '61 * * * *': Bad minute.",
+        f"{where}:7: job \"bad-cron\": timezone: Unknown time zone 'Mars/Base'; use an IANA "
+        "name such as 'Europe/Berlin' or 'UTC'.",
+        "Nothing was loaded: 3 problem(s).",
+    ]
+    assert not Job.objects.exists()
+
+
 def test_a_file_that_is_not_toml_is_an_error(db, tmp_path):
     path = write(tmp_path, '[[job]]\nname = "nightly\n')
 
@@ -1178,8 +1201,8 @@ def test_a_literal_delivery_password_loads_with_a_warning(db, tmp_path):
     assert "1 created" in out
     assert Job.objects.get().deliver_password == "hunter2-literal"
     assert (
-        'warning: job "partner-export": deliver.password is written in the file; use ${NAME} '
-        '(e.g. password = "${PARTNER_EXPORT_FTP_PASSWORD}")' in err
+        f'warning: {path.resolve()}:2: job "partner-export": deliver.password is written in '
+        'the file; use ${NAME} (e.g. password = "${PARTNER_EXPORT_FTP_PASSWORD}")' in err
     )
 
 
