@@ -1033,11 +1033,21 @@ def job_entry(job: Job) -> tuple[dict[str, Any], list[str]]:
     env = dict(job.environment)
     for key in job.secret_keys:
         if key in env and not _REFERENCE_ONLY.fullmatch(env[key]):
+            secret = env[key]
             env[key] = f"${{{key}}}"
             warnings.append(
                 f'job "{job.name}": the value of secret {key} was not exported; '
                 f"written as ${{{key}}}, so set {key} in the server's environment"
             )
+            # Another value holding it (a URL with the token in it) would
+            # give it away: pages mask such values too (services.masked).
+            for other, value in env.items():
+                if other != key and secret.strip() and secret in value:
+                    env[other] = value.replace(secret, f"${{{key}}}")
+                    warnings.append(
+                        f'job "{job.name}": env {other} holds the value of secret {key}; '
+                        f"written with ${{{key}}} in its place"
+                    )
     # Sorted by name so a dump diffs cleanly (uses prefetch_related("upstreams")).
     upstreams = sorted(upstream.name for upstream in job.upstreams.all())
     if job.trigger_on_upstream and not upstreams:

@@ -873,6 +873,21 @@ def test_dumpjobs_never_prints_a_secret_value(make_job):
     assert "FTP" not in err
 
 
+def test_dumpjobs_never_prints_a_secret_value_held_inside_another_value(make_job):
+    make_job(
+        name="nightly",
+        environment={"TOKEN": "hunter2-real-token", "URL": "https://bot:hunter2-real-token@h/x"},
+        secret_keys=["TOKEN"],
+    )
+
+    out, err = dumpjobs()
+
+    assert "hunter2" not in out + err
+    env = tomllib.loads(out)["job"][0]["env"]
+    assert env == {"TOKEN": "${TOKEN}", "URL": "https://bot:${TOKEN}@h/x"}
+    assert "env URL holds the value of secret TOKEN" in err
+
+
 def test_dumpjobs_writes_reliability_settings_and_sorted_upstreams(make_job):
     zeta, alpha = make_job(name="zeta"), make_job(name="alpha")
     job = make_job(
