@@ -24,7 +24,6 @@ from django.contrib.admin.views.main import SEARCH_VAR, ChangeList, ChangeListSe
 from django.contrib.admin.widgets import AutocompleteSelectMultiple
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db import transaction
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import Http404, HttpRequest, HttpResponse
@@ -36,10 +35,10 @@ from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext
 from django.views.decorators.http import require_POST
 
-from jobs import artifacts, runlog, scheduling, services
+from jobs import runlog, scheduling, services
 from jobs.forms import JobAdminForm
 from jobs.jobfile import is_reference, password_variable
-from jobs.models import AlertFlip, Artifact, Job, JobDailyStats, MissedFires, Notification, Run
+from jobs.models import AlertFlip, Job, JobDailyStats, MissedFires, Notification, Run
 
 RUN_PERMISSION = "jobs.run_job"
 
@@ -263,21 +262,18 @@ class QuickCheckboxMixin:
 
 
 class DeletesArtifactFilesMixin:
-    """Deleting jobs or runs deletes their runs' stored files too, once the
-    deletion commits; the cascade alone would leave them on disk."""
-
-    artifacts_of: str  # the lookup from Artifact to this admin's model
+    """Deleting jobs or runs goes through services.jobs_delete / runs_delete,
+    which delete their runs' stored files too once the deletion commits; the
+    cascade alone would leave them on disk."""
 
     def delete_model(self, request: HttpRequest, obj: Job | Run) -> None:
-        with transaction.atomic():
-            artifacts.delete_files_on_commit(Artifact.objects.filter(**{self.artifacts_of: obj}))
-            super().delete_model(request, obj)
+        self.delete_queryset(request, type(obj).objects.filter(pk=obj.pk))
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
-        lookup = {f"{self.artifacts_of}__in": queryset}
-        with transaction.atomic():
-            artifacts.delete_files_on_commit(Artifact.objects.filter(**lookup))
-            super().delete_queryset(request, queryset)
+        if queryset.model is Job:
+            services.jobs_delete(jobs=queryset)
+        else:
+            services.runs_delete(runs=queryset)
 
 
 @admin.register(Job)
@@ -288,7 +284,6 @@ class JobAdmin(
     RunPermissionMixin,
     admin.ModelAdmin,
 ):
-    artifacts_of = "run__job"
     list_display = [
         "name",
         "kind",
@@ -689,7 +684,6 @@ class RunAdmin(
     RunPermissionMixin,
     admin.ModelAdmin,
 ):
-    artifacts_of = "run"
     list_display = [
         "id",
         "job",

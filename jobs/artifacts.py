@@ -3,6 +3,7 @@ default storage when it ends; deleted with the run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import re
@@ -19,6 +20,7 @@ from jobs.models import Artifact, Run
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 NAME_LENGTH = Artifact._meta.get_field("name").max_length
+ROOT = "artifacts"  # models._artifact_path: artifacts/<job slug>/<run id>/<file>
 
 
 def collect(
@@ -114,3 +116,52 @@ def delete_files_on_commit(artifacts: QuerySet[Artifact]) -> None:
             storage.delete(name)
 
     transaction.on_commit(delete)
+
+
+def delete_orphaned_files(*, batch: int = 500) -> int:
+    """Remove the stored files of runs that no longer exist; returns how many.
+
+    Deleting jobs and runs through services.jobs_delete / runs_delete (the
+    admin, loadjobs --prune) and retention.prune_runs removes their files.
+    A deletion made another way (job.delete() or a queryset's delete() in
+    `manage.py shell`, and the cascade from it) removes only rows: nothing
+    hooks save() or signals. Files are stored as artifacts/<slug>/<run id>/,
+    and a run id is never used again (AUTOINCREMENT on SQLite, a sequence
+    on PostgreSQL), so a run id directory whose run is gone holds nothing
+    anyone can reach. Other directories and files are left alone.
+    """
+    storage = Artifact._meta.get_field("file").storage
+    found = [
+        (run_id, f"{ROOT}/{slug}/{name}")
+        for slug in _listdir(storage, ROOT)[0]
+        for name in _listdir(storage, f"{ROOT}/{slug}")[0]
+        if name.isdigit() and (run_id := int(name)) > 0
+    ]
+    count = 0
+    for start in range(0, len(found), batch):
+        chunk = dict(found[start : start + batch])
+        alive = set(Run.objects.filter(pk__in=chunk).values_list("pk", flat=True))
+        for run_id, directory in chunk.items():
+            if run_id not in alive:
+                count += _delete_tree(storage, directory)
+    return count
+
+
+def _listdir(storage, path: str) -> tuple[list[str], list[str]]:
+    try:
+        return storage.listdir(path)
+    except FileNotFoundError:
+        return [], []
+
+
+def _delete_tree(storage, directory: str) -> int:
+    """Delete the files below `directory`, then the directory (a storage
+    without directories has nothing more to delete)."""
+    dirs, files = _listdir(storage, directory)
+    count = sum(_delete_tree(storage, f"{directory}/{name}") for name in dirs)
+    for name in files:
+        storage.delete(f"{directory}/{name}")
+        count += 1
+    with contextlib.suppress(OSError, NotImplementedError):
+        storage.delete(directory)
+    return count

@@ -25,11 +25,12 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import EmailValidator, URLValidator
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils.text import normalize_newlines, slugify
 
-from jobs import artifacts
+from jobs import services
 from jobs.kinds import nul_paths
-from jobs.models import MAX_BACKOFF, MAX_DURATION, Artifact, Job
+from jobs.models import MAX_BACKOFF, MAX_DURATION, Job, Run
 
 # The keys this version understands, in the order dumpjobs writes them.
 KEYS = (
@@ -132,6 +133,10 @@ class LoadReport:
     # Jobs that were hand-made or came from another file and are now this
     # file's (their definition was already the same: they also count as unchanged).
     adopted: list[str] = field(default_factory=list)
+    # (old name, new name) of the jobs renamed (also in updated).
+    renamed: list[tuple[str, str]] = field(default_factory=list)
+    # (name, running run id) of jobs --prune did not delete yet, paused instead.
+    kept_running: list[tuple[str, int]] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [
@@ -145,8 +150,15 @@ class LoadReport:
             lines.append("  updated: " + ", ".join(parts))
         if self.unchanged:
             lines.append("  unchanged: " + ", ".join(self.unchanged))
+        if self.renamed:
+            lines.append("  renamed: " + ", ".join(f"{old} -> {new}" for old, new in self.renamed))
         if self.pruned:
             lines.append("  pruned: " + ", ".join(self.pruned))
+        for name, run_id in self.kept_running:
+            lines.append(
+                f"  not pruned yet: {name} (run #{run_id} is running; the job is paused, "
+                "and the next --prune deletes it once the run has ended)"
+            )
         if self.adopted:
             lines.append("  now managed by this file: " + ", ".join(self.adopted))
         return "\n".join(lines)
@@ -180,10 +192,12 @@ def format_duration(seconds: int) -> str:
 # --- Reading and checking ---------------------------------------------------------
 
 
-def read_entries(path: Path) -> list[Any]:
-    """The file's [[job]] tables (not yet checked)."""
+def read_entries(path: Path) -> tuple[list[Any], list[str]]:
+    """The file's [[job]] tables (not yet checked), and where each begins
+    ("FILE:LINE", to start its error messages; "" when that is unclear)."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
     except FileNotFoundError:
         raise JobFileError([f"{path}: no such file"]) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -201,15 +215,32 @@ def read_entries(path: Path) -> list[Any]:
         entries = []
     if errors:
         raise JobFileError(errors)
-    return entries
+    return entries, _entry_places(path, text, len(entries))
 
 
-def entry_label(entry: Any, index: int) -> str:
+# A [[job]] header on a line of its own (tomllib tells no positions).
+_JOB_HEADER = re.compile(r"\s*\[\[\s*job\s*\]\]\s*(#.*)?")
+
+
+def _entry_places(path: Path, text: str, count: int) -> list[str]:
+    """ "FILE:LINE" of each entry's [[job]] header. Blank when the headers do
+    not match the entries one for one (`job = [...]` inline, or a header
+    inside a multi-line string): better no line than a wrong one."""
+    lines = [n for n, line in enumerate(text.splitlines(), 1) if _JOB_HEADER.fullmatch(line)]
+    if len(lines) != count:
+        return [""] * count
+    return [f"{path}:{line}" for line in lines]
+
+
+def entry_label(entry: Any, index: int, place: str = "") -> str:
+    """How messages name an entry: 'FILE:LINE: job "name"' (or job #N without a name)."""
     name = entry.get("name") if isinstance(entry, dict) else None
     if isinstance(name, str) and name.strip():
         shown = name.replace("\x00", "\\u0000")  # a NUL is refused, and said so
-        return f'job "{shown}"'
-    return f"job #{index}"
+        label = f'job "{shown}"'
+    else:
+        label = f"job #{index}"
+    return f"{place}: {label}" if place else label
 
 
 def entry_fields(entry: Any, label: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
@@ -647,6 +678,7 @@ class _Plan:
     created: bool
     changed: list[str]  # model field names ("upstreams" when depends_on changed)
     upstreams: list[str] = field(default_factory=list)  # names, as the file gives them
+    renamed_from: str = ""  # the job's name before this load, when the file renames it
 
 
 def _same(field_name: str, old: Any, new: Any) -> bool:
@@ -657,12 +689,20 @@ def _same(field_name: str, old: Any, new: Any) -> bool:
     return old == new
 
 
-def _plan_jobs(entries: list[Any], source: str, *, prune: bool = False) -> list[_Plan]:
-    """Check every entry and work out what to write; JobFileError lists all problems."""
+def _plan_jobs(
+    entries: list[Any], source: str, *, prune: bool = False, places: list[str] | None = None
+) -> list[_Plan]:
+    """Check every entry and work out what to write; JobFileError lists all problems.
+
+    An entry is the job of the same name; failing that, a job this file
+    loaded earlier under another name that the file no longer names, with
+    the entry's slug: a rename (the job keeps its runs and history).
+    """
     errors: list[str] = []
     checked: list[tuple[str, dict[str, Any], set[str]]] = []
-    for index, entry in enumerate(entries, start=1):
-        label = entry_label(entry, index)
+    places = places or [""] * len(entries)
+    for index, (entry, place) in enumerate(zip(entries, places, strict=True), start=1):
+        label = entry_label(entry, index, place)
         fields, problems = entry_fields(entry, label)
         errors += [message for _name, message in problems if message]
         if fields:
@@ -670,29 +710,49 @@ def _plan_jobs(entries: list[Any], source: str, *, prune: bool = False) -> list[
     named = [fields for _label, fields, reported in checked if not {"name", "slug"} & reported]
     errors += _duplicate_errors(named)
     existing = Job.objects.in_bulk([f["name"] for f in named], field_name="name")
-    slug_owners = dict(
-        Job.objects.filter(slug__in=[f["slug"] for f in named]).values_list("slug", "name")
-    )
-    graph = _DependencyGraph.from_database()
+    slug_owners = Job.objects.in_bulk([f["slug"] for f in named], field_name="slug")
+    in_file = {f["name"] for f in named}
+    for fields in named:
+        owner = slug_owners.get(fields["slug"])
+        if fields["name"] not in existing and _renamed_by_file(owner, source, in_file):
+            existing[fields["name"]] = owner
+    renames = {job.name: name for name, job in existing.items() if job.name != name}
+    graph = _DependencyGraph.from_database().renamed(renames)
     plans = []
     for label, fields, reported in checked:
+        job = existing.get(fields["name"])
         owner = slug_owners.get(fields["slug"])
-        if owner is not None and owner != fields["name"]:
-            errors.append(
-                f'{label}: slug "{fields["slug"]}" is already used by job "{owner}"; '
-                'set another "slug"'
-            )
+        if owner is not None and (job is None or owner.pk != job.pk):
+            errors.append(_slug_taken_message(label, fields, owner, source))
+        renamed_from = job.name if job is not None and job.name != fields["name"] else ""
         upstreams = fields.pop("upstreams")
-        plan = _plan_one(fields | {"source": source}, existing.get(fields["name"]))
-        plan.upstreams = upstreams
+        plan = _plan_one(fields | {"source": source}, job)
+        plan.upstreams, plan.renamed_from = upstreams, renamed_from
         if not plan.created and set(upstreams) != graph.upstreams_of(plan.job.name):
             plan.changed.append("upstreams")
         errors += clean_messages(plan.job, label, reported=reported)
         plans.append((label, plan))
-    errors += _dependency_errors(plans, graph, source=source, prune=prune)
+    errors += _dependency_errors(plans, graph, source=source, prune=prune, renames=renames)
     if errors:
         raise JobFileError(errors)
     return [plan for _label, plan in plans]
+
+
+def _renamed_by_file(job: Job | None, source: str, in_file: set[str]) -> bool:
+    """True for a job this file loaded earlier and names no more."""
+    return job is not None and job.source == source and job.name not in in_file
+
+
+def _slug_taken_message(label: str, fields: dict[str, Any], owner: Job, source: str) -> str:
+    taken = f'{label}: slug "{fields["slug"]}" is already used by job "{owner.name}"'
+    if owner.source == source or owner.name == fields["name"]:
+        return f'{taken}; set another "slug"'
+    where = f"loaded from {owner.source}" if owner.source else "not from a job file"
+    return (
+        f'{taken} ({where}); set another "slug", or, if this entry is that job, '
+        f'give it the name "{owner.name}" (once loaded, renaming it in this file keeps its '
+        "history)"
+    )
 
 
 def _duplicate_errors(all_fields: list[dict[str, Any]]) -> list[str]:
@@ -736,6 +796,14 @@ class _DependencyGraph:
             edges.setdefault(down, []).append(up)
         return cls(edges)
 
+    def renamed(self, renames: dict[str, str]) -> _DependencyGraph:
+        """The graph with jobs' old names (keys of `renames`) replaced by their new ones."""
+        edges = {
+            renames.get(down, down): [renames.get(up, up) for up in ups]
+            for down, ups in self.edges.items()
+        }
+        return _DependencyGraph(edges)
+
     def upstreams_of(self, name: str) -> set[str]:
         return set(self.edges.get(name, []))
 
@@ -770,10 +838,16 @@ class _DependencyGraph:
 
 
 def _dependency_errors(
-    plans: list[tuple[str, _Plan]], graph: _DependencyGraph, *, source: str, prune: bool
+    plans: list[tuple[str, _Plan]],
+    graph: _DependencyGraph,
+    *,
+    source: str,
+    prune: bool,
+    renames: dict[str, str],
 ) -> list[str]:
     """Unknown upstreams, and cycles in the graph the file would make
-    (its own edges plus those of the database's other jobs)."""
+    (its own edges plus those of the database's other jobs). `renames`:
+    old name -> new name of the jobs the file renames."""
     in_file = {plan.job.name for _label, plan in plans}
     referenced = {name for _label, plan in plans for name in plan.upstreams}
     known = in_file | set(Job.objects.filter(name__in=referenced).values_list("name", flat=True))
@@ -781,13 +855,18 @@ def _dependency_errors(
     if prune:
         pruned = set(
             Job.objects.filter(source=source)
-            .exclude(name__in=in_file)
+            .exclude(name__in=in_file | set(renames))
             .values_list("name", flat=True)
         )
     errors = []
     for label, plan in plans:
         for upstream in plan.upstreams:
-            if upstream in pruned:
+            if upstream in renames:
+                errors.append(
+                    f'{label}: depends_on names "{upstream}", which this file renames to '
+                    f'"{renames[upstream]}"; write "{renames[upstream]}"'
+                )
+            elif upstream in pruned:
                 errors.append(
                     f'{label}: depends_on names "{upstream}", which --prune would delete '
                     "(it is no longer in this file)"
@@ -834,8 +913,10 @@ def jobs_load(*, path: str | Path, prune: bool = False) -> LoadReport:
        nothing is written.
     2. In one transaction: create new jobs, save only the changed fields of
        changed ones (unchanged jobs keep updated_at and the scheduler's
-       next_fire_at), set changed upstream sets, and with `prune` delete the
-       jobs this same file created earlier that it no longer names.
+       next_fire_at), rename the jobs whose entry has a new name and the
+       same slug, set changed upstream sets, and with `prune` delete the
+       jobs this same file created earlier that it no longer names
+       (see _prune: not while one of their runs is running).
 
     Jobs remember the file's absolute path in Job.source; the scheduler picks
     up new and changed schedules at its next tick.
@@ -844,28 +925,75 @@ def jobs_load(*, path: str | Path, prune: bool = False) -> LoadReport:
     source = str(source_path)
     report = LoadReport(path=source)
     with transaction.atomic():
-        entries = read_entries(source_path)
-        plans = _plan_jobs(entries, source, prune=prune)
+        entries, places = read_entries(source_path)
+        plans = _plan_jobs(entries, source, prune=prune, places=places)
         report.warnings = [
             warning
-            for index, entry in enumerate(entries, start=1)
-            for warning in entry_warnings(entry, entry_label(entry, index))
+            for index, (entry, place) in enumerate(zip(entries, places, strict=True), start=1)
+            for warning in entry_warnings(entry, entry_label(entry, index, place))
         ]
         for plan in plans:
             _save_plan(plan, report, source=source)
         _save_upstreams(plans)
+        gone = Job.objects.filter(source=source).exclude(pk__in=[plan.job.pk for plan in plans])
+        # (name, slug) of the jobs the file no longer names, before --prune deletes them.
+        dropped = list(gone.order_by("name").values_list("name", "slug"))
         if prune:
-            doomed = Job.objects.filter(source=source).exclude(
-                name__in=[plan.job.name for plan in plans]
-            )
-            report.pruned = sorted(doomed.values_list("name", flat=True))
-            artifacts.delete_files_on_commit(Artifact.objects.filter(run__job__in=doomed))
-            doomed.delete()
+            _prune(gone, report)
+        report.warnings += _rename_hints(dropped, report, prune=prune)
     return report
+
+
+def _prune(doomed: QuerySet[Job], report: LoadReport) -> None:
+    """Delete `doomed`, but not a job with a running run: deleting it would
+    kill the run and lose its record. Such a job is paused instead (it
+    fires no more; its waiting retries are skipped) and the next --prune
+    deletes it, once the run has ended.
+
+    The job's queued and running runs are locked first (PostgreSQL), so a
+    worker claiming one meanwhile is either seen as running or, after the
+    commit, finds nothing to claim. SQLite's write lock orders them anyway."""
+    active = Run.objects.select_for_update().filter(job__in=doomed, status__in=Run.ACTIVE)
+    running: dict[int, int] = {}
+    for job_id, run_id, status in active.order_by("pk").values_list("job_id", "pk", "status"):
+        if status == Run.Status.RUNNING:
+            running.setdefault(job_id, run_id)
+    for job in doomed.filter(pk__in=running).order_by("name"):
+        if job.enabled:
+            services.job_set_enabled(job=job, enabled=False)
+        report.kept_running.append((job.name, running[job.pk]))
+    doomed = doomed.exclude(pk__in=running)
+    report.pruned = sorted(doomed.values_list("name", flat=True))
+    services.jobs_delete(jobs=doomed)
+
+
+def _rename_hints(dropped: list[tuple[str, str]], report: LoadReport, *, prune: bool) -> list[str]:
+    """A job renamed in the file along with its slug (a slug derived from
+    the name changes with it) reads as a new job, and the old one as gone:
+    say how a rename keeps the job's history."""
+    if not report.created:
+        return []
+    created = " / ".join(f'"{name}"' for name in report.created)
+    if prune:
+        return [
+            f'job "{name}" was deleted by --prune, and {created} is new: if it was "{name}" '
+            f"renamed, its runs and history are gone; to rename a job and keep them, keep "
+            f'its slug (slug = "{slug}")'
+            for name, slug in dropped
+            if name in report.pruned
+        ]
+    return [
+        f'job "{name}" is no longer in this file, and {created} is new: if that is "{name}" '
+        "renamed, there are two jobs now; to have one, with the runs and history, delete "
+        f'the new one and load again with slug = "{slug}" (the old slug) in its entry'
+        for name, slug in dropped
+    ]
 
 
 def _save_plan(plan: _Plan, report: LoadReport, *, source: str) -> None:
     definition = [name for name in plan.changed if name not in ("source", "upstreams")]
+    if plan.renamed_from:
+        report.renamed.append((plan.renamed_from, plan.job.name))
     if plan.created:
         plan.job.save()
         report.created.append(plan.job.name)
@@ -905,11 +1033,21 @@ def job_entry(job: Job) -> tuple[dict[str, Any], list[str]]:
     env = dict(job.environment)
     for key in job.secret_keys:
         if key in env and not _REFERENCE_ONLY.fullmatch(env[key]):
+            secret = env[key]
             env[key] = f"${{{key}}}"
             warnings.append(
                 f'job "{job.name}": the value of secret {key} was not exported; '
                 f"written as ${{{key}}}, so set {key} in the server's environment"
             )
+            # Another value holding it (a URL with the token in it) would
+            # give it away: pages mask such values too (services.masked).
+            for other, value in env.items():
+                if other != key and secret.strip() and secret in value:
+                    env[other] = value.replace(secret, f"${{{key}}}")
+                    warnings.append(
+                        f'job "{job.name}": env {other} holds the value of secret {key}; '
+                        f"written with ${{{key}}} in its place"
+                    )
     # Sorted by name so a dump diffs cleanly (uses prefetch_related("upstreams")).
     upstreams = sorted(upstream.name for upstream in job.upstreams.all())
     if job.trigger_on_upstream and not upstreams:

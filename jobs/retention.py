@@ -41,6 +41,8 @@ class PruneReport:
     runs: int = 0
     log_chunks: int = 0
     artifacts: int = 0
+    # Files of runs deleted some other way (job.delete() in a shell), swept at the end.
+    orphaned_files: int = 0
     elapsed: float = 0.0  # seconds
     last_batch: float = 0.0  # seconds: the latest delete transaction
     longest_batch: float = 0.0  # seconds: the longest delete transaction
@@ -75,6 +77,8 @@ def prune_runs(
        set reruns, retries, alert flips and job slots that point at the runs
        to NULL, and delete the runs, re-checking that they are still
        finished and old.
+    4. Files left behind by runs deleted another way (a shell's
+       job.delete(): the cascade deletes rows only) are removed.
     """
     if batch < 1:
         raise ValueError("batch must be at least 1")
@@ -95,6 +99,7 @@ def prune_runs(
             progress(report)
         if len(ids) < batch:
             break
+    report.orphaned_files = artifacts.delete_orphaned_files()
     report.elapsed = time.monotonic() - started
     return report
 
@@ -194,7 +199,8 @@ def prune_task(days: int, now_iso: str) -> str:
     report = prune_runs(older_than=timedelta(days=days), now=datetime.fromisoformat(now_iso))
     summary = (
         f"pruned {report.runs} runs finished before {report.cutoff.isoformat()} "
-        f"({report.log_chunks} log chunks, {report.artifacts} artifacts) in "
+        f"({report.log_chunks} log chunks, {report.artifacts} artifacts; "
+        f"{report.orphaned_files} files of runs deleted another way) in "
         f"{report.elapsed:.1f}s, {report.batches} batches, longest {report.longest_batch:.3f}s"
     )
     log.info(summary)

@@ -31,12 +31,12 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import DatabaseError, IntegrityError, connection, connections, models, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import BigIntegerField, Case, CharField, F, Q, Value, When
+from django.db.models import BigIntegerField, Case, CharField, F, Q, QuerySet, Value, When
 from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 
 from jobs import alerts, artifacts, delivery, execution, kinds, scratch, stats
-from jobs.models import SECRET_MASK, Job, Run, RunLogChunk
+from jobs.models import SECRET_MASK, Artifact, Job, Run, RunLogChunk
 from jobs.runlog import RunLogWriter
 
 log = logging.getLogger(__name__)
@@ -826,6 +826,10 @@ def run_execute(run: Run, *, echo: Callable[[str], None] | None = None, reload: 
         writer = RunLogWriter(run, redact=secrets, echo=echo)
         watch = _Watch(run, shown=shown)
         status, summary, returncode = _supervise(run, child, env, writer, watch)
+        if watch.deleted:
+            return _deleted(
+                run, status=Run.Status.CANCELLED, summary="Stopped: the run was deleted"
+            )
         stored, problem = _collect(run, workdir / "artifacts", writer)
         if problem and status == Run.Status.SUCCEEDED:
             status, summary = Run.Status.FAILED, problem
@@ -839,19 +843,34 @@ def run_execute(run: Run, *, echo: Callable[[str], None] | None = None, reload: 
             # printed last is usually the error ("table orders is locked").
             last = writer.last_line()
             summary = f"{summary}: {last}" if last else summary
-        _retrying_database(
-            lambda: run_finish(
-                run=run,
-                status=status,
-                exit_code=returncode,
-                summary=summary,
-                also=watch.unsaved_start(),
-                log=writer,
+        try:
+            _retrying_database(
+                lambda: run_finish(
+                    run=run,
+                    status=status,
+                    exit_code=returncode,
+                    summary=summary,
+                    also=watch.unsaved_start(),
+                    log=writer,
+                )
             )
-        )
-        return _reload(run) if reload else run
+            return _reload(run) if reload else run
+        except (IntegrityError, Run.DoesNotExist):
+            # The run (or its job) was deleted while it ran: the log's last
+            # chunks refer to a run that is gone. Nothing left to record.
+            if Run.objects.filter(pk=run.pk).exists():
+                raise
+            return _deleted(run, status=status, summary=summary)
     finally:
         scratch.give_back(workdir)
+
+
+def _deleted(run: Run, *, status: str, summary: str) -> Run:
+    """A run deleted while it ran (its process group stopped): nothing to
+    record, no files to keep; the outcome only for the caller to show."""
+    log.warning("run %s was deleted while it ran; its outcome is not recorded", run.pk)
+    run.status, run.error_summary = status, summary
+    return run
 
 
 def _resolve(run: Run, workdir: Path) -> tuple[dict[str, str], list[str], str]:
@@ -1039,6 +1058,8 @@ def _retrying_database(action: Callable[[], object], *, seconds: float = 120.0):
     while True:
         try:
             return action()
+        except IntegrityError:
+            raise  # a broken constraint is no outage: trying again cannot help
         except DatabaseError as exc:
             if time.monotonic() > deadline or connection.in_atomic_block:
                 raise
@@ -1066,6 +1087,7 @@ class _Watch:
         self.shown = shown or {}
         self.start: dict = {}  # written with the next check
         self.start_saved = False
+        self.deleted = False  # the run (or its job) was deleted while it ran
 
     def started(self, pgid: int) -> None:
         self.start = {"pid": pgid, **self.shown}
@@ -1101,7 +1123,10 @@ class _Watch:
             .values("status", "cancel_requested_at", "error_summary")
             .first()
         )
-        if row is None or row["status"] != Run.Status.RUNNING:
+        if row is None:
+            self.deleted = True
+            return True
+        if row["status"] != Run.Status.RUNNING:
             return True
         if row["cancel_requested_at"] is not None:
             self.cancel_summary = row["error_summary"] or "Cancelled"
@@ -1476,3 +1501,24 @@ def job_set_enabled(*, job: Job, enabled: bool) -> None:
     for run in pending.select_related("job"):
         with transaction.atomic():
             _skip_paused(run, now=now)
+
+
+def jobs_delete(*, jobs: QuerySet[Job]) -> int:
+    """Delete these jobs with their runs, logs and history. Their runs'
+    artifact files go once the deletion commits (a rollback keeps both):
+    the database's cascade knows nothing of files. Returns how many jobs.
+    (Deletions made another way, e.g. job.delete() in a shell, leave files
+    that the retention sweep removes: artifacts.delete_orphaned_files.)"""
+    with transaction.atomic():
+        artifacts.delete_files_on_commit(Artifact.objects.filter(run__job__in=jobs))
+        _count, per_model = jobs.delete()
+    return per_model.get(Job._meta.label, 0)
+
+
+def runs_delete(*, runs: QuerySet[Run]) -> int:
+    """Delete these runs with their logs, and their artifact files once the
+    deletion commits. Returns how many runs."""
+    with transaction.atomic():
+        artifacts.delete_files_on_commit(Artifact.objects.filter(run__in=runs))
+        _count, per_model = runs.delete()
+    return per_model.get(Run._meta.label, 0)

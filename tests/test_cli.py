@@ -321,3 +321,29 @@ def test_demo_sql_job_exports_a_csv_with_no_setup(db, tmp_path):
         "north,2,165",
         "south,2,95",
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_runjob_whose_job_is_deleted_while_it_runs_stops_and_says_so(make_job):
+    # As deleting a job in the admin or a shell does: the run goes with it.
+    job = make_job(name="doomed", command='echo "started"; sleep 30; : doomed-run', timeout=60)
+    env = {**os.environ, "DATABASE_URL": database_url_for_children()}
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "runjob", "doomed"],
+        cwd=settings.BASE_DIR,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline() == "started\n"
+        Job.objects.filter(pk=job.pk).delete()
+        _out, err = proc.communicate(timeout=30)  # not two minutes of retries
+    finally:
+        proc.kill()
+
+    assert proc.returncode == 130
+    assert "Stopped: the run was deleted" in err
+    assert "Traceback" not in err
+    assert not running_with("doomed-run", wait=5)

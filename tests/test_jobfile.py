@@ -380,6 +380,29 @@ def test_a_slug_taken_by_another_job_is_an_error(make_job, tmp_path):
     assert 'job "nightly": slug "nightly" is already used by job "Nightly"' in err
 
 
+def test_each_error_names_the_file_and_the_line_of_its_job(db, tmp_path):
+    path = write(
+        tmp_path,
+        "# nightly jobs\n"
+        + job_toml("ok")
+        + job_toml("bad-cron", 'schedule = "61 * * * *"', 'timezone = "Mars/Base"')
+        + job_toml("typo", "retires = 2"),
+    )
+
+    code, _out, err = loadjobs(path)
+
+    assert code == 2
+    where = path.resolve()
+    assert err.splitlines() == [
+        f'{where}:13: job "typo": unknown key "retires" (did you mean "retries"?)',
+        f"{where}:7: job \"bad-cron\": schedule: Bad cron expression '61 * * * *': Bad minute.",
+        f"{where}:7: job \"bad-cron\": timezone: Unknown time zone 'Mars/Base'; use an IANA "
+        "name such as 'Europe/Berlin' or 'UTC'.",
+        "Nothing was loaded: 3 problem(s).",
+    ]
+    assert not Job.objects.exists()
+
+
 def test_a_file_that_is_not_toml_is_an_error(db, tmp_path):
     path = write(tmp_path, '[[job]]\nname = "nightly\n')
 
@@ -822,6 +845,18 @@ def test_dumpjobs_unknown_slug_exits_2(make_job):
     assert exited.value.code == 2
 
 
+@pytest.mark.parametrize("where", ["missing-dir/jobs.toml", "."])
+def test_dumpjobs_to_a_path_it_cannot_write_says_so_and_exits_73(make_job, tmp_path, where):
+    make_job(name="a")
+    err = io.StringIO()
+
+    with pytest.raises(SystemExit) as exited:
+        call_command("dumpjobs", "-o", str(tmp_path / where), stdout=io.StringIO(), stderr=err)
+
+    assert exited.value.code == 73
+    assert err.getvalue().startswith(f"Cannot write {tmp_path / where}: ")
+
+
 def test_dumpjobs_never_prints_a_secret_value(make_job):
     make_job(
         name="nightly",
@@ -836,6 +871,21 @@ def test_dumpjobs_never_prints_a_secret_value(make_job):
     assert env == {"TOKEN": "${TOKEN}", "FTP": "${FTP_PASSWORD}", "TARGET": "x"}
     assert "secret TOKEN was not exported" in err
     assert "FTP" not in err
+
+
+def test_dumpjobs_never_prints_a_secret_value_held_inside_another_value(make_job):
+    make_job(
+        name="nightly",
+        environment={"TOKEN": "hunter2-real-token", "URL": "https://bot:hunter2-real-token@h/x"},
+        secret_keys=["TOKEN"],
+    )
+
+    out, err = dumpjobs()
+
+    assert "hunter2" not in out + err
+    env = tomllib.loads(out)["job"][0]["env"]
+    assert env == {"TOKEN": "${TOKEN}", "URL": "https://bot:${TOKEN}@h/x"}
+    assert "env URL holds the value of secret TOKEN" in err
 
 
 def test_dumpjobs_writes_reliability_settings_and_sorted_upstreams(make_job):
@@ -1166,8 +1216,8 @@ def test_a_literal_delivery_password_loads_with_a_warning(db, tmp_path):
     assert "1 created" in out
     assert Job.objects.get().deliver_password == "hunter2-literal"
     assert (
-        'warning: job "partner-export": deliver.password is written in the file; use ${NAME} '
-        '(e.g. password = "${PARTNER_EXPORT_FTP_PASSWORD}")' in err
+        f'warning: {path.resolve()}:2: job "partner-export": deliver.password is written in '
+        'the file; use ${NAME} (e.g. password = "${PARTNER_EXPORT_FTP_PASSWORD}")' in err
     )
 
 
@@ -1303,3 +1353,173 @@ def test_the_demo_file_loads_with_an_alerting_flaky_job(db):
     assert Job.objects.exclude(slug="flaky-export").filter(alert_emails=[]).count() == 6
     assert Job.objects.get(slug="sales-summary").kind == Job.Kind.SQL
     assert Job.objects.get(slug="count-to-twenty").kind == Job.Kind.PYTHON
+
+
+# --- Pruning a job whose run is running; renaming a job ------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_prune_keeps_a_job_whose_run_is_running_paused_and_deletes_it_once_the_run_ended(
+    tmp_path,
+):
+    import os
+    import subprocess
+    import sys
+
+    from django.conf import settings
+
+    from jobs.models import Run
+    from tests.conftest import database_url_for_children
+
+    gate = tmp_path / "gate"
+    slow = job_toml(
+        "slow",
+        'schedule = "*/5 * * * *"',
+    ).replace(
+        'command = "true"', f'command = "echo started; until [ -e {gate} ]; do sleep 0.1; done"'
+    )
+    path = write(tmp_path, slow + job_toml("keep"))
+    loadjobs(path)
+    runjob = subprocess.Popen(
+        [sys.executable, "manage.py", "runjob", "slow"],
+        cwd=settings.BASE_DIR,
+        env={**os.environ, "DATABASE_URL": database_url_for_children()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert runjob.stdout.readline() == "started\n"
+        run = Run.objects.get(job__name="slow")
+        write(tmp_path, job_toml("keep"))
+
+        code, out, _err = loadjobs(path, "--prune")
+
+        assert code == 0
+        assert f"not pruned yet: slow (run #{run.pk} is running; the job is paused" in out
+        assert Job.objects.get(name="slow").enabled is False  # fires no more
+        gate.touch()
+        _out, err = runjob.communicate(timeout=30)
+    finally:
+        runjob.kill()
+    assert runjob.returncode == 0, err
+    assert Run.objects.get(pk=run.pk).status == Run.Status.SUCCEEDED  # recorded, not lost
+
+    code, out, _err = loadjobs(path, "--prune")
+
+    assert "pruned: slow" in out
+    assert list(Job.objects.values_list("name", flat=True)) == ["keep"]
+
+
+def add_run(job: Job):
+    from jobs.models import Run
+
+    now = timezone.now()
+    return Run.objects.create(
+        job=job,
+        trigger=Run.Trigger.MANUAL,
+        status=Run.Status.SUCCEEDED,
+        scheduled_for=now,
+        queued_at=now,
+        started_at=now,
+        finished_at=now,
+    )
+
+
+def test_a_new_name_with_the_same_slug_renames_the_job_and_keeps_its_runs(db, tmp_path):
+    path = write(tmp_path, '[[job]]\nname = "Nightly export"\nslug = "export"\ncommand = "true"\n')
+    loadjobs(path)
+    job = Job.objects.get()
+    run = add_run(job)
+    write(
+        tmp_path, '[[job]]\nname = "Nightly warehouse export"\nslug = "export"\ncommand = "true"\n'
+    )
+
+    code, out, err = loadjobs(path, "--prune")
+
+    assert (code, err) == (0, "")
+    assert "renamed: Nightly export -> Nightly warehouse export" in out
+    assert "0 pruned" in out
+    renamed = Job.objects.get()
+    assert (renamed.pk, renamed.name, renamed.slug) == (
+        job.pk,
+        "Nightly warehouse export",
+        "export",
+    )
+    assert list(renamed.runs.all()) == [run]
+    assert loadjobs(path, "--prune")[1].startswith(
+        f"{path.resolve()}: 0 created, 0 updated, 1 unchanged"
+    )
+
+
+def test_a_name_changed_only_in_case_keeps_its_derived_slug_and_renames_the_job(db, tmp_path):
+    path = write(tmp_path, job_toml("Nightly"))
+    loadjobs(path)
+    job = Job.objects.get()
+    write(tmp_path, job_toml("nightly"))
+
+    code, out, _err = loadjobs(path)
+
+    assert code == 0
+    assert "renamed: Nightly -> nightly" in out
+    assert list(Job.objects.values_list("pk", "name")) == [(job.pk, "nightly")]
+
+
+def test_a_renamed_jobs_upstreams_and_downstreams_stay(make_job, tmp_path):
+    path = write(
+        tmp_path,
+        job_toml("load") + job_toml("export", 'slug = "export"', 'depends_on = ["load"]'),
+    )
+    loadjobs(path)
+    downstream = make_job(name="hand-made")
+    downstream.upstreams.set([Job.objects.get(name="export")])
+    write(
+        tmp_path,
+        job_toml("load") + job_toml("export v2", 'slug = "export"', 'depends_on = ["load"]'),
+    )
+
+    code, out, err = loadjobs(path, "--prune")
+
+    assert (code, err) == (0, "")
+    assert "renamed: export -> export v2" in out
+    assert upstream_names("export v2") == ["load"]
+    assert upstream_names("hand-made") == ["export v2"]
+
+
+def test_depends_on_the_old_name_of_a_renamed_job_says_the_new_name(db, tmp_path):
+    path = write(tmp_path, job_toml("load", 'slug = "load"') + job_toml("report"))
+    loadjobs(path)
+    write(
+        tmp_path, job_toml("load v2", 'slug = "load"') + job_toml("report", 'depends_on = ["load"]')
+    )
+
+    code, _out, err = loadjobs(path)
+
+    assert code == 2
+    assert 'job "report": depends_on names "load", which this file renames to "load v2"' in err
+    assert "Traceback" not in err
+    assert set(Job.objects.values_list("name", flat=True)) == {"load", "report"}
+
+
+def test_a_slug_of_a_job_from_elsewhere_says_how_to_take_that_job_over(make_job, tmp_path):
+    make_job(name="Old export", slug="export")
+    path = write(tmp_path, job_toml("Export", 'slug = "export"'))
+
+    code, _out, err = loadjobs(path, "--prune")
+
+    assert code == 2
+    assert 'slug "export" is already used by job "Old export" (not from a job file)' in err
+    assert 'give it the name "Old export"' in err
+
+
+def test_a_rename_that_changes_the_derived_slug_warns_how_to_keep_the_history(db, tmp_path):
+    path = write(tmp_path, job_toml("Nightly export"))
+    loadjobs(path)
+    write(tmp_path, job_toml("Nightly warehouse export"))
+
+    code, out, err = loadjobs(path)
+
+    assert code == 0
+    assert "created: Nightly warehouse export" in out
+    assert 'job "Nightly export" is no longer in this file, and "Nightly warehouse export"' in err
+    assert 'slug = "nightly-export"' in err

@@ -114,6 +114,13 @@ def test_without_from_it_starts_now():
         (["* * * * *", "--tz", "Mars/Olympus"], "nextfires: Unknown time zone 'Mars/Olympus'"),
         (["* * * * *", "--from", "yesterday"], "nextfires: --from 'yesterday' is not an ISO 8601"),
         (["* * * * *", "-n", "0"], "nextfires: -n must be from 1 to 1000; got 0."),
+        # The next fire would be after year 9999, or the DST look-back before year 1.
+        (["* * * * *", "--from", "9999-12-31T23:59"], "nextfires: --from '9999-12-31T23:59': "),
+        (["0 0 1 1 *", "--from", "9999-06-01T00:00"], "nextfires: --from '9999-06-01T00:00': "),
+        (
+            ["* * * * *", "--from", "0001-01-01T00:00", "--tz", "Pacific/Kiritimati"],
+            "nextfires: --from '0001-01-01T00:00': the fire times around it are outside",
+        ),
     ],
 )
 def test_bad_input_is_a_one_line_error_and_exit_2(args, message):

@@ -328,3 +328,35 @@ def test_loadjobs_prune_deletes_the_pruned_jobs_files(
         call_command("loadjobs", str(jobfile), "--prune", stdout=StringIO())
     assert list(Job.objects.values_list("name", flat=True)) == ["new"]
     assert not path.exists()
+
+
+@pytest.mark.parametrize("how", ["job.delete()", "runs' queryset delete()"])
+def test_prune_runs_deletes_the_files_of_runs_deleted_another_way(make_job, stored_file, how):
+    gone, other = make_job(), make_job()
+    run, orphan = stored_file(gone)
+    _other_run, kept = stored_file(other)
+    if how == "job.delete()":
+        gone.delete()  # as in manage.py shell: the cascade deletes rows, not files
+    else:
+        Run.objects.filter(pk=run.pk).delete()
+    assert orphan.exists()
+    out = StringIO()
+
+    call_command("prune_runs", "--older-than", "36500d", stdout=out)
+
+    assert "Deleted 1 stored files of runs that were deleted without them" in out.getvalue()
+    assert not orphan.exists()
+    assert not orphan.parent.exists()  # the run's directory too
+    assert kept.exists()
+    assert Run.objects.filter(job=other).count() == 1
+
+
+def test_the_daily_prune_deletes_the_files_of_a_job_deleted_in_a_shell(make_job, stored_file):
+    job = make_job()
+    _run, orphan = stored_file(job)
+    job.delete()
+
+    summary = retention.prune_task(90, NOW.isoformat())
+
+    assert "1 files of runs deleted another way" in summary
+    assert not orphan.exists()

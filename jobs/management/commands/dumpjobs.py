@@ -11,6 +11,8 @@ from jobs.jobfile import jobs_dumps
 from jobs.management.commands.runjob import EXIT_USAGE, unknown_job_message
 from jobs.models import Job
 
+EXIT_CANNOT_WRITE = 73  # EX_CANTCREAT (sysexits.h)
+
 
 class Command(BaseCommand):
     help = (
@@ -36,7 +38,11 @@ class Command(BaseCommand):
         for warning in warnings:
             self.stderr.write(f"warning: {warning}")
         if output:
-            Path(output).write_text(text, encoding="utf-8")
+            try:
+                Path(output).write_text(text, encoding="utf-8")
+            except OSError as exc:
+                self.stderr.write(f"Cannot write {output}: {exc.strerror or exc}")
+                sys.exit(EXIT_CANNOT_WRITE)
             self.stderr.write(f"Wrote {len(jobs)} job(s) to {output}")
         else:
             self.stdout.write(text, ending="")

@@ -57,7 +57,13 @@ def fire_lines(expression: str, tz_name: str, start: str | None, count: int) -> 
     if not 1 <= count <= MAX_COUNT:
         raise scheduling.ScheduleError(f"-n must be from 1 to {MAX_COUNT}; got {count}.")
     after = parse_start(start, tz) if start is not None else timezone.now()
-    fires = scheduling.next_fires(expression, tz_name, after, count)
+    try:
+        fires = scheduling.next_fires(expression, tz_name, after, count)
+    except OverflowError:  # e.g. --from 9999-12-31T23:59: the next fire is past year 9999
+        raise scheduling.ScheduleError(
+            f"--from {start!r}: the fire times around it are outside the dates this can "
+            "compute (years 1 to 9999)."
+        ) from None
     return [
         f"{fire.at.isoformat()}  # {fire.note}" if fire.note else fire.at.isoformat()
         for fire in fires

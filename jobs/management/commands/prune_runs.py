@@ -52,6 +52,11 @@ class Command(BaseCommand):
             f"{report.batches:,} batches, longest {report.longest_batch:.3f}s. "
             "Daily stats kept."
         )
+        if report.orphaned_files:
+            self.stdout.write(
+                f"Deleted {report.orphaned_files:,} stored files of runs that were deleted "
+                "without them (e.g. job.delete() in a shell)."
+            )
 
     def progress(self, report: retention.PruneReport) -> None:
         self.stdout.write(
