@@ -362,6 +362,15 @@ def dispatch_waiting(*, now: datetime, job: Job | None = None, asked: bool = Fal
             busy.add(run.job_id)
             if _job_busy(run):
                 continue
+        # Gated again as it starts, not only when it was created: a retry
+        # (or a run that waited its turn) must not run after an upstream's
+        # run for its logical time failed or while one is under way.
+        blocked = upstream_blocker(run.job, now=now, at=gate_time(run, now=now))
+        if blocked is not None:
+            with transaction.atomic():
+                _skip_blocked(run, reason=blocked, now=now)
+            busy.discard(run.job_id)  # the job's next waiting run may go
+            continue
         with transaction.atomic():
             if Run.objects.filter(pk=run.pk, enqueued_at__isnull=True).update(
                 enqueued_at=now, enqueue_count=1
@@ -396,6 +405,20 @@ def _skip_paused(run: Run, *, now: datetime, was: str = Run.Status.QUEUED) -> bo
     run.status, run.finished_at, run.started_at = Run.Status.SKIPPED, now, None
     run.error_summary = "paused"
     stats.record_finished(run)
+    alerts.on_retry_dropped(run, now=now)  # the failure it was to retry counts
+    return True
+
+
+def _skip_blocked(run: Run, *, reason: str, now: datetime) -> bool:
+    """Skip a waiting run whose upstreams say no, if it still waits. In the
+    caller's transaction."""
+    if not Run.objects.filter(pk=run.pk, status=Run.Status.QUEUED, enqueued_at=None).update(
+        status=Run.Status.SKIPPED, finished_at=now, error_summary=reason
+    ):
+        return False
+    run.status, run.finished_at, run.error_summary = Run.Status.SKIPPED, now, reason
+    stats.record_finished(run)
+    alerts.on_retry_dropped(run, now=now)  # the failure it was to retry counts
     return True
 
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from jobs import clock, services
-from jobs.models import Job, Run
+from jobs.models import AlertFlip, Job, Run
 from tests.conftest import wait_for
 from tests.test_faults import FAST, finished
 
@@ -115,10 +115,61 @@ def test_a_rerun_of_last_weeks_export_is_judged_by_last_weeks_load(make_job):
     assert today.status == Run.Status.SKIPPED
 
 
+def test_a_waiting_retry_is_skipped_when_its_upstreams_run_was_rerun_and_failed(make_job):
+    """The export failed and waits to retry; meanwhile the load's run for the
+    same day was rerun and failed. The retry must not publish, and the
+    export's failure is its last attempt: it alerts."""
+    load, export = load_and_export(make_job, retries=1, retry_delay=60)
+    todays_load = ran(load, LOAD_AT)
+    first = ran(export, LOAD_AT + timedelta(minutes=30), Run.Status.FAILED)
+    retry = Run.objects.get(retry_of=first)
+    rerun(todays_load, Run.Status.FAILED)
+    assert services.dispatch_waiting(now=retry.not_before + timedelta(seconds=1)) == 0
+    retry.refresh_from_db()
+    assert retry.status == Run.Status.SKIPPED
+    assert retry.error_summary.startswith("waiting on warehouse-load: failed at ")
+    assert retry.enqueued_at is None
+    export.refresh_from_db()
+    assert export.alert_state == Job.AlertState.FAILING
+    assert AlertFlip.objects.filter(job=export, new_state="failing", run=first).exists()
+
+
+def test_a_run_waiting_behind_another_is_gated_again_when_its_turn_comes(make_job):
+    load, export = load_and_export(make_job, overlap=Job.Overlap.QUEUE)
+    todays_load = ran(load, LOAD_AT)
+    running = start(export, scheduled_for=LOAD_AT + timedelta(minutes=30))
+    waiting = services.run_create(
+        job=export, trigger=Run.Trigger.MANUAL, scheduled_for=LOAD_AT + timedelta(minutes=40)
+    )
+    assert waiting.status == Run.Status.QUEUED and waiting.enqueued_at is None
+    # Today's load is rerun meanwhile, and still runs when the turn comes.
+    again = services.run_rerun(run=todays_load, by=None)
+    assert services.run_claim(run_id=again.pk, worker="host:1") is not None
+    finish(running)
+    waiting.refresh_from_db()
+    assert waiting.status == Run.Status.SKIPPED
+    assert waiting.error_summary == f"waiting on warehouse-load: run #{again.pk} still running"
+
+
 # --- Triggered by upstream success -------------------------------------------------------
 
 
 # --- Retries of a job edited or paused meanwhile ---------------------------------------
+
+
+def test_pausing_a_job_whose_retry_waits_counts_the_failure(make_job):
+    """The retry will not run: the failure before it was the last attempt."""
+    job = make_job(name="flaky", retries=2, retry_delay=60)
+    failed = start(job)
+    finish(failed, Run.Status.FAILED)
+    job.refresh_from_db()
+    assert job.alert_state == Job.AlertState.OK  # a retry is coming
+    services.job_set_enabled(job=job, enabled=False)
+    retry = Run.objects.get(retry_of=failed)
+    assert (retry.status, retry.error_summary) == (Run.Status.SKIPPED, "paused")
+    job.refresh_from_db()
+    assert job.alert_state == Job.AlertState.FAILING
+    assert job.consecutive_failures == 1
 
 
 # --- With real workers ---------------------------------------------------------------------
