@@ -556,7 +556,16 @@ def _trigger_downstreams(run: Run, *, now: datetime, downstreams: list[int] | No
             down = Job.objects.select_for_update().get(pk=pk)
             if not (down.enabled and down.trigger_on_upstream):
                 continue
-            last = Run.objects.filter(job=down).order_by("-id").first()
+            # Its last run that was not skipped: a skipped run (Run now
+            # while an upstream still ran) used none of the upstreams'
+            # successes, and counting it would leave the job waiting for a
+            # success of every upstream again.
+            last = (
+                Run.objects.filter(job=down)
+                .exclude(status=Run.Status.SKIPPED)
+                .order_by("-id")
+                .first()
+            )
             since = last.queued_at if last else None
             if all(_succeeded_since(up, since) for up in down.upstreams.all()):
                 run_create(job=down, trigger=Run.Trigger.UPSTREAM, scheduled_for=run.scheduled_for)

@@ -154,6 +154,25 @@ def test_a_run_waiting_behind_another_is_gated_again_when_its_turn_comes(make_jo
 # --- Triggered by upstream success -------------------------------------------------------
 
 
+def test_a_fan_in_still_triggers_after_a_run_now_of_it_was_skipped(make_job, q_sync):
+    """report waits for extract and clean. A "Run now" of report while clean
+    still runs is skipped; when clean succeeds, report must still be
+    triggered, not wait for both upstreams to succeed once more."""
+    extract, clean = make_job(name="extract"), make_job(name="clean")
+    report = make_job(name="report", trigger_on_upstream=True)
+    report.upstreams.add(extract, clean)
+    finish(start(extract))
+    cleaning = start(clean)
+    early = services.run_create(job=report, trigger=Run.Trigger.MANUAL)
+    assert early.status == Run.Status.SKIPPED
+    finish(cleaning)
+    triggered = Run.objects.filter(job=report, trigger=Run.Trigger.UPSTREAM)
+    assert triggered.count() == 1
+    # And once only.
+    finish(start(clean))
+    assert triggered.count() == 1
+
+
 # --- Retries of a job edited or paused meanwhile ---------------------------------------
 
 
