@@ -1372,6 +1372,12 @@ def _schedule_retry(run: Run, *, now: datetime) -> Run | None:
     job = run.job
     if run.attempt > job.retries or run.cancel_requested_at is not None:
         return None
+    # The job as it is now, not as the worker read it when the run started:
+    # retries turned down, or the job paused, while the run ran (a paused
+    # job's retry would only be skipped, and its failure never counted).
+    current = Job.objects.filter(pk=job.pk).values("retries", "enabled").first()
+    if current is None or run.attempt > current["retries"] or not current["enabled"]:
+        return None
     first = run.retry_of or run
     delay = retry_delay(job, run.attempt)
     try:

@@ -176,6 +176,28 @@ def test_a_fan_in_still_triggers_after_a_run_now_of_it_was_skipped(make_job, q_s
 # --- Retries of a job edited or paused meanwhile ---------------------------------------
 
 
+def test_a_failure_after_the_retries_were_turned_off_is_not_retried_and_alerts(make_job):
+    job = make_job(name="flaky", retries=2)
+    run = start(job)
+    assert run.job.retries == 2  # the worker read the job when it claimed the run
+    Job.objects.filter(pk=job.pk).update(retries=0)  # edited while it runs
+    finish(run, Run.Status.FAILED)
+    assert not Run.objects.filter(retry_of=run).exists()
+    job.refresh_from_db()
+    assert job.alert_state == Job.AlertState.FAILING
+
+
+def test_a_failure_after_the_job_was_paused_alerts_instead_of_leaving_a_dead_retry(make_job):
+    job = make_job(name="flaky", retries=2)
+    run = start(job)
+    assert run.job.enabled  # the worker read the job when it claimed the run
+    services.job_set_enabled(job=Job.objects.get(pk=job.pk), enabled=False)
+    finish(run, Run.Status.FAILED)
+    assert not Run.objects.filter(retry_of=run).exists()
+    job.refresh_from_db()
+    assert job.alert_state == Job.AlertState.FAILING
+
+
 def test_pausing_a_job_whose_retry_waits_counts_the_failure(make_job):
     """The retry will not run: the failure before it was the last attempt."""
     job = make_job(name="flaky", retries=2, retry_delay=60)
