@@ -165,7 +165,7 @@ def _claim_and_create(
     # write lock, and 100 jobs due at once kept django-q2's pusher from
     # handing out the first runs for 0.7 s. Catch-up runs wait their turn
     # (_catch_up) but are gated on upstreams as any fire is.
-    plan = services.run_plan(job, now=now) if len(to_run) == 1 else None
+    plan = services.run_plan(job, now=now, at=to_run[0]) if len(to_run) == 1 else None
     if len(to_run) > 1 and (blocked := services.upstream_blocker(job, now=now)):
         plan = (blocked, False)
     with transaction.atomic():

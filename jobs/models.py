@@ -602,8 +602,12 @@ class Run(models.Model):
                 condition=Q(status__in=["failed", "timed_out", "lost"]),
                 name="run_job_failure_recent_idx",
             ),
-            # Upstream gating: a job's run that finished last.
+            # A job's run that finished last (dashboard, the job page).
             models.Index(fields=["job", "-finished_at"], name="run_job_finished_idx"),
+            # Upstream gating: an upstream's newest run for the latest logical
+            # time up to a downstream's: WHERE job_id=? AND scheduled_for <= ?
+            # ORDER BY scheduled_for DESC, id DESC.
+            models.Index(fields=["job", "-scheduled_for", "-id"], name="run_job_logical_idx"),
             # Sweeper: "running runs whose heartbeat is older than the lease".
             models.Index(
                 fields=["heartbeat_at"],

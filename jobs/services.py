@@ -84,7 +84,8 @@ def run_create(
     time, still decides (run_claim).
     """
     now = now or timezone.now()
-    reason, wait = plan if plan is not None else run_plan(job, now=now)
+    at = now if trigger == Run.Trigger.UPSTREAM else scheduled_for  # as gate_time()
+    reason, wait = plan if plan is not None else run_plan(job, now=now, at=at)
     fields = dict(
         job=job,
         trigger=trigger,
@@ -220,10 +221,10 @@ def _run_insert(vendor: str) -> tuple[str, list[tuple], bool]:
     return sql, columns, returning
 
 
-def run_plan(job: Job, *, now: datetime) -> tuple[str | None, bool]:
-    """(skip reason, must wait) for a new run of `job`: its upstream gate,
-    then its overlap policy. Reads only."""
-    reason = upstream_blocker(job, now=now)
+def run_plan(job: Job, *, now: datetime, at: datetime | None = None) -> tuple[str | None, bool]:
+    """(skip reason, must wait) for a new run of `job` for the logical time
+    `at` (default: now): its upstream gate, then its overlap policy. Reads only."""
+    reason = upstream_blocker(job, now=now, at=at)
     if reason is not None:
         return reason, False
     return _apply_overlap(job, now=now)
@@ -361,6 +362,15 @@ def dispatch_waiting(*, now: datetime, job: Job | None = None, asked: bool = Fal
             busy.add(run.job_id)
             if _job_busy(run):
                 continue
+        # Gated again as it starts, not only when it was created: a retry
+        # (or a run that waited its turn) must not run after an upstream's
+        # run for its logical time failed or while one is under way.
+        blocked = upstream_blocker(run.job, now=now, at=gate_time(run, now=now))
+        if blocked is not None:
+            with transaction.atomic():
+                _skip_blocked(run, reason=blocked, now=now)
+            busy.discard(run.job_id)  # the job's next waiting run may go
+            continue
         with transaction.atomic():
             if Run.objects.filter(pk=run.pk, enqueued_at__isnull=True).update(
                 enqueued_at=now, enqueue_count=1
@@ -395,6 +405,20 @@ def _skip_paused(run: Run, *, now: datetime, was: str = Run.Status.QUEUED) -> bo
     run.status, run.finished_at, run.started_at = Run.Status.SKIPPED, now, None
     run.error_summary = "paused"
     stats.record_finished(run)
+    alerts.on_retry_dropped(run, now=now)  # the failure it was to retry counts
+    return True
+
+
+def _skip_blocked(run: Run, *, reason: str, now: datetime) -> bool:
+    """Skip a waiting run whose upstreams say no, if it still waits. In the
+    caller's transaction."""
+    if not Run.objects.filter(pk=run.pk, status=Run.Status.QUEUED, enqueued_at=None).update(
+        status=Run.Status.SKIPPED, finished_at=now, error_summary=reason
+    ):
+        return False
+    run.status, run.finished_at, run.error_summary = Run.Status.SKIPPED, now, reason
+    stats.record_finished(run)
+    alerts.on_retry_dropped(run, now=now)  # the failure it was to retry counts
     return True
 
 
@@ -420,24 +444,57 @@ def run_rerun(*, run: Run, by: AbstractBaseUser | None) -> Run:
 # --- Dependencies -------------------------------------------------------------------
 
 
-def upstream_blocker(job: Job, *, now: datetime) -> str | None:
-    """Why `job` may not run now because of its upstreams, or None."""
+def upstream_blocker(job: Job, *, now: datetime, at: datetime | None = None) -> str | None:
+    """Why `job` may not run now for the logical time `at` (default: now)
+    because of its upstreams, or None.
+
+    Each upstream is judged by its run for the latest logical time up to
+    `at`, the newest attempt of it (a rerun or retry has the original's
+    time): that must have succeeded, and no run for that time may be queued
+    or running. Not by which run finished last: a rerun of last week's run
+    that succeeds after today's run failed says nothing about today's data,
+    and a run still queued has not produced it yet.
+    """
     # Most jobs have none: ask the link table alone, written out (no join,
     # no model instances; building it with the ORM was a quarter of
     # run_create's CPU), since every run and every fire pays for this question.
     if not _fetch(_sql(connection.vendor, "has_upstreams"), [job.pk]):
         return None
+    at = at or now
     for upstream in job.upstreams.all():
-        if Run.objects.filter(job=upstream, status=Run.Status.RUNNING).exists():
-            return f"waiting on {upstream.name}: still running"
-        last = latest_finished(upstream)
-        if last is None:
+        deciding = upstream_run(upstream, at=at)
+        if deciding is None:
             return f"waiting on {upstream.name}: it has not run yet"
-        if last.status != Run.Status.SUCCEEDED:
-            when = timezone.localtime(last.finished_at or last.queued_at, _tz(job))
-            status = last.status.replace("_", " ")
+        if deciding.status in Run.ACTIVE:
+            return f"waiting on {upstream.name}: run #{deciding.pk} still {deciding.status}"
+        if deciding.status != Run.Status.SUCCEEDED:
+            when = timezone.localtime(deciding.finished_at or deciding.queued_at, _tz(job))
+            status = deciding.status.replace("_", " ")
             return f"waiting on {upstream.name}: {status} at {when:%Y-%m-%d %H:%M %Z}"
+        other = Run.objects.filter(
+            job=upstream, scheduled_for=deciding.scheduled_for, status__in=Run.ACTIVE
+        ).first()
+        if other is not None:  # e.g. the original, still running beside its rerun
+            return f"waiting on {upstream.name}: run #{other.pk} still {other.status}"
     return None
+
+
+def upstream_run(upstream: Job, *, at: datetime) -> Run | None:
+    """The run of `upstream` that decides for a downstream's logical time
+    `at`: of its runs for the latest logical time up to `at`, the newest."""
+    # run_job_logical_idx (job, -scheduled_for, -id).
+    return (
+        Run.objects.filter(job=upstream, scheduled_for__lte=at)
+        .order_by("-scheduled_for", "-id")
+        .first()
+    )
+
+
+def gate_time(run: Run, *, now: datetime) -> datetime:
+    """The logical time a run's upstreams are judged at: its own, but for a
+    run an upstream's success started (its upstreams' own times may differ:
+    a fan-in of jobs on other schedules), judged as of now."""
+    return now if run.trigger == Run.Trigger.UPSTREAM else run.scheduled_for
 
 
 def latest_finished(job: Job) -> Run | None:
@@ -499,7 +556,16 @@ def _trigger_downstreams(run: Run, *, now: datetime, downstreams: list[int] | No
             down = Job.objects.select_for_update().get(pk=pk)
             if not (down.enabled and down.trigger_on_upstream):
                 continue
-            last = Run.objects.filter(job=down).order_by("-id").first()
+            # Its last run that was not skipped: a skipped run (Run now
+            # while an upstream still ran) used none of the upstreams'
+            # successes, and counting it would leave the job waiting for a
+            # success of every upstream again.
+            last = (
+                Run.objects.filter(job=down)
+                .exclude(status=Run.Status.SKIPPED)
+                .order_by("-id")
+                .first()
+            )
             since = last.queued_at if last else None
             if all(_succeeded_since(up, since) for up in down.upstreams.all()):
                 run_create(job=down, trigger=Run.Trigger.UPSTREAM, scheduled_for=run.scheduled_for)
@@ -1335,6 +1401,12 @@ def retry_delay(job: Job, attempt: int, *, jitter: float | None = None) -> float
 def _schedule_retry(run: Run, *, now: datetime) -> Run | None:
     job = run.job
     if run.attempt > job.retries or run.cancel_requested_at is not None:
+        return None
+    # The job as it is now, not as the worker read it when the run started:
+    # retries turned down, or the job paused, while the run ran (a paused
+    # job's retry would only be skipped, and its failure never counted).
+    current = Job.objects.filter(pk=job.pk).values("retries", "enabled").first()
+    if current is None or run.attempt > current["retries"] or not current["enabled"]:
         return None
     first = run.retry_of or run
     delay = retry_delay(job, run.attempt)
