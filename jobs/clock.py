@@ -61,7 +61,7 @@ def fire_due(*, now: datetime) -> list[Run]:
     """Claim every due fire and create its runs."""
     runs: list[Run] = []
     due = Job.objects.filter(enabled=True, next_fire_at__lte=now).exclude(schedule="")
-    for job in due.exclude(pk__in=_held_off()):
+    for job in upstreams_first(list(due.exclude(pk__in=_held_off()))):
         try:
             runs.extend(fire(job, now))
         except scheduling.ScheduleError as exc:
@@ -72,6 +72,32 @@ def fire_due(*, now: datetime) -> list[Run]:
             log.exception("job %s: firing failed, trying again in %.0f s", job.slug, HOLD_OFF)
             _holding[job.pk] = time.monotonic() + HOLD_OFF
     return runs
+
+
+def upstreams_first(jobs: list[Job]) -> list[Job]:
+    """`jobs` (in name order) with each job after its upstreams among them.
+
+    A load and its export due in the same tick: fired export first, the
+    export would be judged by the load's previous run (yesterday's success)
+    and publish yesterday's data; fired after it, it sees today's load
+    queued and waits its turn as a skip with the reason."""
+    if len(jobs) < 2:
+        return jobs
+    ids = {job.pk for job in jobs}
+    edges = Job.upstreams.through.objects.filter(from_job__in=ids, to_job__in=ids)
+    waits_on: dict[int, set[int]] = {}
+    for downstream, upstream in edges.values_list("from_job_id", "to_job_id"):
+        waits_on.setdefault(downstream, set()).add(upstream)
+    ordered: list[Job] = []
+    placed: set[int] = set()
+    pending = jobs
+    while pending:  # a cycle (refused when saved) would just keep name order
+        ready = [job for job in pending if waits_on.get(job.pk, set()) <= placed]
+        ready = ready or pending
+        ordered += ready
+        placed |= {job.pk for job in ready}
+        pending = [job for job in pending if job.pk not in placed]
+    return ordered
 
 
 # Jobs whose fire raised, and until when (monotonic) the clock leaves them be.

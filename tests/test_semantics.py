@@ -246,3 +246,32 @@ def test_a_diamond_runs_its_fan_in_once_after_both_branches(make_job, processes)
     gated = services.run_create(job=b, trigger=Run.Trigger.MANUAL)
     assert gated.status == Run.Status.SKIPPED
     assert gated.error_summary.startswith("waiting on a: failed at ")
+
+
+def test_a_load_and_its_export_due_in_the_same_minute_fire_load_first(make_job):
+    """The export's name sorts before the load's. Fired in name order, the
+    export was judged by yesterday's load and published yesterday's data
+    while today's load had not even been queued."""
+    load = make_job(name="z-warehouse-load", schedule="0 2 * * *")
+    export = make_job(name="a-warehouse-export", schedule="0 2 * * *")
+    export.upstreams.add(load)
+    ran(load, LOAD_AT - DAY)
+    clock.sync(now=LOAD_AT - timedelta(minutes=1))
+
+    first, second = clock.fire_due(now=LOAD_AT + timedelta(seconds=1))
+
+    assert (first.job, first.status) == (load, Run.Status.QUEUED)
+    assert (second.job, second.status) == (export, Run.Status.SKIPPED)
+    assert second.error_summary == f"waiting on z-warehouse-load: run #{first.pk} still queued"
+
+
+def test_upstreams_first_keeps_name_order_otherwise_and_survives_a_cycle(make_job):
+    c = make_job(name="c")
+    b = make_job(name="b")
+    a = make_job(name="a")
+    d = make_job(name="d")
+    a.upstreams.add(b)
+    b.upstreams.add(c)
+    assert [j.name for j in clock.upstreams_first([a, b, c, d])] == ["c", "d", "b", "a"]
+    c.upstreams.add(a)  # refused when saved; stored by hand
+    assert [j.name for j in clock.upstreams_first([a, b, c, d])] == ["d", "a", "b", "c"]
