@@ -39,7 +39,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
 from jobs import charts, runlog, services, stats
-from jobs.models import Artifact, Job, Run, RunLogChunk, Stale
+from jobs.models import Artifact, Job, Run, Stale
 
 STRIP_LENGTH = 20  # recent runs per job on the overview
 JOBS_PAGE_SIZE = 50  # jobs a page on the overview and /stale/
@@ -548,38 +548,18 @@ def _run_or_404(pk: int) -> Run:
     return get_object_or_404(Run.objects.select_related("job", "triggered_by", "rerun_of"), pk=pk)
 
 
-def _inline_log(run: Run) -> tuple[str, int, bool]:
-    """(text, last seq, truncated) of the stored log, at most INLINE_LOG_CHARS."""
-    parts: list[str] = []
-    size, last_seq = 0, 0
-    for seq, text in runlog.iter_log(run):
-        if size + len(text) > INLINE_LOG_CHARS:
-            parts.append(text[: INLINE_LOG_CHARS - size])
-            # The live tail continues after everything stored so far.
-            last_seq = (
-                RunLogChunk.objects.filter(run=run).order_by("-seq").values_list("seq", flat=True)
-            ).first() or seq
-            return "".join(parts), last_seq, True
-        parts.append(text)
-        size += len(text)
-        last_seq = seq
-    return "".join(parts), last_seq, False
-
-
 @login_required
 @require_GET
 def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
     run = _run_or_404(pk)
     now = timezone.now()
-    log_text, last_seq, truncated = _inline_log(run)
+    log = runlog.read_after(run, limit=INLINE_LOG_CHARS)
     context = {
         "run": run,
         "job": run.job,
         "duration": run.duration(now),
         "environment": sorted(run.environment.items()),
-        "log_text": log_text,
-        "last_seq": last_seq,
-        "log_truncated": truncated,
+        "log": log,
         "artifacts": list(run.artifacts.order_by("name")),
         "now": now,
     }
@@ -589,20 +569,19 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_GET
 def run_log(request: HttpRequest, pk: int) -> HttpResponse:
-    """The live tail: log text after ?after=<seq>, plus the run's current status."""
+    """The live tail: log text after ?after=<seq>, plus the run's current status.
+    ?tail_end= is the fragment's (or page's) data-tail-end: where the reader
+    is among the bytes past the head, so a marker can say how much output
+    was dropped since it last looked."""
     run = _run_or_404(pk)
     try:
         after = _int_param(request, "after") or 0
+        tail_end = _int_param(request, "tail_end") or 0
     except ValueError as exc:
         return HttpResponseBadRequest(str(exc), content_type="text/plain")
-    last_seq, parts = after, []
-    for seq, text in runlog.iter_log(run, after_seq=after):
-        parts.append(text)
-        last_seq = seq
     context = {
         "run": run,
-        "text": "".join(parts),
-        "last_seq": last_seq,
+        "log": runlog.read_after(run, after_seq=after, tail_end=tail_end),
         "duration": run.duration(timezone.now()),
     }
     return render(request, "jobs/_run_log_fragment.html", context)
