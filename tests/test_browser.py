@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from playwright.sync_api import expect
 
+from jobs import services
 from jobs.models import Run
 from tests.conftest import browser_login
 
@@ -39,3 +41,25 @@ def test_user_runs_a_job_from_its_page_and_sees_it_succeed_with_its_log(
     assert run.trigger == Run.Trigger.MANUAL
     assert run.triggered_by.username == "analyst"
     assert page.get_by_text("analyst").count() >= 1
+
+
+@pytest.mark.parametrize("button", ["Run now", "Rerun"])
+def test_a_double_click_starts_one_run_and_opens_its_page(
+    live_server, browser, make_user, make_job, monkeypatch, button
+):
+    make_user("analyst", perms=("jobs.view_job", "jobs.view_run", "jobs.run_job"))
+    job = make_job(name="export", overlap="allow")
+    first = services.run_create(job=job, trigger=Run.Trigger.MANUAL) if button == "Rerun" else None
+    # A busy server: the first click's answer is still on its way at the second click.
+    run_create = services.run_create
+    monkeypatch.setattr(services, "run_create", lambda **kw: time.sleep(0.7) or run_create(**kw))
+    page = browser.new_page()
+    browser_login(page, live_server, "analyst", next_url=(first or job).get_absolute_url())
+
+    box = page.get_by_role("button", name=button).bounding_box()
+    page.mouse.dblclick(box["x"] + 5, box["y"] + 5, delay=150)
+
+    expect(page.locator(".messages")).to_contain_text("is queued", timeout=10_000)
+    started = Run.objects.exclude(pk=first.pk if first else None)
+    assert started.count() == 1
+    expect(page).to_have_url(f"{live_server.url}{started.get().get_absolute_url()}")
