@@ -111,3 +111,28 @@ def test_live_tail_rides_out_server_errors(watch, make_job):
 
     expect(page.locator("#run-log")).to_have_text("one\ntwo\n", timeout=15_000)
     expect(notice).to_be_hidden()
+
+
+def test_a_queued_run_that_starts_shows_when_and_where_it_started(watch, make_job):
+    now = timezone.now()
+    run = Run.objects.create(
+        job=make_job(name="waits"),
+        status=Run.Status.QUEUED,
+        trigger=Run.Trigger.MANUAL,
+        scheduled_for=now,
+        queued_at=now,
+    )
+    page = watch(run)
+    facts = page.locator("dl.facts")
+    expect(facts).to_contain_text("Worker—")
+
+    Run.objects.filter(pk=run.pk).update(
+        status=Run.Status.RUNNING,
+        started_at=timezone.now(),
+        worker="worker-7:4242",
+        environment={"JOBSITE_JOB": "waits"},
+    )
+
+    expect(facts).to_contain_text("Workerworker-7:4242", timeout=10_000)
+    expect(page.locator("table.env")).to_contain_text("JOBSITE_JOB")
+    expect(page.locator("#run-status .badge")).to_have_text("Running")

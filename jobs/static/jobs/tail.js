@@ -1,10 +1,12 @@
 // Live tail of a running run's log: poll the fragment endpoint every second,
-// append what is new, update status, duration and progress bar, reload the
-// page once the run has finished.
+// append what is new, update duration and progress bar, reload the page once
+// the run's status changes (a queued run starts: its start time, worker and
+// environment; a run finishes: its outcome, exit code and files).
 (function () {
   "use strict";
   var log = document.getElementById("run-log");
   if (!log || !log.dataset.tailUrl) return;
+  var shownStatus = document.querySelector("#run-status .badge").dataset.status;
   var notice = document.getElementById("tail-notice");
   var failures = 0;
 
@@ -79,7 +81,8 @@
         failures = 0;
         say("");
         show(tail);
-        if (tail.dataset.final === "1") window.location.reload();
+        var status = tail.querySelector(".tail-status .badge").dataset.status;
+        if (status !== shownStatus || tail.dataset.final === "1") window.location.reload();
         else setTimeout(poll, 1000);
       })
       .catch(function (error) {
