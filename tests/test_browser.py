@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import timedelta
 
 import pytest
+from django.utils import timezone
 from playwright.sync_api import expect
 
 from jobs import services
-from jobs.models import Run
+from jobs.models import Job, Run
 from tests.conftest import browser_login
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -63,3 +65,37 @@ def test_a_double_click_starts_one_run_and_opens_its_page(
     started = Run.objects.exclude(pk=first.pk if first else None)
     assert started.count() == 1
     expect(page).to_have_url(f"{live_server.url}{started.get().get_absolute_url()}")
+
+
+def test_names_and_errors_without_spaces_wrap_instead_of_widening_pages(
+    live_server, browser, make_user, make_job
+):
+    make_user("oncall", perms=("jobs.view_job", "jobs.view_run"))
+    job = make_job(
+        name="warehouse_export_" + "partner_feed_" * 14,
+        slug="long",
+        schedule="*/5 * * * *",
+        tags="eu," + "partner_feed_" * 10,
+        owner="data_platform_" * 10,
+    )
+    Job.objects.filter(pk=job.pk).update(created_at=timezone.now() - timedelta(days=1))  # stale
+    now = timezone.now()
+    run = Run.objects.create(
+        job=job,
+        status=Run.Status.FAILED,
+        trigger=Run.Trigger.SCHEDULE,
+        scheduled_for=now,
+        queued_at=now,
+        started_at=now,
+        finished_at=now,
+        exit_code=1,
+        error_summary="Upload failed: https://storage.example.com/" + "exports/partner" * 40,
+    )
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    browser_login(page, live_server, "oncall")
+
+    for url in ["/", job.get_absolute_url(), run.get_absolute_url(), "/failures/", "/stale/"]:
+        page.goto(f"{live_server.url}{url}")
+        page.wait_for_load_state("load")
+        expect(page.locator("main")).to_contain_text("partner_feed_partner_feed_")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1280, url
