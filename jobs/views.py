@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import wraps
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
+from django.contrib.auth.views import redirect_to_login
 from django.core.paginator import Page, Paginator
 from django.core.validators import slug_re
 from django.db import connection
@@ -524,7 +526,21 @@ def _with_last_status(jobs) -> list[Job]:
     return related
 
 
-@login_required
+def login_required_back_to_page(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """login_required for a button's POST-only URL (/runs/7/cancel/): someone
+    whose session ended meanwhile logs in and lands back on the button's page
+    (/runs/7/), not on the action, which the browser would GET for a 405."""
+
+    @wraps(view)
+    def checked(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        if not request.user.is_authenticated:
+            return redirect_to_login(request.path.rstrip("/").rsplit("/", 1)[0] + "/")
+        return view(request, *args, **kwargs)
+
+    return checked
+
+
+@login_required_back_to_page
 @require_POST
 @permission_required("jobs.run_job", raise_exception=True)
 def job_run(request: HttpRequest, slug: str) -> HttpResponse:
@@ -617,7 +633,7 @@ def artifact_download(request: HttpRequest, run_id: int, pk: int) -> FileRespons
     return FileResponse(handle, as_attachment=True, filename=filename)
 
 
-@login_required
+@login_required_back_to_page
 @require_POST
 @permission_required("jobs.run_job", raise_exception=True)
 def run_rerun(request: HttpRequest, pk: int) -> HttpResponse:
@@ -634,7 +650,7 @@ CANCEL_MESSAGES = {
 }
 
 
-@login_required
+@login_required_back_to_page
 @require_POST
 @permission_required("jobs.run_job", raise_exception=True)
 def run_cancel(request: HttpRequest, pk: int) -> HttpResponse:

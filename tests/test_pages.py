@@ -247,6 +247,29 @@ def test_run_now_is_post_only(client, make_job, make_user):
     assert not job.runs.exists()
 
 
+@pytest.mark.parametrize("action", ["jobs-job-run", "jobs-run-rerun", "jobs-run-cancel"])
+def test_a_button_pressed_after_the_session_ended_leads_back_to_its_page_after_login(
+    client, make_job, make_user, action
+):
+    job = make_job(slug="nightly")
+    run = running_run_with_chunks(job, [])
+    make_user("analyst", perms=("jobs.run_job",))
+    action_url = reverse(action, args=[job.slug if action == "jobs-job-run" else run.pk])
+    button_page = job.get_absolute_url() if action == "jobs-job-run" else run.get_absolute_url()
+
+    pressed = client.post(action_url)  # the session cookie is gone: no user
+    login = client.get(pressed["Location"])
+    logged_in = client.post(
+        pressed["Location"],
+        {"username": "analyst", "password": "pw-secret-1", "next": login.context["next"]},
+        follow=True,
+    )
+
+    assert logged_in.status_code == 200
+    assert logged_in.redirect_chain[-1][0] == button_page
+    assert Run.objects.count() == 1 and Run.objects.get().status == Run.Status.RUNNING
+
+
 def test_run_now_needs_the_run_permission(client, make_job, make_user):
     job = make_job()
     client.force_login(make_user())
