@@ -8,6 +8,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
@@ -359,27 +360,91 @@ def dropped_marker(dropped: int) -> str:
     return f"\n[… {dropped:,} bytes of output dropped here (log cap) …]\n"
 
 
-def iter_log(run: Run, after_seq: int = 0) -> Iterator[tuple[int, str]]:
+def iter_log(run: Run) -> Iterator[tuple[int, str]]:
     """(seq, text) of the stored log in order, with the dropped-bytes marker
     between head and tail. Reads in batches so a large log never sits in memory."""
-    marker_due = run.log_dropped_bytes > 0 and after_seq == 0
+    for seq, text, _tail_end in _pieces(run.pk, run.log_dropped_bytes, 0, 0):
+        yield seq, text
+
+
+@dataclass(frozen=True, slots=True)
+class LogRead:
+    """What a reader of the log gets: the text after its last chunk, and
+    where it is now (`last_seq`, `tail_end`) to ask for what follows."""
+
+    text: str
+    last_seq: int
+    tail_end: int  # bytes past the head up to the end of last_seq, dropped ones included
+    truncated: bool = False  # text stops at the limit; last_seq is the last chunk all the same
+
+
+def read_after(
+    run: Run, *, after_seq: int = 0, tail_end: int = 0, limit: int | None = None
+) -> LogRead:
+    """The stored log after chunk `after_seq` (all of it for 0), for a reader
+    who has it up to there (`tail_end` from its previous LogRead): with a
+    marker wherever output was dropped since, saying how many bytes. At most
+    `limit` characters of text.
+
+    The run's dropped count is read again after the chunks, and the read
+    repeated if it changed: each flush writes the chunks and the count in one
+    transaction, so the two then agree.
+    """
+    dropped = run.log_dropped_bytes
+    for _attempt in range(3):
+        parts: list[str] = []
+        size, last_seq, end, truncated = 0, after_seq, tail_end, False
+        for seq, text, at in _pieces(run.pk, dropped, after_seq, tail_end):
+            last_seq, end = seq, at
+            if limit is not None and size + len(text) > limit:
+                truncated = True
+                text = text[: max(0, limit - size)]
+            parts.append(text)
+            size += len(text)
+        now = Run.objects.filter(pk=run.pk).values_list("log_dropped_bytes", flat=True).first()
+        if now is None or now == dropped:
+            break
+        dropped = now
+    return LogRead("".join(parts), last_seq, end, truncated)
+
+
+def _pieces(
+    run_id: int, dropped: int, after_seq: int, tail_end: int
+) -> Iterator[tuple[int, str, int]]:
+    """(seq, text, tail_end) of the log after chunk `after_seq`, markers included.
+
+    Output past the head is stored as one contiguous tail: all `dropped`
+    bytes of it that are gone lie before the first stored tail chunk. A
+    reader whose last chunk is a head chunk, or a tail chunk dropped since,
+    is before the stored tail: what it lacks of the bytes before it is
+    `dropped - tail_end`, and a marker says so.
+    """
+    before_tail = True
+    if after_seq:
+        # The reader's own chunk: still there (in the head, or the tail)?
+        theirs = RunLogChunk.objects.filter(run_id=run_id, seq=after_seq)
+        before_tail = theirs.values_list("is_head", flat=True).first() is not False
     last = after_seq
     while True:
         batch = list(
-            RunLogChunk.objects.filter(run=run, seq__gt=last)
+            RunLogChunk.objects.filter(run_id=run_id, seq__gt=last)
             .order_by("seq")
-            .values_list("seq", "is_head", "data")[:64]
+            .values_list("seq", "is_head", "size", "data")[:64]
         )
         if not batch:
             break
-        for seq, is_head, data in batch:
-            if marker_due and not is_head:
-                marker_due = False
-                yield seq, dropped_marker(run.log_dropped_bytes)
-            yield seq, data
+        for seq, is_head, size, data in batch:
             last = seq
-    if marker_due and after_seq == 0:
-        yield last, dropped_marker(run.log_dropped_bytes)
+            if not is_head:
+                if before_tail:
+                    before_tail = False
+                    if dropped > tail_end:
+                        yield seq, dropped_marker(dropped - tail_end), dropped
+                    tail_end = dropped
+                tail_end += size
+            yield seq, data, tail_end
+    if before_tail and dropped > tail_end:  # nothing past the head is stored
+        yield last, dropped_marker(dropped - tail_end), dropped
 
 
 def read_log(run: Run) -> str:

@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import wraps
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
+from django.contrib.auth.views import redirect_to_login
 from django.core.paginator import Page, Paginator
 from django.core.validators import slug_re
 from django.db import connection
@@ -39,7 +41,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
 from jobs import charts, runlog, services, stats
-from jobs.models import Artifact, Job, Run, RunLogChunk, Stale
+from jobs.models import Artifact, Job, Run, Stale
 
 STRIP_LENGTH = 20  # recent runs per job on the overview
 JOBS_PAGE_SIZE = 50  # jobs a page on the overview and /stale/
@@ -524,7 +526,21 @@ def _with_last_status(jobs) -> list[Job]:
     return related
 
 
-@login_required
+def login_required_back_to_page(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """login_required for a button's POST-only URL (/runs/7/cancel/): someone
+    whose session ended meanwhile logs in and lands back on the button's page
+    (/runs/7/), not on the action, which the browser would GET for a 405."""
+
+    @wraps(view)
+    def checked(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        if not request.user.is_authenticated:
+            return redirect_to_login(request.path.rstrip("/").rsplit("/", 1)[0] + "/")
+        return view(request, *args, **kwargs)
+
+    return checked
+
+
+@login_required_back_to_page
 @require_POST
 @permission_required("jobs.run_job", raise_exception=True)
 def job_run(request: HttpRequest, slug: str) -> HttpResponse:
@@ -548,38 +564,18 @@ def _run_or_404(pk: int) -> Run:
     return get_object_or_404(Run.objects.select_related("job", "triggered_by", "rerun_of"), pk=pk)
 
 
-def _inline_log(run: Run) -> tuple[str, int, bool]:
-    """(text, last seq, truncated) of the stored log, at most INLINE_LOG_CHARS."""
-    parts: list[str] = []
-    size, last_seq = 0, 0
-    for seq, text in runlog.iter_log(run):
-        if size + len(text) > INLINE_LOG_CHARS:
-            parts.append(text[: INLINE_LOG_CHARS - size])
-            # The live tail continues after everything stored so far.
-            last_seq = (
-                RunLogChunk.objects.filter(run=run).order_by("-seq").values_list("seq", flat=True)
-            ).first() or seq
-            return "".join(parts), last_seq, True
-        parts.append(text)
-        size += len(text)
-        last_seq = seq
-    return "".join(parts), last_seq, False
-
-
 @login_required
 @require_GET
 def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
     run = _run_or_404(pk)
     now = timezone.now()
-    log_text, last_seq, truncated = _inline_log(run)
+    log = runlog.read_after(run, limit=INLINE_LOG_CHARS)
     context = {
         "run": run,
         "job": run.job,
         "duration": run.duration(now),
         "environment": sorted(run.environment.items()),
-        "log_text": log_text,
-        "last_seq": last_seq,
-        "log_truncated": truncated,
+        "log": log,
         "artifacts": list(run.artifacts.order_by("name")),
         "now": now,
     }
@@ -589,20 +585,19 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_GET
 def run_log(request: HttpRequest, pk: int) -> HttpResponse:
-    """The live tail: log text after ?after=<seq>, plus the run's current status."""
+    """The live tail: log text after ?after=<seq>, plus the run's current status.
+    ?tail_end= is the fragment's (or page's) data-tail-end: where the reader
+    is among the bytes past the head, so a marker can say how much output
+    was dropped since it last looked."""
     run = _run_or_404(pk)
     try:
         after = _int_param(request, "after") or 0
+        tail_end = _int_param(request, "tail_end") or 0
     except ValueError as exc:
         return HttpResponseBadRequest(str(exc), content_type="text/plain")
-    last_seq, parts = after, []
-    for seq, text in runlog.iter_log(run, after_seq=after):
-        parts.append(text)
-        last_seq = seq
     context = {
         "run": run,
-        "text": "".join(parts),
-        "last_seq": last_seq,
+        "log": runlog.read_after(run, after_seq=after, tail_end=tail_end),
         "duration": run.duration(timezone.now()),
     }
     return render(request, "jobs/_run_log_fragment.html", context)
@@ -638,7 +633,7 @@ def artifact_download(request: HttpRequest, run_id: int, pk: int) -> FileRespons
     return FileResponse(handle, as_attachment=True, filename=filename)
 
 
-@login_required
+@login_required_back_to_page
 @require_POST
 @permission_required("jobs.run_job", raise_exception=True)
 def run_rerun(request: HttpRequest, pk: int) -> HttpResponse:
@@ -655,7 +650,7 @@ CANCEL_MESSAGES = {
 }
 
 
-@login_required
+@login_required_back_to_page
 @require_POST
 @permission_required("jobs.run_job", raise_exception=True)
 def run_cancel(request: HttpRequest, pk: int) -> HttpResponse:

@@ -13,7 +13,7 @@ from django.test import override_settings
 from django.urls import reverse
 from django.utils import timezone
 
-from jobs import alerts, services, views
+from jobs import alerts, runlog, services, views
 from jobs.models import AlertFlip, Job, JobDailyStats, Notification, Run, RunLogChunk
 from jobs.templatetags.jobs_tags import duration
 from tests.conftest import browser_login, chromium_path
@@ -285,6 +285,29 @@ def test_run_now_is_post_only(client, make_job, make_user):
     assert not job.runs.exists()
 
 
+@pytest.mark.parametrize("action", ["jobs-job-run", "jobs-run-rerun", "jobs-run-cancel"])
+def test_a_button_pressed_after_the_session_ended_leads_back_to_its_page_after_login(
+    client, make_job, make_user, action
+):
+    job = make_job(slug="nightly")
+    run = running_run_with_chunks(job, [])
+    make_user("analyst", perms=("jobs.run_job",))
+    action_url = reverse(action, args=[job.slug if action == "jobs-job-run" else run.pk])
+    button_page = job.get_absolute_url() if action == "jobs-job-run" else run.get_absolute_url()
+
+    pressed = client.post(action_url)  # the session cookie is gone: no user
+    login = client.get(pressed["Location"])
+    logged_in = client.post(
+        pressed["Location"],
+        {"username": "analyst", "password": "pw-secret-1", "next": login.context["next"]},
+        follow=True,
+    )
+
+    assert logged_in.status_code == 200
+    assert logged_in.redirect_chain[-1][0] == button_page
+    assert Run.objects.count() == 1 and Run.objects.get().status == Run.Status.RUNNING
+
+
 def test_run_now_needs_the_run_permission(client, make_job, make_user):
     job = make_job()
     client.force_login(make_user())
@@ -505,7 +528,7 @@ def test_running_run_page_tails_its_log(admin_client, make_job):
     html = admin_client.get(run.get_absolute_url()).content.decode()
 
     assert f'data-tail-url="/runs/{run.pk}/log/"' in html
-    assert 'data-last-seq="2">one\ntwo\n</pre>' in html
+    assert 'data-last-seq="2" data-tail-end="0">\none\ntwo\n</pre>' in html
     assert "jobs/tail.js" in html
 
 
@@ -530,6 +553,83 @@ def test_log_fragment_says_final_when_run_finished(admin_client, make_job):
 
     assert 'data-final="1"' in html and 'data-last-seq="1"' in html
     assert 'data-status="succeeded"' in html
+
+
+MARKER = re.compile(r"\n\[… ([\d,]+) bytes of output dropped here \(log cap\) …\]\n")
+
+
+def fill_markers(shown: str, output: str) -> str:
+    """`shown` with each dropped-bytes marker replaced by as many bytes of
+    `output` (ASCII) as it says were dropped there: `output` again, if the
+    markers are in the right places with the right counts."""
+    filled = ""
+    for i, piece in enumerate(MARKER.split(shown)):
+        if i % 2:  # a marker's count
+            piece = output[len(filled) : len(filled) + int(piece.replace(",", ""))]
+        filled += piece
+    return filled
+
+
+def tail_position(html: str) -> dict[str, str]:
+    """?after= and ?tail_end= as the page or fragment tells the live tail."""
+    found = re.search(r'data-last-seq="(\d+)" data-tail-end="(\d+)"', html)
+    return {"after": found[1], "tail_end": found[2]}
+
+
+def tail_text(html: str) -> str:
+    return re.search(r'<pre class="tail-text">\n(.*?)</pre>', html, re.S)[1]
+
+
+class NumberedOutput:
+    """A running run whose output is numbered lines, written by the real
+    RunLogWriter with a small head and tail."""
+
+    def __init__(self, job: Job) -> None:
+        self.run = running_run_with_chunks(job, [])
+        self.writer = runlog.RunLogWriter(self.run, head_cap=200, tail_cap=400)
+        self.output = ""
+
+    def emit(self, lines: int) -> None:
+        for _ in range(lines):
+            line = f"line {self.output.count(chr(10)) + 1:05d}\n"
+            self.output += line
+            self.writer.feed(line.encode())
+            if self.output.count("\n") % 10 == 0:
+                self.writer.flush()
+        self.writer.flush()
+
+
+@override_settings(JOBSITE_LOG_FLUSH_BYTES=100)
+def test_live_tail_marks_output_dropped_since_it_last_looked(admin_client, make_job):
+    job_output = NumberedOutput(make_job())
+    job_output.emit(10)  # in the head
+    page = admin_client.get(job_output.run.get_absolute_url()).content.decode()
+    shown = re.search(r"data-tail-end=\"0\">\n(.*?)</pre>", page, re.S)[1]
+    url = reverse("jobs-run-log", args=[job_output.run.pk])
+
+    for _ in range(3):  # each more than the tail keeps: what the tail saw last is gone
+        job_output.emit(60)
+        fragment = admin_client.get(url, tail_position(page)).content.decode()
+        shown += tail_text(fragment)
+        page = fragment
+
+    assert len(MARKER.findall(shown)) == 3
+    assert fill_markers(shown, job_output.output) == job_output.output
+    assert shown.endswith("line 00190\n")
+
+
+@override_settings(JOBSITE_LOG_FLUSH_BYTES=100)
+def test_live_tail_needs_no_marker_while_it_keeps_up(admin_client, make_job):
+    job_output = NumberedOutput(make_job())
+    job_output.emit(40)  # past the head, nothing dropped yet
+    page = admin_client.get(job_output.run.get_absolute_url()).content.decode()
+    url = reverse("jobs-run-log", args=[job_output.run.pk])
+
+    job_output.emit(20)  # the tail drops what the reader already has
+    fragment = admin_client.get(url, tail_position(page)).content.decode()
+
+    assert Run.objects.get(pk=job_output.run.pk).log_dropped_bytes > 0
+    assert tail_text(fragment) == "".join(f"line {n:05d}\n" for n in range(41, 61))
 
 
 def test_log_fragment_rejects_a_bad_seq(admin_client, make_job):
