@@ -84,8 +84,9 @@ def run_create(
     time, still decides (run_claim).
     """
     now = now or timezone.now()
-    at = now if trigger == Run.Trigger.UPSTREAM else scheduled_for  # as gate_time()
-    reason, wait = plan if plan is not None else run_plan(job, now=now, at=at)
+    triggered = trigger == Run.Trigger.UPSTREAM
+    at = now if triggered else scheduled_for  # as gate_time()
+    reason, wait = plan if plan is not None else run_plan(job, now=now, at=at, triggered=triggered)
     fields = dict(
         job=job,
         trigger=trigger,
@@ -221,10 +222,13 @@ def _run_insert(vendor: str) -> tuple[str, list[tuple], bool]:
     return sql, columns, returning
 
 
-def run_plan(job: Job, *, now: datetime, at: datetime | None = None) -> tuple[str | None, bool]:
+def run_plan(
+    job: Job, *, now: datetime, at: datetime | None = None, triggered: bool = False
+) -> tuple[str | None, bool]:
     """(skip reason, must wait) for a new run of `job` for the logical time
-    `at` (default: now): its upstream gate, then its overlap policy. Reads only."""
-    reason = upstream_blocker(job, now=now, at=at)
+    `at` (default: now): its upstream gate, then its overlap policy. Reads
+    only. `triggered`: the run is started by its upstreams' success."""
+    reason = upstream_blocker(job, now=now, at=at, triggered=triggered)
     if reason is not None:
         return reason, False
     return _apply_overlap(job, now=now)
@@ -365,7 +369,12 @@ def dispatch_waiting(*, now: datetime, job: Job | None = None, asked: bool = Fal
         # Gated again as it starts, not only when it was created: a retry
         # (or a run that waited its turn) must not run after an upstream's
         # run for its logical time failed or while one is under way.
-        blocked = upstream_blocker(run.job, now=now, at=gate_time(run, now=now))
+        blocked = upstream_blocker(
+            run.job,
+            now=now,
+            at=gate_time(run, now=now),
+            triggered=run.trigger == Run.Trigger.UPSTREAM,
+        )
         if blocked is not None:
             with transaction.atomic():
                 _skip_blocked(run, reason=blocked, now=now)
@@ -444,7 +453,9 @@ def run_rerun(*, run: Run, by: AbstractBaseUser | None) -> Run:
 # --- Dependencies -------------------------------------------------------------------
 
 
-def upstream_blocker(job: Job, *, now: datetime, at: datetime | None = None) -> str | None:
+def upstream_blocker(
+    job: Job, *, now: datetime, at: datetime | None = None, triggered: bool = False
+) -> str | None:
     """Why `job` may not run now for the logical time `at` (default: now)
     because of its upstreams, or None.
 
@@ -453,7 +464,10 @@ def upstream_blocker(job: Job, *, now: datetime, at: datetime | None = None) -> 
     time): that must have succeeded, and no run for that time may be queued
     or running. Not by which run finished last: a rerun of last week's run
     that succeeds after today's run failed says nothing about today's data,
-    and a run still queued has not produced it yet.
+    and a run still queued has not produced it yet. Nor may a scheduled
+    upstream have a fire up to `at` with no run (it is paused, or no clock
+    fired it): its last success is older data. Except for a run its
+    upstreams' success started (`triggered`): that success is the news.
     """
     # Most jobs have none: ask the link table alone, written out (no join,
     # no model instances; building it with the ORM was a quarter of
@@ -471,6 +485,10 @@ def upstream_blocker(job: Job, *, now: datetime, at: datetime | None = None) -> 
             when = timezone.localtime(deciding.finished_at or deciding.queued_at, _tz(job))
             status = deciding.status.replace("_", " ")
             return f"waiting on {upstream.name}: {status} at {when:%Y-%m-%d %H:%M %Z}"
+        if not triggered and (fire := unrun_fire(upstream, deciding, at=at)):
+            when = f"{timezone.localtime(fire, _tz(job)):%Y-%m-%d %H:%M %Z}"
+            paused = "" if upstream.enabled else " (it is paused)"
+            return f"waiting on {upstream.name}: no run for its fire at {when}{paused}"
         other = Run.objects.filter(
             job=upstream, scheduled_for=deciding.scheduled_for, status__in=Run.ACTIVE
         ).first()
@@ -488,6 +506,25 @@ def upstream_run(upstream: Job, *, at: datetime) -> Run | None:
         .order_by("-scheduled_for", "-id")
         .first()
     )
+
+
+def unrun_fire(upstream: Job, deciding: Run, *, at: datetime) -> datetime | None:
+    """The upstream's latest scheduled fire up to `at`, if the run that
+    decides for it (`upstream_run`) is for an earlier time: that fire has
+    not run. Fires from before its schedule began (`schedule_since`, set on
+    resume and on a schedule edit) do not count."""
+    from jobs import scheduling
+
+    if not upstream.schedule:
+        return None
+    try:
+        fires = scheduling.previous_fires(upstream.schedule, upstream.timezone, at, 1)
+    except scheduling.ScheduleError:
+        return None
+    since = upstream.schedule_since or upstream.created_at
+    if not fires or fires[0] < since or deciding.scheduled_for >= fires[0]:
+        return None
+    return fires[0]
 
 
 def gate_time(run: Run, *, now: datetime) -> datetime:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import time_machine
 
 from jobs import clock, services
 from jobs.models import AlertFlip, Job, Run
@@ -275,3 +276,64 @@ def test_upstreams_first_keeps_name_order_otherwise_and_survives_a_cycle(make_jo
     assert [j.name for j in clock.upstreams_first([a, b, c, d])] == ["c", "d", "b", "a"]
     c.upstreams.add(a)  # refused when saved; stored by hand
     assert [j.name for j in clock.upstreams_first([a, b, c, d])] == ["d", "a", "b", "c"]
+
+
+def test_a_paused_upstream_holds_its_downstream_back(make_job):
+    """The load is paused (its source is down): today's export must not
+    publish yesterday's load as today's. Resumed, the load is judged from
+    its next fire on."""
+    load, export = load_and_export(make_job)
+    yesterday = ran(load, LOAD_AT - DAY)
+    Job.objects.filter(pk=load.pk).update(created_at=yesterday.scheduled_for - DAY)
+    with time_machine.travel(LOAD_AT - timedelta(hours=1), tick=False):
+        services.job_set_enabled(job=load, enabled=False)
+    clock.sync(now=LOAD_AT - timedelta(minutes=1))
+
+    assert clock.fire_due(now=LOAD_AT + timedelta(seconds=1)) == []  # the load: paused
+    [run] = clock.fire_due(now=LOAD_AT + timedelta(minutes=30, seconds=1))
+
+    assert (run.job, run.status) == (export, Run.Status.SKIPPED)
+    assert run.error_summary == (
+        "waiting on warehouse-load: no run for its fire at 2026-06-02 02:00 UTC (it is paused)"
+    )
+    # A run by hand is held back too, for the same reason.
+    by_hand = services.run_create(
+        job=export, trigger=Run.Trigger.MANUAL, here=True, now=LOAD_AT + timedelta(hours=1)
+    )
+    assert by_hand.status == Run.Status.SKIPPED
+    assert by_hand.error_summary.endswith("(it is paused)")
+
+    # Resumed: the fires it slept through no longer hold the export back.
+    with time_machine.travel(LOAD_AT + timedelta(hours=2), tick=False):
+        services.job_set_enabled(job=load, enabled=True)
+    again = services.run_create(
+        job=export,
+        trigger=Run.Trigger.MANUAL,
+        here=True,
+        now=LOAD_AT + timedelta(hours=2, seconds=1),
+    )
+    assert again.status == Run.Status.QUEUED
+
+
+def test_an_upstream_fire_no_clock_ran_holds_its_downstream_back(make_job):
+    """Yesterday's load succeeded; today's 02:00 fire never ran (a scheduler
+    down, another scheduler firing the export first): the export waits."""
+    load, export = load_and_export(make_job)
+    yesterday = ran(load, LOAD_AT - DAY)
+    Job.objects.filter(pk=load.pk).update(created_at=yesterday.scheduled_for - DAY)
+
+    run = services.run_create(
+        job=export,
+        trigger=Run.Trigger.SCHEDULE,
+        scheduled_for=LOAD_AT + timedelta(minutes=30),
+        here=True,
+        now=LOAD_AT + timedelta(minutes=30),
+    )
+
+    assert run.status == Run.Status.SKIPPED
+    assert run.error_summary == (
+        "waiting on warehouse-load: no run for its fire at 2026-06-02 02:00 UTC"
+    )
+    ran(load, LOAD_AT)  # today's load, late but done: the export may go
+    rerun = services.run_rerun(run=run, by=None)
+    assert rerun.status == Run.Status.QUEUED
