@@ -24,7 +24,7 @@ from django.contrib.auth.views import redirect_to_login
 from django.core.paginator import Page, Paginator
 from django.core.validators import slug_re
 from django.db import connection
-from django.db.models import Exists, OuterRef, QuerySet, Subquery
+from django.db.models import Exists, OuterRef, Q, QuerySet, Subquery
 from django.db.models.base import ModelState
 from django.db.models.functions import Coalesce
 from django.http import (
@@ -577,9 +577,20 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "environment": sorted(run.environment.items()),
         "log": log,
         "artifacts": list(run.artifacts.order_by("name")),
+        "followed_by": _followed_by(run),
         "now": now,
     }
     return render(request, "jobs/run_detail.html", context)
+
+
+def _followed_by(run: Run) -> list[Run]:
+    """The retries and reruns of `run`, first ten, so a failed run's page
+    says what came of it. The two foreign keys' indexes answer it."""
+    return list(
+        Run.objects.filter(Q(retry_of=run) | Q(rerun_of=run))
+        .only("pk", "status", "trigger", "attempt", "retry_of_id", "rerun_of_id")
+        .order_by("pk")[:10]
+    )
 
 
 @login_required

@@ -349,6 +349,25 @@ def test_rerun_creates_a_run_for_the_same_logical_time(client, make_job, make_us
     assert rerun.scheduled_for == original.scheduled_for
     html = client.get(rerun.get_absolute_url()).content.decode()
     assert f'rerun of <a href="/runs/{original.pk}/">#{original.pk}</a>' in html
+    assert "Followed by" not in html
+
+
+def test_a_failed_runs_page_says_what_came_of_it(admin_client, make_job):
+    """On call, opening the failed run from an alert: was it retried, rerun,
+    and how did that go? Links forward, not only back."""
+    job = make_job(command="exit 1", retries=1)
+    failed = services.run_foreground(job=job, echo=lambda text: None)
+    retry = Run.objects.get(retry_of=failed)
+    rerun = services.run_rerun(run=failed, by=None)
+
+    html = admin_client.get(failed.get_absolute_url()).content.decode()
+
+    followed = re.search(r'<dd id="followed-by">(.*?)</dd>', html, re.S).group(1)
+    assert f'<a href="/runs/{retry.pk}/">#{retry.pk}</a> retry (attempt 2)' in followed
+    assert f'<a href="/runs/{rerun.pk}/">#{rerun.pk}</a> rerun' in followed
+    # Each with its status: the retry waits; the rerun was skipped behind it.
+    assert 'data-status="queued">Queued</span>, <a' in followed
+    assert followed.endswith('data-status="skipped">Skipped</span>')
 
 
 def test_rerun_needs_the_run_permission(client, make_job, make_user):
