@@ -434,8 +434,8 @@ def _int_param(request: HttpRequest, name: str) -> int | None:
     raw = request.GET.get(name, "").strip()
     if not raw:
         return None
-    if not raw.isdigit():
-        raise ValueError(f"?{name}= must be a run id (a whole number), not {raw!r}.")
+    if not (raw.isascii() and raw.isdigit()):
+        raise ValueError(f"?{name}= must be a whole number, not {raw!r}.")
     return int(raw)
 
 

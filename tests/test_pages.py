@@ -1248,3 +1248,13 @@ def test_browser_shows_both_charts_and_the_stale_page(
 )
 def test_durations_read_like_a_person_would_say_them(seconds, text):
     assert duration(timedelta(seconds=seconds)) == text
+
+
+@pytest.mark.parametrize("query", ["after=x", "tail_end=-1", "after=%C2%B2"])
+def test_the_live_tail_refuses_a_malformed_position_with_a_plain_message(
+    admin_client, make_job, query
+):
+    [run] = make_runs(make_job(), [Run.Status.RUNNING])
+    response = admin_client.get(f"/runs/{run.pk}/log/?{query}")
+    assert response.status_code == 400
+    assert "must be a whole number" in response.content.decode()
