@@ -1091,3 +1091,25 @@ def test_browser_shows_both_charts_and_the_stale_page(
 )
 def test_durations_read_like_a_person_would_say_them(seconds, text):
     assert duration(timedelta(seconds=seconds)) == text
+
+
+def test_a_job_started_by_its_upstream_is_not_shown_as_manual(admin_client, make_job):
+    slow = make_job(name="slow-report", schedule="*/5 * * * *")
+    publish = make_job(name="publish-report", trigger_on_upstream=True)
+    publish.upstreams.add(slow)
+    make_job(name="say-hello")
+
+    overview = admin_client.get("/").content.decode()
+    row = overview.split('data-job="publish-report"')[1].split("</tr>")[0]
+    page = admin_client.get(publish.get_absolute_url()).content.decode()
+
+    assert "After its upstreams succeed" in row and "after upstream" in row
+    assert "Manual only" not in row and ">manual<" not in row
+    assert "Manual only" not in page
+    assert "After its upstreams succeed" in page
+    assert (
+        'No clock of its own: runs each time <a href="/jobs/slow-report/">slow-report</a> '
+        "has succeeded." in page
+    )
+    hello = overview.split('data-job="say-hello"')[1].split("</tr>")[0]
+    assert "Manual only" in hello and ">manual<" in hello
