@@ -575,6 +575,9 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
     context = {
         "run": run,
         "job": run.job,
+        # A queued run has not recorded what it runs yet: the job's
+        # definition is what it will run.
+        "command": run.command or services.what_runs(run.job),
         "duration": run.duration(now),
         "environment": sorted(run.environment.items()),
         "log_text": log_text,

@@ -188,7 +188,7 @@ def rate_tone(rate) -> str:
     return "ok" if value == 100 else "warn" if value >= 90 else "bad"
 
 
-# What run.command holds, by the job's kind (services._what_runs).
+# What run.command holds, by the job's kind (services.what_runs).
 COMMAND_LABELS = {Job.Kind.SHELL: "Command", Job.Kind.PYTHON: "Callable", Job.Kind.SQL: "SQL"}
 
 

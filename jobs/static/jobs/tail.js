@@ -1,6 +1,6 @@
 // Live tail of a running run's log: poll the fragment endpoint every second,
 // append what is new, update status, duration and progress bar, reload the
-// page once the run has finished.
+// page once the run has started (if it was queued) and once it has finished.
 (function () {
   "use strict";
   var log = document.getElementById("run-log");
@@ -36,7 +36,12 @@
         document.getElementById("run-duration").textContent =
           tail.querySelector(".tail-duration").textContent || "—";
         updateProgress(tail.querySelector("#run-progress"));
-        if (tail.dataset.final === "1") window.location.reload();
+        // Reload when the run ends, and when the run has recorded what it
+        // got (a second after it starts): the page then shows its start
+        // time, worker, command and environment.
+        if (tail.dataset.final === "1" || tail.dataset.recorded !== log.dataset.recorded) {
+          window.location.reload();
+        }
         else setTimeout(poll, 1000);
       })
       .catch(function () { setTimeout(poll, 3000); });
