@@ -954,7 +954,7 @@ def test_job_page_shows_alert_state_flips_and_notifications(admin_client, make_j
 
     health = html.split('id="health"')[1].split("<h2>Runs</h2>")[0]
     assert 'data-alert="failing"' in health
-    assert re.search(r"Failing since <span[^>]*>\d+\xa0(seconds?|minutes?) ago", health)
+    assert re.search(r"Failing since <span[^>]*>(just now|\d+\xa0minutes? ago)", health)
     flip = AlertFlip.objects.get(job=job)
     assert (flip.old_state, flip.new_state) == ("ok", "failing")
     flips = health.split('class="flips"')[1].split("</table>")[0]
@@ -1113,3 +1113,21 @@ def test_a_job_started_by_its_upstream_is_not_shown_as_manual(admin_client, make
     )
     hello = overview.split('data-job="say-hello"')[1].split("</tr>")[0]
     assert "Manual only" in hello and ">manual<" in hello
+
+
+def test_times_under_a_minute_read_just_now_not_0_minutes(client, make_user, make_job):
+    job = make_job(name="heartbeat", schedule="* * * * *")
+    with time_machine.travel(datetime(2027, 3, 26, 12, 0, 10, tzinfo=UTC), tick=False):
+        client.force_login(make_user(superuser=True))
+        services.run_create(job=job, trigger="manual", here=True)
+    with time_machine.travel(datetime(2027, 3, 26, 12, 0, 30, tzinfo=UTC), tick=False):
+        overview = client.get("/").content.decode()
+    with time_machine.travel(datetime(2027, 3, 26, 12, 5, 30, tzinfo=UTC), tick=False):
+        later = client.get("/").content.decode()
+
+    row = overview.split('data-job="heartbeat"')[1].split("</tr>")[0]
+    assert "0\xa0minutes" not in row and "0 minutes" not in row
+    assert "just now" in row  # the last run, 20 s ago
+    assert "in under a minute" in row  # the next fire, 30 s away
+    later_row = later.split('data-job="heartbeat"')[1].split("</tr>")[0]
+    assert "5\xa0minutes ago" in later_row
