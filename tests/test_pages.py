@@ -1131,3 +1131,11 @@ def test_times_under_a_minute_read_just_now_not_0_minutes(client, make_user, mak
     assert "in under a minute" in row  # the next fire, 30 s away
     later_row = later.split('data-job="heartbeat"')[1].split("</tr>")[0]
     assert "5\xa0minutes ago" in later_row
+
+
+def test_the_browser_finds_an_icon_without_a_404(client, admin_client):
+    response = client.get("/favicon.ico", follow=True)
+
+    assert response.status_code == 200
+    assert response.redirect_chain[-1][0] == "/static/jobs/favicon.svg"
+    assert 'rel="icon" href="/static/jobs/favicon.svg"' in admin_client.get("/").content.decode()
