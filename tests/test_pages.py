@@ -1139,3 +1139,40 @@ def test_the_browser_finds_an_icon_without_a_404(client, admin_client):
     assert response.status_code == 200
     assert response.redirect_chain[-1][0] == "/static/jobs/favicon.svg"
     assert 'rel="icon" href="/static/jobs/favicon.svg"' in admin_client.get("/").content.decode()
+
+
+def test_an_operator_pauses_and_resumes_a_job_from_its_page(client, make_job, make_user):
+    job = make_job(name="flaky-export", schedule="*/2 * * * *")
+    waiting = services.run_create(job=job, trigger="retry", here=True)
+    client.force_login(make_user(perms=("jobs.view_job", "jobs.run_job")))
+    page = client.get(job.get_absolute_url()).content.decode()
+    assert f'action="/jobs/{job.slug}/pause/"' in page and ">Pause</button>" in page
+
+    assert client.get(f"/jobs/{job.slug}/pause/").status_code == 405
+    paused = client.post(f"/jobs/{job.slug}/pause/", follow=True)
+
+    job.refresh_from_db()
+    waiting.refresh_from_db()
+    assert not job.enabled
+    assert (waiting.status, waiting.error_summary) == ("skipped", "paused")
+    html = paused.content.decode()
+    assert paused.redirect_chain == [(job.get_absolute_url(), 302)]
+    assert "flaky-export is paused" in html
+    assert 'class="badge tone-warn">Paused</span>' in html and ">Resume</button>" in html
+
+    resumed = client.post(f"/jobs/{job.slug}/resume/", follow=True)
+
+    job.refresh_from_db()
+    assert job.enabled
+    assert "flaky-export is resumed" in resumed.content.decode()
+    assert ">Pause</button>" in resumed.content.decode()
+
+
+def test_pausing_from_the_page_needs_the_run_permission(client, make_job, make_user):
+    job = make_job(schedule="*/2 * * * *")
+    client.force_login(make_user(perms=("jobs.view_job",)))
+
+    assert ">Pause</button>" not in client.get(job.get_absolute_url()).content.decode()
+    assert client.post(f"/jobs/{job.slug}/pause/").status_code == 403
+    job.refresh_from_db()
+    assert job.enabled
