@@ -1176,3 +1176,10 @@ def test_pausing_from_the_page_needs_the_run_permission(client, make_job, make_u
     assert client.post(f"/jobs/{job.slug}/pause/").status_code == 403
     job.refresh_from_db()
     assert job.enabled
+
+
+def test_a_new_job_page_does_not_speak_of_its_last_0_runs(admin_client, make_job):
+    html = admin_client.get(make_job(schedule="* * * * *").get_absolute_url()).content.decode()
+
+    assert "last 0 runs" not in html
+    assert "<figcaption>Duration of runs</figcaption>" in html
