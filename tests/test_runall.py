@@ -43,6 +43,18 @@ def start_runall(tmp_path, **env: str) -> tuple[subprocess.Popen, object]:
     return proc, log
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """A test that failed half-way: let runall stop its children (each in
+    its own session, so killing runall alone would orphan them)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def served(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -60,8 +72,7 @@ def test_a_busy_port_is_named_with_the_way_out_before_anything_starts(transactio
         try:
             code = proc.wait(30)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop(proc)
     log.seek(0)
     output = log.read()
 
@@ -84,8 +95,7 @@ def test_port_picks_where_it_serves_and_ctrl_c_stops_everything_cleanly(transact
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground group
         code = proc.wait(60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc)
     log.seek(0)
     output = log.read()
 
