@@ -12,7 +12,9 @@ import urllib.request
 import pytest
 from django.conf import settings
 
-from tests.conftest import database_url_for_children, wait_for
+from jobs import services
+from jobs.models import Job, Run
+from tests.conftest import database_url_for_children, kill_running_with, running_with, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -118,3 +120,42 @@ def test_the_printed_login_url_follows_port(transactional_db):
 
     assert result.returncode == 0, result.stderr
     assert "Log in at http://127.0.0.1:8765/" in result.stdout
+
+
+def test_ctrl_c_says_it_waits_for_a_running_job_and_a_second_one_stops_it(
+    transactional_db, tmp_path
+):
+    marker = f"runall-ctrl-c-{os.getpid()}"
+    job = Job(name="long-job", slug="long-job", command=f"sleep 300 # {marker}", timeout=600)
+    job.full_clean()
+    job.save()
+    port = free_port()
+    proc, log = start_runall(tmp_path, PORT=str(port))
+
+    def output() -> str:
+        log.seek(0)
+        return log.read()
+
+    try:
+        wait_for(lambda: served(f"http://127.0.0.1:{port}/health/"), timeout=60)
+        run = services.run_create(job=job, trigger=Run.Trigger.MANUAL)
+        wait_for(lambda: running_with(marker, wait=0), timeout=60, message="the job never ran")
+
+        os.killpg(proc.pid, signal.SIGINT)
+        wait_for(lambda: "press Ctrl-C again" in output(), timeout=30, message=output())
+        assert proc.poll() is None  # still waiting for the job
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(60)
+    finally:
+        stop(proc)
+        kill_running_with(marker)
+    text = output()
+
+    assert code == 0, text
+    assert "Waiting up to 20s for running jobs to finish" in text
+    assert "Killing workers now (a second Ctrl-C)" in text
+    assert text.rstrip().endswith("Stopped."), text
+    assert "Traceback" not in text
+    assert not running_with(marker)  # the job's process died with its worker
+    run.refresh_from_db()
+    assert run.status == Run.Status.RUNNING  # until the lease runs out: then lost

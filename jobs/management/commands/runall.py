@@ -94,9 +94,15 @@ class Command(BaseCommand):
                 )
                 said = True
             time.sleep(0.1)
+        forced = again()
         for name, proc in children.items():
             if proc.poll() is None:
-                self.stderr.write(f"{name} did not stop; killing it.")
+                self.stderr.write(
+                    f"Killing {name} now (a second Ctrl-C): its running jobs are killed "
+                    "and show as lost once the lease runs out."
+                    if forced
+                    else f"{name} did not stop in {wait:.0f}s; killing it and its running jobs."
+                )
                 kill_group(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.stdout.write("Stopped.")
