@@ -492,7 +492,7 @@ class JobAdmin(
         if not obj.enabled:
             return "Paused"
         if not obj.schedule:
-            return "Manual only"
+            return obj.describe_schedule()
         return obj.next_fire_at
 
     @admin.display(description="Source")

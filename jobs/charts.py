@@ -210,7 +210,12 @@ def duration_chart(points: Sequence[RunPoint]) -> SafeString:
     Timed-out runs are drawn in their own colour with a triangle on top, so
     they stand out without relying on colour; a legend says what is what.
     """
-    label = f"Duration of the last {len(points)} runs"
+    count = len(points)
+    label = (
+        f"Duration of the last {count} run{'' if count == 1 else 's'}"
+        if count
+        else "Duration of runs"
+    )
     longest = max((p.seconds for p in points), default=0.0)
     body = _axes(in_words(timedelta(seconds=longest)) if points else "", "0 s")
     if not points:

@@ -391,7 +391,9 @@ class Job(models.Model):
 
     def describe_schedule(self) -> str:
         if not self.schedule:
-            return "Manual only"
+            # A downstream job with no clock of its own is not manual: its
+            # upstreams' successes start it.
+            return "After its upstreams succeed" if self.trigger_on_upstream else "Manual only"
         return scheduling.describe(self.schedule, self.timezone)
 
     def next_fire_times(self, now: datetime, count: int = 5) -> list[scheduling.Fire]:

@@ -925,7 +925,7 @@ def run_execute(run: Run, *, echo: Callable[[str], None] | None = None, reload: 
         except (execution.UnresolvedReference, kinds.KindError) as exc:
             run_finish(run=run, status=Run.Status.FAILED, summary=f"Not started: {exc}")
             return _reload(run) if reload else run
-        shown = {"command": _what_runs(job), "environment": masked(env, job.secret_keys, secrets)}
+        shown = {"command": what_runs(job), "environment": masked(env, job.secret_keys, secrets)}
         writer = RunLogWriter(run, redact=secrets, echo=echo)
         watch = _Watch(run, shown=shown)
         status, summary, returncode = _supervise(run, child, env, writer, watch)
@@ -991,7 +991,8 @@ def _resolve(run: Run, workdir: Path) -> tuple[dict[str, str], list[str], str]:
     return env, execution.secret_forms(secrets), password
 
 
-def _what_runs(job: Job) -> str:
+def what_runs(job: Job) -> str:
+    """What a run of `job` runs, as its run page shows it."""
     if job.kind == Job.Kind.PYTHON:
         return f"{job.callable}(**{json.dumps(job.kwargs)})"
     if job.kind == Job.Kind.SQL:

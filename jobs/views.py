@@ -550,6 +550,34 @@ def job_run(request: HttpRequest, slug: str) -> HttpResponse:
     return redirect(run)
 
 
+@login_required
+@require_POST
+@permission_required("jobs.run_job", raise_exception=True)
+def job_pause(request: HttpRequest, slug: str) -> HttpResponse:
+    return _set_enabled(request, slug, enabled=False)
+
+
+@login_required
+@require_POST
+@permission_required("jobs.run_job", raise_exception=True)
+def job_resume(request: HttpRequest, slug: str) -> HttpResponse:
+    return _set_enabled(request, slug, enabled=True)
+
+
+def _set_enabled(request: HttpRequest, slug: str, *, enabled: bool) -> HttpResponse:
+    job = get_object_or_404(Job, slug=slug)
+    services.job_set_enabled(job=job, enabled=enabled)
+    if enabled:
+        messages.success(request, f"{job.name} is resumed: its schedule fires again.")
+    else:
+        messages.success(
+            request,
+            f"{job.name} is paused: nothing fires, and its waiting retries and queued runs "
+            "are skipped until it is resumed.",
+        )
+    return redirect(job)
+
+
 def _say_what_happened(request: HttpRequest, run: Run) -> None:
     if run.status == Run.Status.SKIPPED:
         messages.warning(request, f"Run #{run.pk} was skipped: {run.error_summary}.")
@@ -573,6 +601,9 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
     context = {
         "run": run,
         "job": run.job,
+        # A queued run has not recorded what it runs yet: the job's
+        # definition is what it will run.
+        "command": run.command or services.what_runs(run.job),
         "duration": run.duration(now),
         "environment": sorted(run.environment.items()),
         "log": log,

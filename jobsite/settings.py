@@ -19,7 +19,10 @@ DEBUG = env.bool("DEBUG", default=False)
 SECRET_KEY = env.str("SECRET_KEY", default="jobsite-insecure-development-key-change-me")
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
-SITE_URL = env.str("SITE_URL", default="http://127.0.0.1:8000").rstrip("/")
+# PORT: the port `make run` (and the Procfile) serves on.
+SITE_URL = env.str(
+    "SITE_URL", default=f"http://127.0.0.1:{env.str('PORT', default='') or 8000}"
+).rstrip("/")
 
 INSTALLED_APPS = [
     "django.contrib.admin",

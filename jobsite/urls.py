@@ -2,7 +2,9 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
+from django.templatetags.static import static
 from django.urls import include, path
+from django.views.generic import RedirectView
 
 # Django's auth URLs but the password reset by email: that is a page any
 # visitor can use to make the server send mail. An admin manages users, and
@@ -19,6 +21,9 @@ accounts = [
 ]
 
 urlpatterns = [
+    # Browsers ask for /favicon.ico on pages that name no icon (the admin's):
+    # without this every first visit logged a 404 warning.
+    path("favicon.ico", RedirectView.as_view(url=static("jobs/favicon.svg"), permanent=True)),
     path("admin/", admin.site.urls),
     path("accounts/", include(accounts)),
     path("", include("jobs.monitoring_urls")),  # /health/, /metrics

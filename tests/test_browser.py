@@ -99,3 +99,34 @@ def test_names_and_errors_without_spaces_wrap_instead_of_widening_pages(
         page.wait_for_load_state("load")
         expect(page.locator("main")).to_contain_text("partner_feed_partner_feed_")
         assert page.evaluate("document.documentElement.scrollWidth") <= 1280, url
+
+
+def test_a_run_page_opened_while_queued_shows_what_the_run_got_once_it_starts(
+    live_server, browser, processes, make_user, make_job
+):
+    make_user("analyst", perms=("jobs.view_job", "jobs.view_run", "jobs.run_job"))
+    job = make_job(
+        name="count-to-twenty",
+        kind="python",
+        command="",
+        callable="jobs.demo.count_to",
+        kwargs={"n": 20, "pause": 1},
+    )
+    page = browser.new_page()
+    browser_login(page, live_server, "analyst")
+    page.goto(live_server.url + job.get_absolute_url())
+    page.get_by_role("button", name="Run now").click()
+    expect(page.locator("#run-status")).to_have_text("Queued")
+    # Queued: what it will run is already there.
+    expect(page.locator("pre.command")).to_have_text('jobs.demo.count_to(**{"n": 20, "pause": 1})')
+    expect(page.get_by_text("Recorded when the run starts.")).to_be_visible()
+
+    processes.start("qcluster")
+
+    expect(page.locator("#run-status")).to_have_text("Running", timeout=30_000)
+    run = Run.objects.get()
+    facts = page.locator("dl.facts")
+    expect(facts).to_contain_text(f"Worker{run.worker}", timeout=10_000)
+    expect(facts).not_to_contain_text("Started—")
+    expect(page.locator("table.env")).to_contain_text("JOBSITE_RUN_ID")
+    expect(page.locator("#run-log")).to_contain_text("reached 2", timeout=10_000)

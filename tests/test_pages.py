@@ -69,8 +69,9 @@ def test_anonymous_visitor_is_sent_to_login(client, db, path):
     assert response["Location"] == f"/accounts/login/?next={path}"
 
 
-# Pages a visitor reaches without a login: the health check, and the way in.
-PUBLIC = {"/health/", "/accounts/login/"}
+# Pages a visitor reaches without a login: the health check, the way in, and
+# the icon (a redirect to a static file, as the CSS and scripts are).
+PUBLIC = {"/health/", "/accounts/login/", "/favicon.ico"}
 
 
 def _every_path(patterns=None, prefix=""):
@@ -1111,7 +1112,7 @@ def test_job_page_shows_alert_state_flips_and_notifications(admin_client, make_j
 
     health = html.split('id="health"')[1].split("<h2>Runs</h2>")[0]
     assert 'data-alert="failing"' in health
-    assert re.search(r"Failing since <span[^>]*>\d+\xa0(seconds?|minutes?) ago", health)
+    assert re.search(r"Failing since <span[^>]*>(just now|\d+\xa0minutes? ago)", health)
     flip = AlertFlip.objects.get(job=job)
     assert (flip.old_state, flip.new_state) == ("ok", "failing")
     flips = health.split('class="flips"')[1].split("</table>")[0]
@@ -1258,3 +1259,95 @@ def test_the_live_tail_refuses_a_malformed_position_with_a_plain_message(
     response = admin_client.get(f"/runs/{run.pk}/log/?{query}")
     assert response.status_code == 400
     assert "must be a whole number" in response.content.decode()
+
+
+def test_a_job_started_by_its_upstream_is_not_shown_as_manual(admin_client, make_job):
+    slow = make_job(name="slow-report", schedule="*/5 * * * *")
+    publish = make_job(name="publish-report", trigger_on_upstream=True)
+    publish.upstreams.add(slow)
+    make_job(name="say-hello")
+
+    overview = admin_client.get("/").content.decode()
+    row = overview.split('data-job="publish-report"')[1].split("</tr>")[0]
+    page = admin_client.get(publish.get_absolute_url()).content.decode()
+
+    assert "After its upstreams succeed" in row and "after upstream" in row
+    assert "Manual only" not in row and ">manual<" not in row
+    assert "Manual only" not in page
+    assert "After its upstreams succeed" in page
+    assert (
+        'No clock of its own: runs each time <a href="/jobs/slow-report/">slow-report</a> '
+        "has succeeded." in page
+    )
+    hello = overview.split('data-job="say-hello"')[1].split("</tr>")[0]
+    assert "Manual only" in hello and ">manual<" in hello
+
+
+def test_times_under_a_minute_read_just_now_not_0_minutes(client, make_user, make_job):
+    job = make_job(name="heartbeat", schedule="* * * * *")
+    with time_machine.travel(datetime(2027, 3, 26, 12, 0, 10, tzinfo=UTC), tick=False):
+        client.force_login(make_user(superuser=True))
+        services.run_create(job=job, trigger="manual", here=True)
+    with time_machine.travel(datetime(2027, 3, 26, 12, 0, 30, tzinfo=UTC), tick=False):
+        overview = client.get("/").content.decode()
+    with time_machine.travel(datetime(2027, 3, 26, 12, 5, 30, tzinfo=UTC), tick=False):
+        later = client.get("/").content.decode()
+
+    row = overview.split('data-job="heartbeat"')[1].split("</tr>")[0]
+    assert "0\xa0minutes" not in row and "0 minutes" not in row
+    assert "just now" in row  # the last run, 20 s ago
+    assert "in under a minute" in row  # the next fire, 30 s away
+    later_row = later.split('data-job="heartbeat"')[1].split("</tr>")[0]
+    assert "5\xa0minutes ago" in later_row
+
+
+def test_the_browser_finds_an_icon_without_a_404(client, admin_client):
+    response = client.get("/favicon.ico", follow=True)
+
+    assert response.status_code == 200
+    assert response.redirect_chain[-1][0] == "/static/jobs/favicon.svg"
+    assert 'rel="icon" href="/static/jobs/favicon.svg"' in admin_client.get("/").content.decode()
+
+
+def test_an_operator_pauses_and_resumes_a_job_from_its_page(client, make_job, make_user):
+    job = make_job(name="flaky-export", schedule="*/2 * * * *")
+    waiting = services.run_create(job=job, trigger="retry", here=True)
+    client.force_login(make_user(perms=("jobs.view_job", "jobs.run_job")))
+    page = client.get(job.get_absolute_url()).content.decode()
+    assert f'action="/jobs/{job.slug}/pause/"' in page and ">Pause</button>" in page
+
+    assert client.get(f"/jobs/{job.slug}/pause/").status_code == 405
+    paused = client.post(f"/jobs/{job.slug}/pause/", follow=True)
+
+    job.refresh_from_db()
+    waiting.refresh_from_db()
+    assert not job.enabled
+    assert (waiting.status, waiting.error_summary) == ("skipped", "paused")
+    html = paused.content.decode()
+    assert paused.redirect_chain == [(job.get_absolute_url(), 302)]
+    assert "flaky-export is paused" in html
+    assert 'class="badge tone-warn">Paused</span>' in html and ">Resume</button>" in html
+
+    resumed = client.post(f"/jobs/{job.slug}/resume/", follow=True)
+
+    job.refresh_from_db()
+    assert job.enabled
+    assert "flaky-export is resumed" in resumed.content.decode()
+    assert ">Pause</button>" in resumed.content.decode()
+
+
+def test_pausing_from_the_page_needs_the_run_permission(client, make_job, make_user):
+    job = make_job(schedule="*/2 * * * *")
+    client.force_login(make_user(perms=("jobs.view_job",)))
+
+    assert ">Pause</button>" not in client.get(job.get_absolute_url()).content.decode()
+    assert client.post(f"/jobs/{job.slug}/pause/").status_code == 403
+    job.refresh_from_db()
+    assert job.enabled
+
+
+def test_a_new_job_page_does_not_speak_of_its_last_0_runs(admin_client, make_job):
+    html = admin_client.get(make_job(schedule="* * * * *").get_absolute_url()).content.decode()
+
+    assert "last 0 runs" not in html
+    assert "<figcaption>Duration of runs</figcaption>" in html

@@ -9,6 +9,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import escape, format_html
 from django.utils.safestring import SafeString, mark_safe
+from django.utils.timesince import timesince, timeuntil
 
 from jobs import scheduling
 from jobs.models import Job, Run
@@ -188,7 +189,7 @@ def rate_tone(rate) -> str:
     return "ok" if value == 100 else "warn" if value >= 90 else "bad"
 
 
-# What run.command holds, by the job's kind (services._what_runs).
+# What run.command holds, by the job's kind (services.what_runs).
 COMMAND_LABELS = {Job.Kind.SHELL: "Command", Job.Kind.PYTHON: "Callable", Job.Kind.SQL: "SQL"}
 
 
@@ -224,3 +225,25 @@ def progress_text(run: Run) -> str:
     if done is not None:
         return f"{done:,} done"
     return ""
+
+
+@register.filter
+def ago(value: datetime | None, now: datetime | None = None) -> str:
+    """'3 minutes ago'; 'just now' under a minute (timesince says '0 minutes')."""
+    if value is None:
+        return ""
+    now = now or timezone.now()
+    if now - value < timedelta(minutes=1):
+        return "just now"
+    return f"{timesince(value, now)} ago"
+
+
+@register.filter
+def from_now(value: datetime | None, now: datetime | None = None) -> str:
+    """'in 3 minutes'; 'in under a minute' (timeuntil says '0 minutes')."""
+    if value is None:
+        return ""
+    now = now or timezone.now()
+    if value - now < timedelta(minutes=1):
+        return "in under a minute"
+    return f"in {timeuntil(value, now)}"

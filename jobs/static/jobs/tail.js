@@ -1,7 +1,8 @@
 // Live tail of a running run's log: poll the fragment endpoint every second,
 // append what is new, update duration and progress bar, reload the page once
-// the run's status changes (a queued run starts: its start time, worker and
-// environment; a run finishes: its outcome, exit code and files).
+// the run's status changes (a queued run starts: its start time, worker; a
+// run finishes: its outcome, exit code and files) and once the run has
+// recorded what it got (its command and environment, a moment after it starts).
 (function () {
   "use strict";
   var log = document.getElementById("run-log");
@@ -82,7 +83,8 @@
         say("");
         show(tail);
         var status = tail.querySelector(".tail-status .badge").dataset.status;
-        if (status !== shownStatus || tail.dataset.final === "1") window.location.reload();
+        if (status !== shownStatus || tail.dataset.final === "1" ||
+            tail.dataset.recorded !== log.dataset.recorded) window.location.reload();
         else setTimeout(poll, 1000);
       })
       .catch(function (error) {
