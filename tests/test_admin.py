@@ -267,7 +267,7 @@ def test_bulk_run_now_runs_each_selected_job(admin_client, make_job):
     assert {r.job_id for r in runs} == {first.pk, second.pk}
     assert all(r.trigger == Run.Trigger.MANUAL for r in runs)
     assert not untouched.runs.exists()
-    assert "Queued 2 run(s)" in messages_of(response)[0]
+    assert "Queued 2 runs" in messages_of(response)[0]
 
 
 def test_bulk_actions_are_not_offered_without_the_run_permission(view_only_client, make_job):
@@ -294,7 +294,7 @@ def test_pause_and_resume_buttons_toggle_enabled(run_only_client, make_job):
     job.refresh_from_db()
     assert not job.enabled
     assert paused.url == job_url("change", job)
-    assert messages_of(paused) == [f"Paused 1 job(s): {job.name}."]
+    assert messages_of(paused) == [f"Paused 1 job: {job.name}."]
     page = run_only_client.get(job_url("change", job)).content.decode()
     assert job_url("resume", job) in page
     assert job_url("pause", job) not in page
@@ -1329,7 +1329,7 @@ def test_job_page_links_its_missed_fires(admin_client, make_job):
 
     text = admin_client.get(job_url("change", job)).content.decode()
 
-    assert "1 gap(s) recorded" in text
+    assert "1 gap recorded" in text
     assert f"?job__id__exact={job.pk}" in text
 
 
