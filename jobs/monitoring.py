@@ -15,7 +15,7 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from itertools import accumulate
 from typing import Any
 
@@ -23,7 +23,7 @@ from django.conf import settings
 from django.contrib.auth.views import redirect_to_login
 from django.core.cache import cache
 from django.db import connection
-from django.db.models import Count, FloatField, Func, Sum
+from django.db.models import Count, FloatField, Func, QuerySet, Sum
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
@@ -268,6 +268,42 @@ class Histogram:
         return list(zip(bounds, map(float, accumulate(self.counts)), strict=True))
 
 
+def rollup_totals(rows: QuerySet[JobDailyStats]) -> dict[int, tuple[int, ...]]:
+    """{job_id: (a sum per ROLLUP_STATUSES)} over the given rollup rows."""
+    sums = rows.order_by().values("job_id").annotate(**{s: Sum(s) for s in ROLLUP_STATUSES})
+    return {row["job_id"]: tuple(row[s] or 0 for s in ROLLUP_STATUSES) for row in sums}
+
+
+CLOSED_TOTALS_KEY = "jobsite:metrics:closed-day-totals:{day}"
+CLOSED_TOTALS_TTL = 3600
+
+
+def closed_day_totals(today: date) -> dict[int, tuple[int, ...]]:
+    """Each job's totals over the rollup rows of the days before `today`.
+
+    Those rows no longer change (a run is added to the day it finishes,
+    and runs finish now; pruning keeps the rollups), but there is one per
+    job and day of history: summed on every scrape they made /metrics
+    grow with the history. So they are summed once per day and kept in the
+    shared cache for every gunicorn worker; the hour's expiry picks up a
+    run that finished just before midnight and was added just after.
+    """
+    key = CLOSED_TOTALS_KEY.format(day=today.isoformat())
+    try:
+        cached = cache.get(key)
+    except Exception as exc:  # a DatabaseCache whose table is locked: sum them here
+        log.warning("metrics: cannot read the cached run totals: %s", exc)
+        cached = None
+    if cached is not None:
+        return cached
+    totals = rollup_totals(JobDailyStats.objects.filter(day__lt=today))
+    try:
+        cache.set(key, totals, timeout=CLOSED_TOTALS_TTL)
+    except Exception as exc:
+        log.warning("metrics: cannot cache the run totals: %s", exc)
+    return totals
+
+
 class JobsiteCollector:
     """Builds every metric family from the database at collect() time, so
     any gunicorn worker answers a scrape with the same numbers."""
@@ -285,23 +321,26 @@ class JobsiteCollector:
         yield from self.scheduler_tick()
 
     def run_totals(self, jobs: list[tuple[int, str, str]]) -> Iterator[Metric]:
-        """All-time totals per job and status, summed from the daily rollups
-        (a row per job and day: bounded by jobs x days, not by runs)."""
-        sums = {
-            row["job_id"]: row
-            for row in JobDailyStats.objects.order_by()
-            .values("job_id")
-            .annotate(**{s: Sum(s) for s in ROLLUP_STATUSES})
-        }
+        """All-time totals per job and status, from the daily rollups: the
+        closed days' sums (read once a day, see closed_day_totals) plus
+        today's rows, so a scrape reads a row per job, not per job and day."""
+        today = timezone.localdate(self.now)
+        closed = closed_day_totals(today)
+        # `job_id IN (...)`: a seek per job in the (job, day) unique index;
+        # by day alone SQLite would read every job's every day.
+        live = rollup_totals(
+            JobDailyStats.objects.filter(job_id__in=[pk for pk, *_ in jobs], day__gte=today)
+        )
         family = CounterMetricFamily(
             "jobsite_runs",
             "Runs that reached a final state, by job and status (from the daily rollups).",
             labels=["job", "status"],
         )
+        nothing = (0,) * len(ROLLUP_STATUSES)
         for pk, slug, _state in jobs:
-            row = sums.get(pk, {})
-            for status in ROLLUP_STATUSES:
-                family.add_metric([slug, status], row.get(status) or 0)
+            before, now = closed.get(pk, nothing), live.get(pk, nothing)
+            for status, old, new in zip(ROLLUP_STATUSES, before, now, strict=True):
+                family.add_metric([slug, status], old + new)
         yield family
 
     def recent_histograms(self, jobs: list[tuple[int, str, str]]) -> Iterator[Metric]:

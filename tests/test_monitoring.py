@@ -6,6 +6,7 @@ import socket
 from datetime import timedelta
 
 import pytest
+import time_machine
 from django.core.cache import cache
 from django.db import connection
 from django.test import override_settings
@@ -365,7 +366,7 @@ def test_metrics_without_a_token_need_a_login(client, make_user, make_job):
 
 
 @override_settings(METRICS_TOKEN=TOKEN)
-def test_metrics_queries_do_not_grow_with_the_number_of_jobs(client, make_job):
+def test_metrics_queries_do_not_grow_with_the_number_of_jobs(client, fresh_cache, make_job):
     def add_jobs(count: int) -> None:
         for _ in range(count):
             job = make_job()
@@ -387,6 +388,7 @@ def test_metrics_queries_do_not_grow_with_the_number_of_jobs(client, make_job):
         return len(captured)
 
     add_jobs(3)
+    queries()  # the day's first scrape sums the closed days and caches them
     few = queries()
     add_jobs(27)
 
@@ -472,3 +474,49 @@ def test_metrics_stay_parseable_with_quotes_backslashes_newlines_and_unicode_in_
         if s.name == "jobsite_run_duration_seconds_bucket" and s.labels["job"] == nasty
     ] == [1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3]
     assert_histograms_consistent(families)
+
+
+@override_settings(METRICS_TOKEN=TOKEN)
+def test_metrics_run_totals_do_not_sum_every_day_of_history_on_each_scrape(
+    client, fresh_cache, make_job
+):
+    """Years of daily rollups are summed once a day, not on every scrape
+    (every 15 s); the totals stay exact, today's runs included."""
+    job = make_job(name="long-lived", command="true")
+    today = timezone.localdate()
+    JobDailyStats.objects.bulk_create(
+        JobDailyStats(job=job, day=today - timedelta(days=n), succeeded=10, failed=1)
+        for n in range(1, 400)
+    )
+    first = scrape(client)["jobsite_runs"]
+    services.run_foreground(job=job, **quiet)
+
+    with CaptureQueriesContext(connection) as captured:
+        second = scrape(client)["jobsite_runs"]
+
+    total = "jobsite_runs_total"
+    assert values(first, total, job="long-lived", status="succeeded") == [3990]
+    assert values(second, total, job="long-lived", status="succeeded") == [3991]
+    assert values(second, total, job="long-lived", status="failed") == [399]
+    rollup_table = JobDailyStats._meta.db_table
+    rollup_reads = [q["sql"] for q in captured if rollup_table in q["sql"]]
+    assert rollup_reads and all(str(today) in sql for sql in rollup_reads), rollup_reads
+
+
+@override_settings(METRICS_TOKEN=TOKEN)
+def test_metrics_run_totals_carry_over_midnight(client, fresh_cache, make_job):
+    job = make_job(name="nightly", command="true")
+    with time_machine.travel(timezone.localtime().replace(hour=23, minute=59), tick=False):
+        services.run_foreground(job=job, **quiet)
+        before = scrape(client)["jobsite_runs"]
+    with time_machine.travel(
+        timezone.localtime().replace(hour=23, minute=59) + timedelta(minutes=2)
+    ):
+        after_midnight = scrape(client)["jobsite_runs"]
+        services.run_foreground(job=job, **quiet)
+        later = scrape(client)["jobsite_runs"]
+
+    total = "jobsite_runs_total"
+    assert values(before, total, job="nightly", status="succeeded") == [1]
+    assert values(after_midnight, total, job="nightly", status="succeeded") == [1]
+    assert values(later, total, job="nightly", status="succeeded") == [2]
