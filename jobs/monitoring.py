@@ -130,9 +130,13 @@ def check_workers(*, where: bool = False) -> dict[str, Any]:
         }
         for stat in stats
     ]
+    return {"alive": serving_workers(clusters) > 0, "clusters": clusters}
+
+
+def serving_workers(clusters: list[dict[str, Any]]) -> int:
+    """Workers of the clusters (as check_workers lists them) that take tasks."""
     serving = {str(Conf.WORKING), str(Conf.IDLE)}
-    alive = any(c["status"] in serving and c["workers"] > 0 for c in clusters)
-    return {"alive": alive, "clusters": clusters}
+    return sum(c["workers"] for c in clusters if c["status"] in serving)
 
 
 def broker_queue_size() -> int | None:
@@ -319,6 +323,7 @@ class JobsiteCollector:
         yield from self.alert_states(jobs)
         yield from self.last_successes()
         yield from self.scheduler_tick()
+        yield from self.workers()
 
     def run_totals(self, jobs: list[tuple[int, str, str]]) -> Iterator[Metric]:
         """All-time totals per job and status, from the daily rollups: the
@@ -434,6 +439,26 @@ class JobsiteCollector:
         if tick is not None:
             family.add_metric([], tick.timestamp())
         yield family
+
+    def workers(self) -> Iterator[Metric]:
+        """What /health/ checks, as numbers an alert rule can compare:
+        worker processes able to take a run, and tasks waiting for one."""
+        serving = GaugeMetricFamily(
+            "jobsite_workers",
+            "django-q2 worker processes in clusters that are idle or working "
+            "(0: no run will start).",
+        )
+        serving.add_metric([], serving_workers(check_workers()["clusters"]))
+        yield serving
+        depth = GaugeMetricFamily(
+            "jobsite_broker_queue_depth",
+            "Tasks waiting in django-q2's broker for a worker "
+            "(absent for brokers whose size is costly to read).",
+        )
+        size = broker_queue_size()
+        if size is not None:
+            depth.add_metric([], size)
+        yield depth
 
 
 def bearer_token_matches(request: HttpRequest, token: str) -> bool:

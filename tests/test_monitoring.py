@@ -109,6 +109,12 @@ def test_health_is_ok_without_login_while_a_scheduler_and_a_cluster_run(
     client.logout()
     assert body["queue"] == {"depth": 0, "django_q": 0}
     assert body["counts"] == {"running": 0, "failing": 0, "stale": 0}
+    # Prometheus sees the same workers: an alert on jobsite_workers == 0.
+    with override_settings(METRICS_TOKEN=TOKEN):
+        families = scrape(client)
+    assert values(families["jobsite_workers"], "jobsite_workers") == [2]
+    assert values(families["jobsite_broker_queue_depth"], "jobsite_broker_queue_depth") == [0]
+
     # The scheduler stops: within its stale window, /health/ says so.
     scheduler.terminate()
     scheduler.wait(15)
@@ -474,6 +480,18 @@ def test_metrics_stay_parseable_with_quotes_backslashes_newlines_and_unicode_in_
         if s.name == "jobsite_run_duration_seconds_bucket" and s.labels["job"] == nasty
     ] == [1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3]
     assert_histograms_consistent(families)
+
+
+@override_settings(METRICS_TOKEN=TOKEN)
+def test_metrics_say_no_worker_runs_and_how_many_tasks_wait(client, fresh_cache, make_job):
+    """No cluster: jobsite_workers is 0 (the alert), and the run handed to
+    django-q2's broker waits there."""
+    services.run_create(job=make_job(), trigger=Run.Trigger.MANUAL)
+
+    families = scrape(client)
+
+    assert values(families["jobsite_workers"], "jobsite_workers") == [0]
+    assert values(families["jobsite_broker_queue_depth"], "jobsite_broker_queue_depth") == [1]
 
 
 @override_settings(METRICS_TOKEN=TOKEN)
