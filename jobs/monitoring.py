@@ -11,17 +11,19 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
+from itertools import accumulate
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.views import redirect_to_login
 from django.core.cache import cache
 from django.db import connection
-from django.db.models import Count, Sum
+from django.db.models import Count, FloatField, Func, QuerySet, Sum
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
@@ -128,9 +130,13 @@ def check_workers(*, where: bool = False) -> dict[str, Any]:
         }
         for stat in stats
     ]
+    return {"alive": serving_workers(clusters) > 0, "clusters": clusters}
+
+
+def serving_workers(clusters: list[dict[str, Any]]) -> int:
+    """Workers of the clusters (as check_workers lists them) that take tasks."""
     serving = {str(Conf.WORKING), str(Conf.IDLE)}
-    alive = any(c["status"] in serving and c["workers"] > 0 for c in clusters)
-    return {"alive": alive, "clusters": clusters}
+    return sum(c["workers"] for c in clusters if c["status"] in serving)
 
 
 def broker_queue_size() -> int | None:
@@ -204,25 +210,102 @@ WINDOW_NOTE = (
 )
 
 
+# Runs that carry an earlier run's logical time (a rerun of last week's run,
+# a retry after its backoff, a backfill) start "late" on purpose: counting
+# them would make the lateness histogram page someone for a rerun.
+CARRIED_OVER = (Run.Trigger.RERUN, Run.Trigger.RETRY, Run.Trigger.BACKFILL)
+
+
+class SecondsBetween(Func):
+    """`end - start` in seconds, as a float computed by the database: the
+    histograms read two numbers per run instead of three timestamps that
+    Python would parse (on SQLite, most of a scrape's time)."""
+
+    arity = 2
+    output_field = FloatField()
+
+    def as_sqlite(self, compiler, connection, **extra):
+        # julianday() reads the text timestamps Django stores; days -> seconds.
+        return self.as_sql(
+            compiler,
+            connection,
+            template="((julianday(%(expressions)s)) * 86400.0)",
+            arg_joiner=") - julianday(",
+            **extra,
+        )
+
+    def as_postgresql(self, compiler, connection, **extra):
+        return self.as_sql(
+            compiler,
+            connection,
+            template="EXTRACT(EPOCH FROM (%(expressions)s))::double precision",
+            arg_joiner=" - ",
+            **extra,
+        )
+
+
 @dataclass
 class Histogram:
+    """Counts per bucket (not cumulative: bisect finds the one bucket a
+    value falls in), the last entry counting values above every bound."""
+
     buckets: tuple[float, ...]
     counts: list[int]
     total: float = 0.0
 
     @classmethod
     def empty(cls, buckets: tuple[float, ...]) -> Histogram:
-        return cls(buckets, [0] * len(buckets))
+        return cls(buckets, [0] * (len(buckets) + 1))
 
     def observe(self, value: float) -> None:
+        value = max(0.0, value)
         self.total += value
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
+        self.counts[bisect_left(self.buckets, value)] += 1  # the first bound >= value
 
-    def family_buckets(self, observed: int) -> list[tuple[str, float]]:
-        bounds = [(str(float(b)), float(c)) for b, c in zip(self.buckets, self.counts, strict=True)]
-        return [*bounds, ("+Inf", float(observed))]
+    @property
+    def observed(self) -> int:
+        return sum(self.counts)
+
+    def family_buckets(self) -> list[tuple[str, float]]:
+        """Cumulative, as Prometheus wants them; +Inf is the count."""
+        bounds = [*(str(float(b)) for b in self.buckets), "+Inf"]
+        return list(zip(bounds, map(float, accumulate(self.counts)), strict=True))
+
+
+def rollup_totals(rows: QuerySet[JobDailyStats]) -> dict[int, tuple[int, ...]]:
+    """{job_id: (a sum per ROLLUP_STATUSES)} over the given rollup rows."""
+    sums = rows.order_by().values("job_id").annotate(**{s: Sum(s) for s in ROLLUP_STATUSES})
+    return {row["job_id"]: tuple(row[s] or 0 for s in ROLLUP_STATUSES) for row in sums}
+
+
+CLOSED_TOTALS_KEY = "jobsite:metrics:closed-day-totals:{day}"
+CLOSED_TOTALS_TTL = 3600
+
+
+def closed_day_totals(today: date) -> dict[int, tuple[int, ...]]:
+    """Each job's totals over the rollup rows of the days before `today`.
+
+    Those rows no longer change (a run is added to the day it finishes,
+    and runs finish now; pruning keeps the rollups), but there is one per
+    job and day of history: summed on every scrape they made /metrics
+    grow with the history. So they are summed once per day and kept in the
+    shared cache for every gunicorn worker; the hour's expiry picks up a
+    run that finished just before midnight and was added just after.
+    """
+    key = CLOSED_TOTALS_KEY.format(day=today.isoformat())
+    try:
+        cached = cache.get(key)
+    except Exception as exc:  # a DatabaseCache whose table is locked: sum them here
+        log.warning("metrics: cannot read the cached run totals: %s", exc)
+        cached = None
+    if cached is not None:
+        return cached
+    totals = rollup_totals(JobDailyStats.objects.filter(day__lt=today))
+    try:
+        cache.set(key, totals, timeout=CLOSED_TOTALS_TTL)
+    except Exception as exc:
+        log.warning("metrics: cannot cache the run totals: %s", exc)
+    return totals
 
 
 class JobsiteCollector:
@@ -240,25 +323,29 @@ class JobsiteCollector:
         yield from self.alert_states(jobs)
         yield from self.last_successes()
         yield from self.scheduler_tick()
+        yield from self.workers()
 
     def run_totals(self, jobs: list[tuple[int, str, str]]) -> Iterator[Metric]:
-        """All-time totals per job and status, summed from the daily rollups
-        (a row per job and day: bounded by jobs x days, not by runs)."""
-        sums = {
-            row["job_id"]: row
-            for row in JobDailyStats.objects.order_by()
-            .values("job_id")
-            .annotate(**{s: Sum(s) for s in ROLLUP_STATUSES})
-        }
+        """All-time totals per job and status, from the daily rollups: the
+        closed days' sums (read once a day, see closed_day_totals) plus
+        today's rows, so a scrape reads a row per job, not per job and day."""
+        today = timezone.localdate(self.now)
+        closed = closed_day_totals(today)
+        # `job_id IN (...)`: a seek per job in the (job, day) unique index;
+        # by day alone SQLite would read every job's every day.
+        live = rollup_totals(
+            JobDailyStats.objects.filter(job_id__in=[pk for pk, *_ in jobs], day__gte=today)
+        )
         family = CounterMetricFamily(
             "jobsite_runs",
             "Runs that reached a final state, by job and status (from the daily rollups).",
             labels=["job", "status"],
         )
+        nothing = (0,) * len(ROLLUP_STATUSES)
         for pk, slug, _state in jobs:
-            row = sums.get(pk, {})
-            for status in ROLLUP_STATUSES:
-                family.add_metric([slug, status], row.get(status) or 0)
+            before, now = closed.get(pk, nothing), live.get(pk, nothing)
+            for status, old, new in zip(ROLLUP_STATUSES, before, now, strict=True):
+                family.add_metric([slug, status], old + new)
         yield family
 
     def recent_histograms(self, jobs: list[tuple[int, str, str]]) -> Iterator[Metric]:
@@ -266,31 +353,40 @@ class JobsiteCollector:
         # slice of run_job_finished_idx (job, -finished_at) instead of
         # scanning runs for a finished_at range.
         slugs = {pk: slug for pk, slug, _ in jobs}
-        rows = Run.objects.filter(
-            job_id__in=list(slugs),
-            finished_at__gte=self.now - RECENT_WINDOW,
-            started_at__isnull=False,
-        ).values_list("job_id", "scheduled_for", "started_at", "finished_at")
+        rows = (
+            Run.objects.filter(
+                job_id__in=list(slugs),
+                finished_at__gte=self.now - RECENT_WINDOW,
+                started_at__isnull=False,
+            )
+            .order_by()
+            .annotate(
+                duration=SecondsBetween("finished_at", "started_at"),
+                lateness=SecondsBetween("started_at", "scheduled_for"),
+            )
+            .values_list("job_id", "trigger", "duration", "lateness")
+        )
         durations: dict[int, Histogram] = {}
         lateness: dict[int, Histogram] = {}
-        observed: dict[int, int] = {}
-        for job_id, scheduled_for, started_at, finished_at in rows.iterator(chunk_size=2000):
+        for job_id, trigger, took, late in rows.iterator(chunk_size=5000):
             if job_id not in durations:
                 durations[job_id] = Histogram.empty(DURATION_BUCKETS)
                 lateness[job_id] = Histogram.empty(LATENESS_BUCKETS)
-                observed[job_id] = 0
-            durations[job_id].observe(max(0.0, (finished_at - started_at).total_seconds()))
-            lateness[job_id].observe(max(0.0, (started_at - scheduled_for).total_seconds()))
-            observed[job_id] += 1
+            durations[job_id].observe(took)
+            if trigger not in CARRIED_OVER:
+                lateness[job_id].observe(late)
         for name, what, per_job in (
             ("jobsite_run_duration_seconds", "Run duration (start to finish)", durations),
-            ("jobsite_run_lateness_seconds", "Start lateness (start - scheduled_for)", lateness),
+            (
+                "jobsite_run_lateness_seconds",
+                "Start lateness (start - scheduled_for; reruns, retries and backfills, "
+                "which keep an earlier run's logical time, are left out)",
+                lateness,
+            ),
         ):
             family = HistogramMetricFamily(name, f"{what}, {WINDOW_NOTE}.", labels=["job"])
             for job_id, hist in sorted(per_job.items()):
-                family.add_metric(
-                    [slugs[job_id]], hist.family_buckets(observed[job_id]), sum_value=hist.total
-                )
+                family.add_metric([slugs[job_id]], hist.family_buckets(), sum_value=hist.total)
             yield family
 
     def active_gauges(self, jobs: list[tuple[int, str, str]]) -> Iterator[Metric]:
@@ -343,6 +439,26 @@ class JobsiteCollector:
         if tick is not None:
             family.add_metric([], tick.timestamp())
         yield family
+
+    def workers(self) -> Iterator[Metric]:
+        """What /health/ checks, as numbers an alert rule can compare:
+        worker processes able to take a run, and tasks waiting for one."""
+        serving = GaugeMetricFamily(
+            "jobsite_workers",
+            "django-q2 worker processes in clusters that are idle or working "
+            "(0: no run will start).",
+        )
+        serving.add_metric([], serving_workers(check_workers()["clusters"]))
+        yield serving
+        depth = GaugeMetricFamily(
+            "jobsite_broker_queue_depth",
+            "Tasks waiting in django-q2's broker for a worker "
+            "(absent for brokers whose size is costly to read).",
+        )
+        size = broker_queue_size()
+        if size is not None:
+            depth.add_metric([], size)
+        yield depth
 
 
 def bearer_token_matches(request: HttpRequest, token: str) -> bool:

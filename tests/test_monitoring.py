@@ -6,6 +6,7 @@ import socket
 from datetime import timedelta
 
 import pytest
+import time_machine
 from django.core.cache import cache
 from django.db import connection
 from django.test import override_settings
@@ -108,6 +109,11 @@ def test_health_is_ok_without_login_while_a_scheduler_and_a_cluster_run(
     client.logout()
     assert body["queue"] == {"depth": 0, "django_q": 0}
     assert body["counts"] == {"running": 0, "failing": 0, "stale": 0}
+    # Prometheus sees the same workers: an alert on jobsite_workers == 0.
+    with override_settings(METRICS_TOKEN=TOKEN):
+        families = scrape(client)
+    assert values(families["jobsite_workers"], "jobsite_workers") == [2]
+    assert values(families["jobsite_broker_queue_depth"], "jobsite_broker_queue_depth") == [0]
 
     # The scheduler stops: within its stale window, /health/ says so.
     scheduler.terminate()
@@ -366,7 +372,7 @@ def test_metrics_without_a_token_need_a_login(client, make_user, make_job):
 
 
 @override_settings(METRICS_TOKEN=TOKEN)
-def test_metrics_queries_do_not_grow_with_the_number_of_jobs(client, make_job):
+def test_metrics_queries_do_not_grow_with_the_number_of_jobs(client, fresh_cache, make_job):
     def add_jobs(count: int) -> None:
         for _ in range(count):
             job = make_job()
@@ -388,7 +394,147 @@ def test_metrics_queries_do_not_grow_with_the_number_of_jobs(client, make_job):
         return len(captured)
 
     add_jobs(3)
+    queries()  # the day's first scrape sums the closed days and caches them
     few = queries()
     add_jobs(27)
 
     assert queries() == few
+
+
+def assert_histograms_consistent(families: dict) -> None:
+    """Every histogram series: buckets cumulative and ending in +Inf, +Inf
+    equal to _count, a _sum no less than 0."""
+    for name, samples in families.items():
+        if not name.endswith("_seconds") or not any(s.name == f"{name}_bucket" for s in samples):
+            continue
+        for job in {s.labels["job"] for s in samples}:
+            buckets = [s for s in samples if s.name == f"{name}_bucket" and s.labels["job"] == job]
+            assert buckets[-1].labels["le"] == "+Inf", (name, job)
+            counts = [s.value for s in buckets]
+            assert counts == sorted(counts), (name, job, counts)
+            assert values(samples, f"{name}_count", job=job) == [counts[-1]], (name, job)
+            assert values(samples, f"{name}_sum", job=job)[0] >= 0, (name, job)
+
+
+@override_settings(METRICS_TOKEN=TOKEN)
+def test_metrics_lateness_leaves_out_reruns_of_an_older_runs_logical_time(client, make_job):
+    """Rerunning last week's run is not a late start: it must not push the
+    job's lateness histogram (and a lateness alert) to a week."""
+    job = make_job(name="weekly-export", command="true")
+    now = timezone.now()
+    week_ago = now - timedelta(days=7)
+    old = Run.objects.create(
+        job=job,
+        status=Run.Status.FAILED,
+        trigger=Run.Trigger.SCHEDULE,
+        scheduled_for=week_ago,
+        queued_at=week_ago,
+        started_at=week_ago + timedelta(seconds=1),
+        finished_at=week_ago + timedelta(seconds=30),
+    )
+    services.run_create(job=job, trigger=Run.Trigger.MANUAL)  # an on-time start...
+    on_time = Run.objects.filter(job=job, trigger=Run.Trigger.MANUAL).get()
+    assert services.run_claim(run_id=on_time.pk, worker="host:1") is not None
+    services.run_execute(Run.objects.get(pk=on_time.pk), **quiet)
+    rerun = services.run_rerun(run=old, by=None)  # ...and last week's, again
+    assert services.run_claim(run_id=rerun.pk, worker="host:1") is not None
+    services.run_execute(Run.objects.get(pk=rerun.pk), **quiet)
+    assert Run.objects.get(pk=rerun.pk).status == Run.Status.SUCCEEDED
+
+    families = scrape(client)
+
+    lateness = families["jobsite_run_lateness_seconds"]
+    assert values(lateness, "jobsite_run_lateness_seconds_count", job="weekly-export") == [1]
+    assert values(lateness, "jobsite_run_lateness_seconds_sum", job="weekly-export")[0] < 60
+    assert values(
+        lateness, "jobsite_run_lateness_seconds_bucket", job="weekly-export", le="60.0"
+    ) == [1]
+    # Both runs ran in the last day: both count for the duration.
+    duration = families["jobsite_run_duration_seconds"]
+    assert values(duration, "jobsite_run_duration_seconds_count", job="weekly-export") == [2]
+    assert_histograms_consistent(families)
+
+
+@override_settings(METRICS_TOKEN=TOKEN)
+def test_metrics_stay_parseable_with_quotes_backslashes_newlines_and_unicode_in_jobs(client, db):
+    """Names (and slugs, which the API and a shell can set past the form's
+    validation) that would break a hand-written exposition."""
+    nasty = 'ex"port\\ nächtlich\n} 1 # 🚀'
+    job = Job.objects.create(name=nasty, slug=nasty, command="true", timeout=30)
+    now = timezone.now()
+    for seconds in (0.5, 7, 4000):
+        make_run(
+            job,
+            Run.Status.SUCCEEDED,
+            started_at=now - timedelta(seconds=seconds),
+            finished_at=now,
+        )
+
+    families = scrape(client)
+
+    assert values(families["jobsite_runs_queued"], "jobsite_runs_queued", job=nasty) == [0]
+    duration = families["jobsite_run_duration_seconds"]
+    assert [
+        s.value
+        for s in duration
+        if s.name == "jobsite_run_duration_seconds_bucket" and s.labels["job"] == nasty
+    ] == [1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3]
+    assert_histograms_consistent(families)
+
+
+@override_settings(METRICS_TOKEN=TOKEN)
+def test_metrics_say_no_worker_runs_and_how_many_tasks_wait(client, fresh_cache, make_job):
+    """No cluster: jobsite_workers is 0 (the alert), and the run handed to
+    django-q2's broker waits there."""
+    services.run_create(job=make_job(), trigger=Run.Trigger.MANUAL)
+
+    families = scrape(client)
+
+    assert values(families["jobsite_workers"], "jobsite_workers") == [0]
+    assert values(families["jobsite_broker_queue_depth"], "jobsite_broker_queue_depth") == [1]
+
+
+@override_settings(METRICS_TOKEN=TOKEN)
+def test_metrics_run_totals_do_not_sum_every_day_of_history_on_each_scrape(
+    client, fresh_cache, make_job
+):
+    """Years of daily rollups are summed once a day, not on every scrape
+    (every 15 s); the totals stay exact, today's runs included."""
+    job = make_job(name="long-lived", command="true")
+    today = timezone.localdate()
+    JobDailyStats.objects.bulk_create(
+        JobDailyStats(job=job, day=today - timedelta(days=n), succeeded=10, failed=1)
+        for n in range(1, 400)
+    )
+    first = scrape(client)["jobsite_runs"]
+    services.run_foreground(job=job, **quiet)
+
+    with CaptureQueriesContext(connection) as captured:
+        second = scrape(client)["jobsite_runs"]
+
+    total = "jobsite_runs_total"
+    assert values(first, total, job="long-lived", status="succeeded") == [3990]
+    assert values(second, total, job="long-lived", status="succeeded") == [3991]
+    assert values(second, total, job="long-lived", status="failed") == [399]
+    rollup_table = JobDailyStats._meta.db_table
+    rollup_reads = [q["sql"] for q in captured if rollup_table in q["sql"]]
+    assert rollup_reads and all(str(today) in sql for sql in rollup_reads), rollup_reads
+
+
+@override_settings(METRICS_TOKEN=TOKEN)
+def test_metrics_run_totals_carry_over_midnight(client, fresh_cache, make_job):
+    job = make_job(name="nightly", command="true")
+    with time_machine.travel(timezone.localtime().replace(hour=23, minute=59), tick=False):
+        services.run_foreground(job=job, **quiet)
+        before = scrape(client)["jobsite_runs"]
+    with time_machine.travel(
+        timezone.localtime().replace(hour=23, minute=59) + timedelta(minutes=2)
+    ):
+        after_midnight = scrape(client)["jobsite_runs"]
+        services.run_foreground(job=job, **quiet)
+        later = scrape(client)["jobsite_runs"]
+
+    total = "jobsite_runs_total"
+    assert values(before, total, job="nightly", status="succeeded") == [1]
+    assert values(after_midnight, total, job="nightly", status="succeeded") == [1]
+    assert values(later, total, job="nightly", status="succeeded") == [2]
