@@ -19,7 +19,7 @@ from django.core.cache import cache
 from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.core.validators import validate_email
 from django.db import IntegrityError, transaction
-from django.db.models import Count, DurationField, ExpressionWrapper, F, Max
+from django.db.models import Count, DurationField, ExpressionWrapper, F, Max, Q
 from django.urls import reverse
 from django.utils import timezone
 
@@ -304,7 +304,8 @@ def _add_runs(numbers: dict[int, JobPeriod], start: datetime, end: datetime) -> 
             lateness=Max(
                 ExpressionWrapper(
                     F("started_at") - F("scheduled_for"), output_field=DurationField()
-                )
+                ),
+                filter=~Q(trigger__in=Run.CARRIED_OVER),  # late on purpose
             ),
         )
         .order_by()

@@ -511,6 +511,11 @@ class Run(models.Model):
         UPSTREAM = "upstream", "Upstream"
         BACKFILL = "backfill", "Backfill"
 
+    # Runs that carry an earlier run's logical time (a rerun of last week's
+    # run, a retry after its backoff, a backfill) start "late" on purpose:
+    # lateness figures (metrics, rollups, digests) leave them out.
+    CARRIED_OVER = (Trigger.RERUN, Trigger.RETRY, Trigger.BACKFILL)
+
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="runs")
     status = models.CharField(max_length=12, choices=Status.choices, default=Status.QUEUED)
     trigger = models.CharField(max_length=12, choices=Trigger.choices)

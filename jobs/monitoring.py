@@ -210,10 +210,8 @@ WINDOW_NOTE = (
 )
 
 
-# Runs that carry an earlier run's logical time (a rerun of last week's run,
-# a retry after its backoff, a backfill) start "late" on purpose: counting
-# them would make the lateness histogram page someone for a rerun.
-CARRIED_OVER = (Run.Trigger.RERUN, Run.Trigger.RETRY, Run.Trigger.BACKFILL)
+# Counting them would make the lateness histogram page someone for a rerun.
+CARRIED_OVER = Run.CARRIED_OVER
 
 
 class SecondsBetween(Func):

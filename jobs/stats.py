@@ -54,6 +54,8 @@ def rollup_statement(run: Run) -> tuple[str, list]:
     if run.started_at is not None:
         duration = max(0.0, (run.finished_at - run.started_at).total_seconds())
         lateness = max(0.0, (run.started_at - run.scheduled_for).total_seconds())
+        if run.trigger in Run.CARRIED_OVER:  # late on purpose: not the clock's lateness
+            lateness = 0.0
         params = [duration, duration, duration, lateness, lateness, lateness]
     sql = _rollup_sql(connection.vendor, run.status, executed=bool(params))
     day = timezone.localdate(run.finished_at)

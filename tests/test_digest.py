@@ -84,6 +84,32 @@ def test_digest_for_a_follower_of_two_jobs_lists_failures_stale_rates_slowest_an
         assert "All good" not in body
 
 
+def test_a_rerun_of_an_old_run_is_not_reported_as_a_late_start(make_job, mailoutbox):
+    """A rerun keeps its original's logical time (a week ago): it starts
+    late on purpose, and must not top the digest's "most late" list nor
+    the daily rollup the admin shows."""
+    job = make_job(name="weekly-export", command="true", alert_emails=["ana@example.com"])
+    week_ago = timezone.now() - timedelta(days=7)
+    old = Run.objects.create(
+        job=job, status=Run.Status.FAILED, trigger=Run.Trigger.SCHEDULE, scheduled_for=week_ago,
+        queued_at=week_ago, started_at=week_ago, finished_at=week_ago, exit_code=1,
+    )  # fmt: skip
+    again = services.run_rerun(run=old, by=None)
+    claimed = services.run_claim(run_id=again.pk, worker=services.worker_name())
+    assert services.run_execute(claimed, echo=quiet["echo"]).status == Run.Status.SUCCEEDED
+    # Bad news as well, so the digest is the whole one, not "All good".
+    run_now(make_job(name="partner-upload", command="exit 1", alert_emails=["ana@example.com"]))
+
+    digests.send_digests(period_end=soon())
+
+    [digest] = mailoutbox
+    for body in outbox_parts(digest):
+        assert "partner-upload" in body and "weekly-export" in body
+        assert " late" not in body, body
+    rollup = job.daily_stats.get(day=timezone.localdate())
+    assert (rollup.executed, rollup.lateness_max) == (1, 0.0)
+
+
 def test_quiet_period_is_one_all_good_line(make_job, mailoutbox):
     job = make_job(name="refresh-stats", command="true", alert_emails=["ana@example.com"])
     run_now(job)
