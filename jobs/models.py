@@ -665,6 +665,8 @@ class MissedFires(models.Model):
     count = models.PositiveIntegerField()
     policy = models.CharField(max_length=10, choices=Job.Catchup.choices)
     recorded_at = models.DateTimeField()
+    # When someone had these fires run after all (a backfill): once.
+    backfilled_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-recorded_at"]

@@ -36,7 +36,7 @@ from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 
 from jobs import alerts, artifacts, delivery, execution, kinds, scratch, stats
-from jobs.models import SECRET_MASK, Artifact, Job, Run, RunLogChunk
+from jobs.models import SECRET_MASK, Artifact, Job, MissedFires, Run, RunLogChunk
 from jobs.runlog import RunLogWriter
 
 log = logging.getLogger(__name__)
@@ -437,6 +437,85 @@ BUSY = Q(status=Run.Status.RUNNING) | Q(status=Run.Status.QUEUED, enqueued_at__i
 
 def _job_busy(run: Run) -> bool:
     return Run.objects.filter(BUSY, job_id=run.job_id).exclude(pk=run.pk).exists()
+
+
+# Fires one backfill may run: a slip of the year in a range must not
+# queue thousands of runs.
+BACKFILL_MAX = 1000
+
+
+class BackfillError(ValueError):
+    """A backfill that cannot be done as asked, with the reason."""
+
+
+def backfill_fires(job: Job, *, start: datetime, end: datetime) -> list[datetime]:
+    """The job's scheduled fires from `start` to `end`, both included, oldest
+    first; BackfillError when there is no schedule, none, or too many."""
+    from jobs import scheduling
+
+    if not job.schedule:
+        raise BackfillError(f"{job.name} has no schedule: there are no fires to backfill.")
+    if end < start:
+        raise BackfillError("The range ends before it begins.")
+    try:
+        fires, total = scheduling.fires_counted(
+            job.schedule, job.timezone, start - timedelta(microseconds=1), end, keep=BACKFILL_MAX
+        )
+    except scheduling.ScheduleError as exc:
+        raise BackfillError(str(exc)) from exc
+    if total > BACKFILL_MAX:
+        raise BackfillError(
+            f"{total} fires in that range; a backfill runs at most {BACKFILL_MAX}. "
+            "Ask for a shorter range."
+        )
+    if not fires:
+        raise BackfillError(f"{job.name} has no fire in that range ({job.describe_schedule()}).")
+    return fires
+
+
+def run_backfill(
+    *, job: Job, start: datetime, end: datetime, by: AbstractBaseUser | None, now: datetime
+) -> list[Run]:
+    """Runs of `job` for its fires from `start` to `end` (trigger backfill,
+    each with its fire as logical time), oldest first. They wait and are
+    started one after another (together when the job allows overlap), each
+    gated on its upstreams for its own logical time, like catch-up runs.
+    A paused job's backfill still runs: a person asked for it."""
+    fires = backfill_fires(job, start=start, end=end)
+    user = by if by is not None and by.is_authenticated else None
+    with transaction.atomic():
+        runs = Run.objects.bulk_create(
+            Run(
+                job=job,
+                trigger=Run.Trigger.BACKFILL,
+                triggered_by=user,
+                scheduled_for=at,
+                queued_at=now,
+                status=Run.Status.QUEUED,
+            )
+            for at in fires
+        )
+    if not connection.features.can_return_rows_from_bulk_insert:  # SQLite < 3.35
+        runs = list(Run.objects.filter(job=job, trigger=Run.Trigger.BACKFILL, queued_at=now))
+    dispatch_waiting(now=now, job=job, asked=True)
+    return runs
+
+
+def missed_fires_backfill(
+    *, gap: MissedFires, by: AbstractBaseUser | None, now: datetime
+) -> list[Run]:
+    """Run the fires of a gap the scheduler missed after all, once: the gap
+    is claimed (backfilled_at, a conditional UPDATE) so that a second press
+    or a second person queues nothing. [] when it was claimed already."""
+    if not MissedFires.objects.filter(pk=gap.pk, backfilled_at__isnull=True).update(
+        backfilled_at=now
+    ):
+        return []
+    try:
+        return run_backfill(job=gap.job, start=gap.first, end=gap.last, by=by, now=now)
+    except BackfillError:
+        MissedFires.objects.filter(pk=gap.pk).update(backfilled_at=None)
+        raise
 
 
 def run_rerun(*, run: Run, by: AbstractBaseUser | None) -> Run:

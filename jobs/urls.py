@@ -10,6 +10,7 @@ urlpatterns = [
     path("failures/", views.failures, name="jobs-failures"),
     path("jobs/<slug:slug>/", views.job_detail, name="jobs-job-detail"),
     path("jobs/<slug:slug>/run/", views.job_run, name="jobs-job-run"),
+    path("jobs/<slug:slug>/backfill/<int:gap_id>/", views.job_backfill, name="jobs-job-backfill"),
     path("jobs/<slug:slug>/pause/", views.job_pause, name="jobs-job-pause"),
     path("jobs/<slug:slug>/resume/", views.job_resume, name="jobs-job-resume"),
     path("runs/<int:pk>/", views.run_detail, name="jobs-run-detail"),

@@ -41,7 +41,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
 from jobs import charts, runlog, services, stats
-from jobs.models import Artifact, Job, Run, Stale
+from jobs.models import Artifact, Job, MissedFires, Run, Stale
 
 STRIP_LENGTH = 20  # recent runs per job on the overview
 JOBS_PAGE_SIZE = 50  # jobs a page on the overview and /stale/
@@ -548,6 +548,28 @@ def job_run(request: HttpRequest, slug: str) -> HttpResponse:
     run = services.run_create(job=job, trigger=Run.Trigger.MANUAL, by=request.user)
     _say_what_happened(request, run)
     return redirect(run)
+
+
+@login_required_back_to_page
+@require_POST
+@permission_required("jobs.run_job", raise_exception=True)
+def job_backfill(request: HttpRequest, slug: str, gap_id: int) -> HttpResponse:
+    """Run the fires of a gap the scheduler missed (listed on the job page)."""
+    job = get_object_or_404(Job, slug=slug)
+    gap = get_object_or_404(MissedFires.objects.select_related("job"), pk=gap_id, job=job)
+    try:
+        runs = services.missed_fires_backfill(gap=gap, by=request.user, now=timezone.now())
+    except services.BackfillError as exc:
+        messages.error(request, f"Nothing queued: {exc}")
+        return redirect(job)
+    if runs:
+        n = len(runs)
+        messages.success(
+            request, f"Queued {n} backfill run{'s' if n != 1 else ''} of {job.name}, oldest first."
+        )
+    else:
+        messages.info(request, "These fires were backfilled already.")
+    return redirect(job)
 
 
 @login_required
