@@ -178,12 +178,16 @@ def health(request: HttpRequest) -> JsonResponse:
     body["scheduler"] = check_scheduler(now)
     body["workers"] = check_workers(where=request.user.is_authenticated)
     failing = [name for name, key in CHECKS if not body[name][key]]
+    body["queue"] = body["counts"] = None
     if body["database"]["reachable"]:
-        tally = counts()
-        body["queue"] = {"depth": tally["queued"], "django_q": broker_queue_size()}
-        body["counts"] = {k: tally[k] for k in ("running", "failing", "stale")}
-    else:
-        body["queue"] = body["counts"] = None
+        try:
+            tally = counts()
+        except Exception as exc:  # e.g. the database went away after SELECT 1
+            log.warning("health: cannot count runs and jobs: %s", exc)
+            body["counts_error"] = type(exc).__name__
+        else:
+            body["queue"] = {"depth": tally["queued"], "django_q": broker_queue_size()}
+            body["counts"] = {k: tally[k] for k in ("running", "failing", "stale")}
     if not failing:
         status = "ok"
     elif "database" in failing:

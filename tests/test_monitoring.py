@@ -538,3 +538,23 @@ def test_metrics_run_totals_carry_over_midnight(client, fresh_cache, make_job):
     assert values(before, total, job="nightly", status="succeeded") == [1]
     assert values(after_midnight, total, job="nightly", status="succeeded") == [1]
     assert values(later, total, job="nightly", status="succeeded") == [2]
+
+
+def test_health_stays_json_when_counting_fails_after_the_database_answered(client, db, monkeypatch):
+    """/health/ is read by machines: a query failing after SELECT 1 (a
+    table locked, the server going away) must not turn it into an HTML 500."""
+    from django.db import OperationalError
+
+    from jobs import monitoring
+
+    def broken():
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(monitoring, "counts", broken)
+    response = client.get("/health/")
+
+    assert response["Content-Type"] == "application/json"
+    body = response.json()
+    assert body["counts"] is None and body["queue"] is None
+    assert body["counts_error"] == "OperationalError"
+    assert "server closed" not in response.content.decode()
