@@ -136,3 +136,16 @@ def test_a_queued_run_that_starts_shows_when_and_where_it_started(watch, make_jo
     expect(facts).to_contain_text("Workerworker-7:4242", timeout=10_000)
     expect(page.locator("table.env")).to_contain_text("JOBSITE_JOB")
     expect(page.locator("#run-status .badge")).to_have_text("Running")
+
+
+def test_a_cancel_asked_for_elsewhere_shows_stopping_on_a_watching_page(watch, make_job):
+    """Someone else (or the admin) cancels the run: the page watching it
+    says "stopping…" and no longer offers Cancel, before the run ends."""
+    run = running_run_with_chunks(make_job(name="slow"), ["working\n"])
+    page = watch(run)
+    expect(page.get_by_text("stopping…")).to_have_count(0)
+
+    Run.objects.filter(pk=run.pk).update(cancel_requested_at=timezone.now())
+
+    expect(page.get_by_text("stopping…")).to_be_visible(timeout=10_000)
+    expect(page.locator("#run-status .badge")).to_have_attribute("data-status", "running")

@@ -2,7 +2,8 @@
 // append what is new, update duration and progress bar, reload the page once
 // the run's status changes (a queued run starts: its start time, worker; a
 // run finishes: its outcome, exit code and files) and once the run has
-// recorded what it got (its command and environment, a moment after it starts).
+// recorded what it got (its command and environment, a moment after it starts),
+// and once someone asks for it to be cancelled (it says "stopping…").
 (function () {
   "use strict";
   var log = document.getElementById("run-log");
@@ -84,7 +85,8 @@
         show(tail);
         var status = tail.querySelector(".tail-status .badge").dataset.status;
         if (status !== shownStatus || tail.dataset.final === "1" ||
-            tail.dataset.recorded !== log.dataset.recorded) window.location.reload();
+            tail.dataset.recorded !== log.dataset.recorded ||
+            tail.dataset.cancelling !== log.dataset.cancelling) window.location.reload();
         else setTimeout(poll, 1000);
       })
       .catch(function (error) {
