@@ -137,12 +137,15 @@ class LoadReport:
     renamed: list[tuple[str, str]] = field(default_factory=list)
     # (name, running run id) of jobs --prune did not delete yet, paused instead.
     kept_running: list[tuple[str, int]] = field(default_factory=list)
+    dry_run: bool = False  # all of the above was rolled back
 
     def summary(self) -> str:
         lines = [
             f"{self.path}: {len(self.created)} created, {len(self.updated)} updated, "
             f"{len(self.unchanged)} unchanged, {len(self.pruned)} pruned"
         ]
+        if self.dry_run:
+            lines.insert(0, "Dry run: nothing was changed. Loading the file would give:")
         if self.created:
             lines.append("  created: " + ", ".join(self.created))
         if self.updated:
@@ -905,7 +908,7 @@ def _cycle_errors(names: list[str], graph: _DependencyGraph) -> list[str]:
     return errors
 
 
-def jobs_load(*, path: str | Path, prune: bool = False) -> LoadReport:
+def jobs_load(*, path: str | Path, prune: bool = False, dry_run: bool = False) -> LoadReport:
     """Create or update the jobs a TOML file defines; all or nothing.
 
     1. Read and check every [[job]] (types, keys, Job.full_clean(), unknown
@@ -919,7 +922,8 @@ def jobs_load(*, path: str | Path, prune: bool = False) -> LoadReport:
        (see _prune: not while one of their runs is running).
 
     Jobs remember the file's absolute path in Job.source; the scheduler picks
-    up new and changed schedules at its next tick.
+    up new and changed schedules at its next tick. `dry_run`: all of it, then
+    rolled back: the report says what a load would do.
     """
     source_path = Path(path).resolve()
     source = str(source_path)
@@ -941,6 +945,9 @@ def jobs_load(*, path: str | Path, prune: bool = False) -> LoadReport:
         if prune:
             _prune(gone, report)
         report.warnings += _rename_hints(dropped, report, prune=prune)
+        if dry_run:  # nothing kept, nothing done on commit (no files deleted, no emails)
+            transaction.set_rollback(True)
+            report.dry_run = True
     return report
 
 

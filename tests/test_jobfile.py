@@ -439,6 +439,29 @@ def test_prune_removes_only_jobs_this_file_no_longer_names(make_job, tmp_path):
     assert set(Job.objects.values_list("name", flat=True)) == {"keep", "other", hand_made.name}
 
 
+def test_dry_run_says_what_a_load_would_do_and_changes_nothing(db, tmp_path):
+    path = write(
+        tmp_path,
+        '[[job]]\nname = "keep"\ncommand = "true"\n\n[[job]]\nname = "drop"\ncommand = "true"\n',
+    )
+    loadjobs(path)
+    write(
+        tmp_path,
+        '[[job]]\nname = "keep"\ncommand = "false"\n\n[[job]]\nname = "new"\ncommand = "true"\n',
+    )
+    before = list(Job.objects.order_by("name").values_list("name", "command", "updated_at"))
+
+    code, out, _err = loadjobs(path, "--prune", "--dry-run")
+
+    assert code == 0
+    assert out.startswith("Dry run: nothing was changed. Loading the file would give:\n")
+    assert "1 created, 1 updated, 0 unchanged, 1 pruned" in out
+    assert "created: new" in out and "updated: keep (command)" in out and "pruned: drop" in out
+    assert list(Job.objects.order_by("name").values_list("name", "command", "updated_at")) == (
+        before
+    )
+
+
 def test_without_prune_jobs_dropped_from_the_file_stay(db, tmp_path):
     path = write(
         tmp_path, '[[job]]\nname = "a"\ncommand = "true"\n\n[[job]]\nname = "b"\ncommand = "true"\n'

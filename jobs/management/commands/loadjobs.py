@@ -24,10 +24,16 @@ class Command(BaseCommand):
             action="store_true",
             help="Delete jobs loaded earlier from this file that it no longer names.",
         )
+        parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="Say what loading (and --prune) would create, change, rename and delete; "
+            "change nothing.",
+        )
 
-    def handle(self, *args, file: str, prune: bool, **options) -> None:
+    def handle(self, *args, file: str, prune: bool, dry_run: bool, **options) -> None:
         try:
-            report = jobs_load(path=file, prune=prune)
+            report = jobs_load(path=file, prune=prune, dry_run=dry_run)
         except JobFileError as exc:
             for message in exc.errors:
                 self.stderr.write(message)
