@@ -39,6 +39,7 @@ from jobs import runlog, scheduling, services
 from jobs.forms import JobAdminForm
 from jobs.jobfile import is_reference, password_variable
 from jobs.models import AlertFlip, Job, JobDailyStats, MissedFires, Notification, Run
+from jobs.templatetags.jobs_tags import counted
 
 RUN_PERMISSION = "jobs.run_job"
 
@@ -584,7 +585,7 @@ class JobAdmin(
         if not gaps:
             return "None recorded."
         url = reverse("admin:jobs_missedfires_changelist") + f"?job__id__exact={obj.pk}"
-        return format_html('<a href="{}">{} recorded</a>', url, _count(gaps, "gap"))
+        return format_html('<a href="{}">{} recorded</a>', url, counted(gaps, "gap"))
 
     # --- Bulk actions -----------------------------------------------------------
 
@@ -610,18 +611,18 @@ class JobAdmin(
             services.job_set_enabled(job=job, enabled=enabled)
             names.append(job.name)
         verb = "Resumed" if enabled else "Paused"
-        self.message_user(request, f"{verb} {_count(len(names), 'job')}: {', '.join(names)}.")
+        self.message_user(request, f"{verb} {counted(len(names), 'job')}: {', '.join(names)}.")
 
     def _report_runs(self, request: HttpRequest, runs: list[Run]) -> None:
         started = [r for r in runs if r.status != Run.Status.SKIPPED]
         skipped = [r for r in runs if r.status == Run.Status.SKIPPED]
         if started:
             listed = ", ".join(f"{r.job.name} (run #{r.pk})" for r in started)
-            self.message_user(request, f"Queued {_count(len(started), 'run')}: {listed}.")
+            self.message_user(request, f"Queued {counted(len(started), 'run')}: {listed}.")
         if skipped:
             listed = "; ".join(f"{r.job.name}: run #{r.pk}, {r.error_summary}" for r in skipped)
             self.message_user(
-                request, f"Skipped {_count(len(skipped), 'run')} — {listed}.", messages.WARNING
+                request, f"Skipped {counted(len(skipped), 'run')} — {listed}.", messages.WARNING
             )
 
     # --- Per-object buttons -----------------------------------------------------
@@ -979,8 +980,3 @@ class JobDailyStatsAdmin(HistoryAdmin):
         if not obj.executed:
             return None
         return _format_duration(timedelta(seconds=obj.lateness_total / obj.executed))
-
-
-def _count(n: int, noun: str) -> str:
-    """ "1 run", "2 runs": admin messages read as sentences."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -25,6 +25,7 @@ from django.utils import timezone
 
 from jobs import emails, notify, stats
 from jobs.models import DigestSent, Job, JobDailyStats, Notification, Run, Stale
+from jobs.templatetags.jobs_tags import counted
 
 log = logging.getLogger(__name__)
 
@@ -184,22 +185,18 @@ class Digest:
     def headline(self) -> str:
         if self.all_good:
             return (
-                f"All good: {_count(len(self.jobs), 'job')}, {_count(self.runs_total, 'run')}, "
+                f"All good: {counted(len(self.jobs), 'job')}, {counted(self.runs_total, 'run')}, "
                 "no failures"
             )
         parts = []
         if self.failures_total:
-            parts.append(_count(self.failures_total, "failure"))
+            parts.append(counted(self.failures_total, "failure"))
         if self.stale:
-            parts.append(_count(len(self.stale), "stale job"))
+            parts.append(counted(len(self.stale), "stale job"))
         return (
-            f"{', '.join(parts)} ({_count(len(self.jobs), 'job')}, "
-            f"{_count(self.runs_total, 'run')})"
+            f"{', '.join(parts)} ({counted(len(self.jobs), 'job')}, "
+            f"{counted(self.runs_total, 'run')})"
         )
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def followers(*, to: list[str] | None = None) -> dict[str, list[Job]]:

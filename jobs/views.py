@@ -42,6 +42,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from jobs import charts, runlog, services, stats
 from jobs.models import Artifact, Job, MissedFires, Run, Stale
+from jobs.templatetags.jobs_tags import counted
 
 STRIP_LENGTH = 20  # recent runs per job on the overview
 JOBS_PAGE_SIZE = 50  # jobs a page on the overview and /stale/
@@ -563,9 +564,8 @@ def job_backfill(request: HttpRequest, slug: str, gap_id: int) -> HttpResponse:
         messages.error(request, f"Nothing queued: {exc}")
         return redirect(job)
     if runs:
-        n = len(runs)
         messages.success(
-            request, f"Queued {n} backfill run{'s' if n != 1 else ''} of {job.name}, oldest first."
+            request, f"Queued {counted(len(runs), 'backfill run')} of {job.name}, oldest first."
         )
     else:
         messages.info(request, "These fires were backfilled already.")

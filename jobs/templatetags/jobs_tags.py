@@ -40,6 +40,11 @@ def status_label(status: str) -> str:
     return STATUS_LABELS.get(status) or ("Never run" if status == "never" else status)
 
 
+def counted(n: int, noun: str) -> str:
+    """ "1 run", "2 runs": counts in messages read as sentences."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 @register.filter
 def duration(value: timedelta | None) -> str:
     """'< 0.1 s', '0.4 s', '12.0 s', '3 min 4 s', '2 h 5 min', '3 d 4 h'; '' for None."""

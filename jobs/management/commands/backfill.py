@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from jobs import scheduling, services
 from jobs.models import Job
+from jobs.templatetags.jobs_tags import counted
 
 EXIT_USAGE = 2
 
@@ -67,7 +68,7 @@ class Command(BaseCommand):
             self.stdout.write(timezone.localtime(fire, tz).isoformat())
         what = "would queue" if dry_run else "queued"
         self.stderr.write(
-            f"{job.name}: {what} {len(fires)} backfill run{'s' if len(fires) != 1 else ''}, "
+            f"{job.name}: {what} {counted(len(fires), 'backfill run')}, "
             f"oldest first. {settings.SITE_URL}{job.get_absolute_url()}"
         )
 
