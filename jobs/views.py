@@ -528,14 +528,16 @@ def _with_last_status(jobs) -> list[Job]:
 
 
 def login_required_back_to_page(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """login_required for a button's POST-only URL (/runs/7/cancel/): someone
-    whose session ended meanwhile logs in and lands back on the button's page
-    (/runs/7/), not on the action, which the browser would GET for a 405."""
+    """login_required for a button's POST-only URL (/runs/7/cancel/,
+    /jobs/x/backfill/3/): someone whose session ended meanwhile logs in and
+    lands back on the button's page (/runs/7/, /jobs/x/: a page's URL is its
+    first two segments), not on the action, which the browser would GET for
+    a 405."""
 
     @wraps(view)
     def checked(request: HttpRequest, *args, **kwargs) -> HttpResponse:
         if not request.user.is_authenticated:
-            return redirect_to_login(request.path.rstrip("/").rsplit("/", 1)[0] + "/")
+            return redirect_to_login("/".join(request.path.split("/")[:3]) + "/")
         return view(request, *args, **kwargs)
 
     return checked
@@ -572,14 +574,14 @@ def job_backfill(request: HttpRequest, slug: str, gap_id: int) -> HttpResponse:
     return redirect(job)
 
 
-@login_required
+@login_required_back_to_page
 @require_POST
 @permission_required("jobs.run_job", raise_exception=True)
 def job_pause(request: HttpRequest, slug: str) -> HttpResponse:
     return _set_enabled(request, slug, enabled=False)
 
 
-@login_required
+@login_required_back_to_page
 @require_POST
 @permission_required("jobs.run_job", raise_exception=True)
 def job_resume(request: HttpRequest, slug: str) -> HttpResponse:

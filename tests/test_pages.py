@@ -14,7 +14,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from jobs import alerts, runlog, services, views
-from jobs.models import AlertFlip, Job, JobDailyStats, Notification, Run, RunLogChunk
+from jobs.models import AlertFlip, Job, JobDailyStats, MissedFires, Notification, Run, RunLogChunk
 from jobs.templatetags.jobs_tags import duration
 from tests.conftest import browser_login, chromium_path
 
@@ -286,15 +286,25 @@ def test_run_now_is_post_only(client, make_job, make_user):
     assert not job.runs.exists()
 
 
-@pytest.mark.parametrize("action", ["jobs-job-run", "jobs-run-rerun", "jobs-run-cancel"])
+JOB_BUTTONS = ("jobs-job-run", "jobs-job-pause", "jobs-job-resume", "jobs-job-backfill")
+
+
+@pytest.mark.parametrize("action", [*JOB_BUTTONS, "jobs-run-rerun", "jobs-run-cancel"])
 def test_a_button_pressed_after_the_session_ended_leads_back_to_its_page_after_login(
     client, make_job, make_user, action
 ):
     job = make_job(slug="nightly")
     run = running_run_with_chunks(job, [])
     make_user("analyst", perms=("jobs.run_job",))
-    action_url = reverse(action, args=[job.slug if action == "jobs-job-run" else run.pk])
-    button_page = job.get_absolute_url() if action == "jobs-job-run" else run.get_absolute_url()
+    if action == "jobs-job-backfill":
+        gap = MissedFires.objects.create(
+            job=job, first=run.queued_at, last=run.queued_at, count=1, policy="latest",
+            recorded_at=run.queued_at,
+        )  # fmt: skip
+        action_url = reverse(action, args=[job.slug, gap.pk])
+    else:
+        action_url = reverse(action, args=[job.slug if action in JOB_BUTTONS else run.pk])
+    button_page = job.get_absolute_url() if action in JOB_BUTTONS else run.get_absolute_url()
 
     pressed = client.post(action_url)  # the session cookie is gone: no user
     login = client.get(pressed["Location"])
