@@ -34,6 +34,19 @@ def manage(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     )
 
 
+def start_manage(*args: str) -> subprocess.Popen[str]:
+    """manage.py started in a real child process, pointed at the test
+    database, its output piped for the test to read as it goes."""
+    return subprocess.Popen(
+        [sys.executable, "manage.py", *args],
+        cwd=settings.BASE_DIR,
+        env={**os.environ, "DATABASE_URL": database_url_for_children()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def runjob(*args: str) -> tuple[int, str, str]:
     """call_command("runjob", ...) -> (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
@@ -102,15 +115,7 @@ def test_runjob_unknown_slug_exits_2_naming_it_and_suggesting_close_matches(make
 @pytest.mark.django_db(transaction=True)
 def test_ctrl_c_on_runjob_cancels_the_run_and_exits_130(make_job):
     job = make_job(name="long", command='echo "started"; sleep 30', timeout=60)
-    env = {**os.environ, "DATABASE_URL": database_url_for_children()}
-    proc = subprocess.Popen(
-        [sys.executable, "manage.py", "runjob", "long"],
-        cwd=settings.BASE_DIR,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_manage("runjob", "long")
     try:
         assert proc.stdout.readline() == "started\n"
         proc.send_signal(signal.SIGINT)
@@ -327,15 +332,7 @@ def test_demo_sql_job_exports_a_csv_with_no_setup(db, tmp_path):
 def test_runjob_whose_job_is_deleted_while_it_runs_stops_and_says_so(make_job):
     # As deleting a job in the admin or a shell does: the run goes with it.
     job = make_job(name="doomed", command='echo "started"; sleep 30; : doomed-run', timeout=60)
-    env = {**os.environ, "DATABASE_URL": database_url_for_children()}
-    proc = subprocess.Popen(
-        [sys.executable, "manage.py", "runjob", "doomed"],
-        cwd=settings.BASE_DIR,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_manage("runjob", "doomed")
     try:
         assert proc.stdout.readline() == "started\n"
         Job.objects.filter(pk=job.pk).delete()

@@ -1385,14 +1385,8 @@ def test_the_demo_file_loads_with_an_alerting_flaky_job(db):
 def test_prune_keeps_a_job_whose_run_is_running_paused_and_deletes_it_once_the_run_ended(
     tmp_path,
 ):
-    import os
-    import subprocess
-    import sys
-
-    from django.conf import settings
-
     from jobs.models import Run
-    from tests.conftest import database_url_for_children
+    from tests.test_cli import start_manage
 
     gate = tmp_path / "gate"
     slow = job_toml(
@@ -1403,14 +1397,7 @@ def test_prune_keeps_a_job_whose_run_is_running_paused_and_deletes_it_once_the_r
     )
     path = write(tmp_path, slow + job_toml("keep"))
     loadjobs(path)
-    runjob = subprocess.Popen(
-        [sys.executable, "manage.py", "runjob", "slow"],
-        cwd=settings.BASE_DIR,
-        env={**os.environ, "DATABASE_URL": database_url_for_children()},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    runjob = start_manage("runjob", "slow")
     try:
         assert runjob.stdout.readline() == "started\n"
         run = Run.objects.get(job__name="slow")
